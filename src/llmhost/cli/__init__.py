@@ -1,0 +1,100 @@
+"""The `llmhost` command. Importing this is cheap: torch and transformers load inside commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from llmhost import __version__
+from llmhost.cli.common import command, load_model
+from llmhost.cli.options import model_options
+from llmhost.config import LoadSettings
+from llmhost.engine.params import GenerationParams
+
+app = typer.Typer(
+    name="llmhost",
+    help="Local chat models: chat in the terminal, serve an OpenAI-compatible API, fine-tune.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+
+ModelArg = Annotated[
+    str | None,
+    typer.Argument(
+        metavar="[MODEL]", help="Model: a local HF folder or .gguf file; the embedded default if left out."
+    ),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llmhost {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """llmhost: local chat models from one command."""
+
+
+@app.command()
+@command
+@model_options(load=LoadSettings, params=GenerationParams)
+def chat(model: ModelArg = None, *, load: LoadSettings, params: GenerationParams) -> None:
+    """Chat in the terminal with streaming replies (/help inside for commands)."""
+    from llmhost.cli.chat import ChatSession
+
+    engine = load_model(model, load)
+    ChatSession(engine, params).run()
+
+
+@app.command()
+@command
+@model_options(load=LoadSettings, params=GenerationParams)
+def generate(
+    args: Annotated[list[str], typer.Argument(metavar="[MODEL] PROMPT", help="PROMPT '-' reads stdin.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the reply with usage and timings as JSON.")
+    ] = False,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Continue PROMPT as plain text, without the chat template.")
+    ] = False,
+    *,
+    load: LoadSettings,
+    params: GenerationParams,
+) -> None:
+    """Print one reply to PROMPT, for scripts."""
+    from llmhost.errors import InvalidRequestError
+
+    if len(args) > 2:
+        raise InvalidRequestError("give at most two arguments: [MODEL] PROMPT (quote the prompt)")
+    model, prompt = (None, args[0]) if len(args) == 1 else (args[0], args[1])
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise InvalidRequestError("the prompt is empty")
+    engine = load_model(model, load)
+    messages = None if raw else [{"role": "user", "content": prompt}]
+    text_prompt = prompt if raw else None
+    if as_json:
+        result = engine.generate(messages, params, prompt=text_prompt)
+        typer.echo(json.dumps({"model": engine.name, **result.to_dict()}, ensure_ascii=False))
+        return
+    for chunk in engine.stream(messages, params, prompt=text_prompt):
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def main() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    app()

@@ -1,0 +1,46 @@
+"""What every command shares: error handling, the console, model loading with a status line."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from llmhost.config import LoadSettings
+from llmhost.errors import InvalidRequestError, LlmhostError
+
+console = Console(stderr=True, highlight=False)
+
+
+def command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn llmhost's errors into one line on stderr and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except InvalidRequestError as err:
+            console.print(f"[red]error:[/red] {err}", markup=True, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except LlmhostError as err:
+            console.print(f"[red]error:[/red] {err}", markup=True, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            console.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def load_model(ref: str | None, settings: LoadSettings) -> Any:
+    from transformers.utils import logging as hf_logging
+
+    from llmhost.engine import load
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    with console.status(f"Loading {ref or 'the embedded default model'}…"):
+        return load(ref, settings)

@@ -1,0 +1,99 @@
+"""CLI flags derived from the pydantic settings classes, so each option is declared once.
+
+`@model_options(load=LoadSettings, params=GenerationParams)` adds one `--flag` per field (help
+text from the field's description, default shown from the model) and hands the command a
+validated instance under each keyword. Flags left out stay unset, so `LLMHOST_*` environment
+variables and the models' own defaults apply.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+from pydantic import BaseModel, ValidationError
+
+from llmhost.engine.params import format_validation_error
+from llmhost.errors import InvalidRequestError
+
+
+def _cli_type(annotation: Any) -> Any:
+    """Map a field annotation to one Typer understands (Literal → str, X | None → X | None)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return str
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _cli_type(args[0]) if len(args) == 1 else str
+    if origin is list:
+        return list[str]
+    if annotation in (int, float, str, bool, Path):
+        return annotation
+    return str
+
+
+def _shown_default(field: Any) -> str | bool:
+    if field.default_factory is not None:
+        return False
+    default = field.default
+    if default is None:
+        return False
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return str(default)
+
+
+def _options_for(cls: type[BaseModel]) -> list[inspect.Parameter]:
+    params = []
+    for name, field in cls.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        annotation = _cli_type(field.annotation)
+        decls = [f"{flag}/--no-{flag[2:]}"] if annotation is bool else [flag]
+        option = typer.Option(None, *decls, help=field.description, show_default=_shown_default(field))
+        params.append(
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation | None
+            )
+        )
+    return params
+
+
+def build(cls: type[BaseModel], values: dict[str, Any]) -> Any:
+    given = {k: v for k, v in values.items() if v is not None and v != []}
+    try:
+        return cls(**given)
+    except ValidationError as err:
+        message, param = format_validation_error(err, lambda loc: "--" + loc.replace("_", "-"))
+        raise InvalidRequestError(f"invalid option {message}", param=param) from None
+
+
+def model_options(**models: type[BaseModel]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)  # resolves string annotations
+        own = [
+            p.replace(annotation=hints.get(p.name, p.annotation))
+            for p in sig.parameters.values()
+            if p.name not in models
+        ]
+        extra = [p for cls in models.values() for p in _options_for(cls)]
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            for arg, cls in models.items():
+                fields = {name: kwargs.pop(name, None) for name in cls.model_fields}
+                kwargs[arg] = build(cls, fields)
+            return fn(**kwargs)
+
+        new_params = own + extra
+        wrapper.__signature__ = sig.replace(parameters=new_params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in new_params}
+        return wrapper
+
+    return decorate

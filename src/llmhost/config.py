@@ -1,0 +1,44 @@
+"""Paths and load settings. No heavy imports here: the CLI imports this at start-up."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def llmhost_home() -> Path:
+    """Where llmhost keeps converted models and (later) its store: `LLMHOST_HOME` or the user cache."""
+    env = os.environ.get("LLMHOST_HOME")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("llmhost", appauthor=False))
+
+
+class LoadSettings(BaseSettings):
+    """How a model is loaded. Each field is also a CLI flag and an `LLMHOST_*` environment variable."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMHOST_", extra="forbid", frozen=True)
+
+    dtype: Dtype = Field(
+        "auto",
+        description="Weights dtype: auto picks bfloat16 on GPUs and CPUs that support it, "
+        "else float32 (float16 on older GPUs).",
+    )
+    device: str = Field("auto", description="Device: auto, cpu, cuda, cuda:N or mps.")
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with the model (only for models you trust)."
+    )
+    chat_template: Path | None = Field(
+        None, description="Jinja chat template file, for models without one or to override it."
+    )
+    context_length: int | None = Field(
+        None, ge=16, description="Override the model's context window (tokens)."
+    )

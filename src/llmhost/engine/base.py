@@ -1,0 +1,69 @@
+"""The engine interface every front end talks to; front ends never ask which engine runs."""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+
+from llmhost.engine.context import Message
+from llmhost.engine.params import GenerationParams
+from llmhost.engine.types import Chunk, Result, collect
+
+
+class Engine(ABC):
+    """A loaded model. `stream()` validates eagerly (errors raise at the call, before any chunk)
+    and returns the chunk iterator; `generate()` merely collects it."""
+
+    #: Name the model is known by (store name, folder name or the embedded default's name).
+    name: str
+    #: Tokens the prompt plus the reply may span.
+    context_length: int
+
+    @abstractmethod
+    def stream(
+        self,
+        messages: list[Message] | None = None,
+        params: GenerationParams | None = None,
+        *,
+        prompt: str | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[Chunk]:
+        """Stream a chat reply to `messages`, or a plain continuation of `prompt`.
+
+        Setting `cancel` ends the stream within a token with finish_reason "cancelled";
+        closing the iterator stops the work too.
+        """
+
+    def generate(
+        self,
+        messages: list[Message] | None = None,
+        params: GenerationParams | None = None,
+        *,
+        prompt: str | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Result:
+        return collect(self.stream(messages, params, prompt=prompt, cancel=cancel))
+
+
+
+def stream_generate(
+    model: Engine,
+    messages: list[Message] | None = None,
+    params: GenerationParams | None = None,
+    *,
+    prompt: str | None = None,
+    cancel: threading.Event | None = None,
+) -> Iterator[Chunk]:
+    """The one generator of the project (mlx-lm's name for it): chunks of a reply."""
+    return model.stream(messages, params, prompt=prompt, cancel=cancel)
+
+
+def generate(
+    model: Engine,
+    messages: list[Message] | None = None,
+    params: GenerationParams | None = None,
+    *,
+    prompt: str | None = None,
+) -> Result:
+    return model.generate(messages, params, prompt=prompt)

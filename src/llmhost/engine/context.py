@@ -1,0 +1,55 @@
+"""Context policy: fit a conversation into the model's window by dropping the oldest turns."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from llmhost.errors import ContextOverflowError, InvalidRequestError
+
+Message = dict[str, str]
+ROLES = frozenset({"system", "user", "assistant"})
+
+
+def validate_messages(messages: list[Message]) -> None:
+    if not messages:
+        raise InvalidRequestError("messages must hold at least one message", param="messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise InvalidRequestError(
+                f"messages[{i}] must be an object with a string 'content'", param="messages"
+            )
+        if m.get("role") not in ROLES:
+            raise InvalidRequestError(
+                f"messages[{i}].role is {m.get('role')!r}; use one of system, user, assistant",
+                param="messages",
+            )
+    if messages[-1]["role"] != "user":
+        raise InvalidRequestError("the last message must come from the user", param="messages")
+
+
+def fit_messages(
+    messages: list[Message],
+    count_tokens: Callable[[list[Message]], int],
+    max_new_tokens: int,
+    context_length: int,
+) -> tuple[list[Message], int, int]:
+    """Drop the oldest turns until prompt + max_new_tokens fits the window.
+
+    Keeps a leading system message and the latest user turn. Returns the messages to send,
+    the number of messages dropped, and the prompt's token count.
+    Raises ContextOverflowError when even system + latest user turn do not fit.
+    """
+    head = messages[:1] if messages[0]["role"] == "system" else []
+    body = messages[len(head) :]
+    dropped = 0
+    while True:
+        kept = head + body[dropped:]
+        n = count_tokens(kept)
+        if n + max_new_tokens <= context_length:
+            return kept, dropped, n
+        if len(body) - dropped <= 1:
+            raise ContextOverflowError(n, max_new_tokens, context_length)
+        dropped += 1
+        # never start the kept history with an assistant reply to a dropped question
+        while dropped < len(body) - 1 and body[dropped]["role"] != "user":
+            dropped += 1

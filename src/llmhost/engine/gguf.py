@@ -1,0 +1,86 @@
+"""GGUF → Hugging Face folder, converted once and cached.
+
+Loading a GGUF through transformers converts the tokenizer and dequantizes every tensor (≈17 s
+for the embedded model); the saved folder loads in ≈2 s. The cache is written to a temporary
+folder and renamed into place, so an interrupted conversion never leaves a folder that loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+COMPLETE_MARKER = "llmhost-converted.json"
+TMP_PREFIX = ".tmp-"
+
+
+def cache_key(gguf: Path, version: str | None = None) -> str:
+    """Identity of a GGUF file: package version + size when embedded, else path + size + mtime."""
+    st = gguf.stat()
+    ident = f"{version}:{st.st_size}" if version else f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:12]
+
+
+def converted_folder(gguf: Path, cache_root: Path, key: str) -> Path:
+    """The HF folder for `gguf` under `cache_root`, converting it first if needed."""
+    target = cache_root / f"{gguf.stem}-{key}"
+    if (target / COMPLETE_MARKER).is_file():
+        return target
+    cache_root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(cache_root)
+    tmp = cache_root / f"{TMP_PREFIX}{target.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _convert(gguf, tmp)
+        (tmp / COMPLETE_MARKER).write_text(
+            json.dumps({"source": str(gguf), "key": key, "converted_at": time.time()})
+        )
+        if target.exists():  # an incomplete leftover from an older llmhost, or a lost race
+            if (target / COMPLETE_MARKER).is_file():
+                return target
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except OSError:
+        if (target / COMPLETE_MARKER).is_file():  # another process finished first
+            return target
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # float32 keeps the dequantized weights exact; load() casts to the dtype it runs in.
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF quantizer refuses to serialize; the weights are already dense float32 here.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+
+
+def _remove_stale_tmp(cache_root: Path) -> None:
+    """Remove temporary folders left by conversions whose process is gone (killed, crashed)."""
+    for tmp in cache_root.glob(f"{TMP_PREFIX}*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,48 @@
+"""`load(ref)`: turn what a user typed into a running engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmhost.config import LoadSettings, llmhost_home
+from llmhost.engine.base import Engine
+from llmhost.errors import ModelNotFoundError
+from llmhost.store.embedded import DEFAULT_MODEL_NAME, embedded_gguf
+
+DEFAULT_REFS = {None, "", "default", DEFAULT_MODEL_NAME}
+
+
+def resolve(ref: str | None) -> tuple[Path, str]:
+    """A loadable HF folder and a display name for `ref`, converting GGUF files on first use."""
+    from llmhost.engine.gguf import cache_key, converted_folder
+
+    cache_root = llmhost_home() / "converted"
+    if ref in DEFAULT_REFS:
+        gguf, version = embedded_gguf()
+        return converted_folder(gguf, cache_root, cache_key(gguf, version)), DEFAULT_MODEL_NAME
+    assert ref is not None
+    path = Path(ref).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return converted_folder(path, cache_root, cache_key(path)), path.stem
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path, path.name
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return converted_folder(ggufs[0], cache_root, cache_key(ggufs[0])), ggufs[0].stem
+        raise ModelNotFoundError(
+            f"{path} is neither a Hugging Face model folder (no config.json) nor a folder with one .gguf file"
+        )
+    raise ModelNotFoundError(
+        f"no model {ref!r}: give a local Hugging Face folder or a .gguf file, or leave it out "
+        f"for the embedded default ({DEFAULT_MODEL_NAME})"
+    )
+
+
+def load(ref: str | None = None, settings: LoadSettings | None = None) -> Engine:
+    """Load a model: the embedded default (no ref), a local HF folder or a local .gguf file."""
+    from llmhost.engine.hf import TransformersEngine
+
+    settings = settings or LoadSettings()
+    path, name = resolve(ref)
+    return TransformersEngine.load(path, settings, name)

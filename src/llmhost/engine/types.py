@@ -1,0 +1,80 @@
+"""Typed values that cross the engine boundary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One step of a streamed generation. The last chunk has `finish_reason` and the timings."""
+
+    text: str
+    """New text since the previous chunk (may be empty, never half a character)."""
+    token_ids: tuple[int, ...] = ()
+    """Token ids generated in this step."""
+    prompt_tokens: int = 0
+    """Tokens in the prompt as sent to the model (after any dropped turns)."""
+    completion_tokens: int = 0
+    """Tokens generated so far, this chunk's included."""
+    finish_reason: FinishReason | None = None
+    """Set on the last chunk only: `stop` (EOS or a stop string), `length` or `cancelled`."""
+    ttft_s: float | None = None
+    """Seconds from the call to the first generated token (last chunk only)."""
+    decode_tps: float | None = None
+    """Decode speed in tokens per second after the first token (last chunk only)."""
+    dropped_turns: int = 0
+    """Messages of the history left out so that the prompt fits the context window."""
+
+
+@dataclass(slots=True)
+class Result:
+    """A whole generation: what `generate()` returns after collecting the stream."""
+
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float | None
+    decode_tps: float | None
+    dropped_turns: int = 0
+    token_ids: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "usage": {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+            },
+            "timings": {"ttft_s": self.ttft_s, "decode_tokens_per_s": self.decode_tps},
+            "dropped_turns": self.dropped_turns,
+        }
+
+
+def collect(chunks: object) -> Result:
+    """Join a chunk stream into a Result: `generate()` is exactly this over `stream()`."""
+    parts: list[str] = []
+    ids: list[int] = []
+    last: Chunk | None = None
+    for chunk in chunks:  # type: ignore[attr-defined]
+        parts.append(chunk.text)
+        ids.extend(chunk.token_ids)
+        last = chunk
+    if last is None or last.finish_reason is None:
+        raise RuntimeError("the engine's stream ended without a final chunk")
+    return Result(
+        text="".join(parts),
+        finish_reason=last.finish_reason,
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+        ttft_s=last.ttft_s,
+        decode_tps=last.decode_tps,
+        dropped_turns=last.dropped_turns,
+        token_ids=ids,
+    )

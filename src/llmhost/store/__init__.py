@@ -1,0 +1,1 @@
+"""Where models come from: the embedded default now; the local store and hub pulls later."""

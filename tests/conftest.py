@@ -1,0 +1,91 @@
+"""Shared fixtures: a test home for llmhost, the embedded model, and a tiny random Llama.
+
+The tiny model is built from a config (litgpt style) with the embedded model's real tokenizer,
+so unit tests run the real loading and decoding code in milliseconds per token.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# Set before anything imports llmhost, so subprocesses started by tests inherit it too.
+_home = os.environ.get("LLMHOST_TEST_HOME")
+if not _home:
+    import tempfile
+
+    _home = tempfile.mkdtemp(prefix="llmhost-test-home-")
+os.environ["LLMHOST_HOME"] = _home
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def home() -> Path:
+    return Path(_home)
+
+
+@pytest.fixture(scope="session")
+def embedded_dir(home: Path) -> Path:
+    """The embedded model converted to an HF folder (once per test home)."""
+    from llmhost.engine import resolve
+
+    path, _ = resolve(None)
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedded(embedded_dir: Path):
+    from llmhost.engine import load
+
+    return load()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(embedded_dir))
+
+
+def build_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer random Llama with the real SmolLM2 tokenizer, saved as safetensors."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(str(out))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory, embedded_dir: Path) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), embedded_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir: Path):
+    from llmhost.config import LoadSettings
+    from llmhost.engine import load
+
+    return load(str(tiny_dir), LoadSettings(dtype="float32"))

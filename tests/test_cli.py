@@ -1,0 +1,193 @@
+"""The CLI through Typer's runner (fast, tiny model) and as a real subprocess (embedded model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from llmhost.cli import app
+
+runner = CliRunner()
+
+
+def _run(*args: str, input: str | None = None):
+    return runner.invoke(app, list(args), input=input)
+
+
+def test_generate_json_on_tiny_model(tiny_dir):
+    r = _run(
+        "generate",
+        str(tiny_dir),
+        "Hello",
+        "--json",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "5",
+        "--dtype",
+        "float32",
+    )
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["finish_reason"] == "length"
+    assert data["usage"]["completion_tokens"] == 5
+    assert data["usage"]["total_tokens"] == data["usage"]["prompt_tokens"] + 5
+    assert data["timings"]["decode_tokens_per_s"] > 0
+
+
+def test_generate_reads_stdin_and_raw_mode(tiny_dir):
+    r = _run(
+        "generate",
+        str(tiny_dir),
+        "-",
+        "--raw",
+        "--json",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "3",
+        input="Once upon a time",
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (
+            ["generate", "hi", "--temperature", "-1"],
+            2,
+            "error: invalid option --temperature: Input should be greater than or equal to 0",
+        ),
+        (["generate", "hi", "--top-p", "2"], 2, "--top-p: Input should be less than or equal to 1"),
+        (["generate", "hi", "--max-new-tokens", "0"], 2, "--max-new-tokens"),
+        (["generate", "hi", "--dtype", "float8"], 2, "--dtype: Input should be 'auto', 'float32'"),
+        (["generate", "hi", "--stop", ""], 2, "stop strings must not be empty"),
+        (["generate", "no/such/model", "hi"], 1, "error: no model 'no/such/model'"),
+        (["generate", "a", "b", "c"], 2, "at most two arguments"),
+        (["generate", "   "], 2, "the prompt is empty"),
+    ],
+)
+def test_bad_input_gives_one_line_and_nonzero_exit(args, code, message):
+    r = _run(*args)
+    assert r.exit_code == code, r.output
+    assert message in r.stderr
+    assert "Traceback" not in r.output
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_context_overflow_message(tiny_dir):
+    r = _run("generate", str(tiny_dir), "word " * 100, "--context-length", "64", "--dtype", "float32")
+    assert r.exit_code == 2
+    assert "context window is 64 tokens" in r.stderr
+
+
+def test_chat_multi_turn_commands_and_stats(tiny_dir):
+    script = "\n".join(["/help", "Hi!", "/system You are terse.", "Hello again", "/clear", "/bogus", "/exit"])
+    r = _run(
+        "chat",
+        str(tiny_dir),
+        "--dtype",
+        "float32",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "4",
+        input=script + "\n",
+    )
+    assert r.exit_code == 0, r.output
+    err = r.stderr
+    assert "/system TEXT" in err  # help text
+    assert err.count("4 tokens") == 2 and "tok/s" in err
+    assert "system prompt set; conversation cleared" in err
+    assert "conversation cleared" in err and "unknown command /bogus" in err
+
+
+def test_chat_keeps_history_across_turns(tiny_dir, monkeypatch):
+    from llmhost.cli.chat import ChatSession
+    from llmhost.config import LoadSettings
+    from llmhost.engine import GenerationParams, load
+
+    engine = load(str(tiny_dir), LoadSettings(dtype="float32"))
+    lines = iter(["first question", "second question"])
+
+    def read(_prompt: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    import io
+
+    session = ChatSession(
+        engine, GenerationParams(temperature=0, max_new_tokens=3), read=read, out=io.StringIO()
+    )
+    session.run()
+    assert [m["role"] for m in session.history] == ["user", "assistant", "user", "assistant"]
+    assert session.history[2]["content"] == "second question"
+
+
+def test_help_is_fast_and_imports_no_torch():
+    code = "import sys, llmhost.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]"
+    start = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-m", "llmhost", "--help"], capture_output=True, text=True, timeout=60
+    )
+    elapsed = time.perf_counter() - start
+    assert out.returncode == 0 and "chat" in out.stdout and "generate" in out.stdout
+    assert elapsed < 1.5, f"--help took {elapsed:.2f}s"
+
+
+def test_version():
+    from llmhost import __version__
+
+    r = _run("--version")
+    assert r.exit_code == 0 and __version__ in r.stdout
+
+
+@pytest.mark.slow
+def test_generate_subprocess_on_embedded_model(embedded_dir):
+    out = subprocess.run(
+        [sys.executable, "-m", "llmhost", "generate", "What is the capital of France?", "--temperature", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+
+
+@pytest.mark.slow
+def test_chat_subprocess_ctrl_c_stops_reply_not_chat(embedded_dir):
+    """A real terminal-like session: Ctrl-C mid-reply stops it; the chat answers the next question."""
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "llmhost", "chat", "--temperature", "0", "--max-new-tokens", "400"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdin and proc.stdout
+    proc.stdin.write("Write a very long story about a dragon.\n")
+    proc.stdin.flush()
+    first = proc.stdout.read(40)  # the reply has started streaming
+    assert first
+    proc.send_signal(signal.SIGINT)
+    proc.stdin.write("What is the capital of France?\n/exit\n")
+    proc.stdin.flush()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "stopped" in err
+    assert "Paris" in out
+    assert "Traceback" not in err
