@@ -75,7 +75,9 @@ def run_raw(engine, n: int) -> Run:
     out: dict = {}
     with PeakRss() as rss:
         start = time.perf_counter()
-        inputs = tok.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        inputs = tok.apply_chat_template(
+            PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         kwargs = dict(**inputs, max_new_tokens=n, do_sample=False, streamer=streamer)
         th = threading.Thread(target=lambda: out.setdefault("ids", model.generate(**kwargs)))
         th.start()
@@ -123,23 +125,32 @@ def main() -> None:
             ours.append(run_llmhost(engine, args.tokens))
         same = all(r.tokens == o.tokens[: len(r.tokens)] for r, o in zip(raw, ours, strict=True))
         for name, runs in (("raw generate + TextIteratorStreamer", raw), ("llmhost stream_generate", ours)):
-            rows.append((
-                dtype, name, len(runs[0].tokens),
-                statistics.median(r.tps for r in runs),
-                statistics.median(r.ttft for r in runs) * 1000,
-                max(r.peak_rss_mb for r in runs), same,
-            ))
+            rows.append(
+                (
+                    dtype,
+                    name,
+                    len(runs[0].tokens),
+                    statistics.median(r.tps for r in runs),
+                    statistics.median(r.ttft for r in runs) * 1000,
+                    max(r.peak_rss_mb for r in runs),
+                    same,
+                )
+            )
         del engine
 
     base = {r[0]: r for r in rows if r[1].startswith("raw")}
     base_dtype = rows[0][0]
     print(f"\nembedded model, {args.tokens} new tokens, greedy, median of {args.rounds} interleaved rounds\n")
-    print("| dtype | path | tokens | decode tok/s | ratio vs raw (same dtype) | ratio vs raw "
-          f"{base_dtype} | TTFT ms | peak RSS MB | same tokens |")
+    print(
+        "| dtype | path | tokens | decode tok/s | ratio vs raw (same dtype) | ratio vs raw "
+        f"{base_dtype} | TTFT ms | peak RSS MB | same tokens |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     for dtype, name, n, tps, ttft, rss, same in rows:
-        print(f"| {dtype} | {name} | {n} | {tps:.1f} | {tps / base[dtype][3]:.3f} | "
-              f"{tps / base[base_dtype][3]:.3f} | {ttft:.0f} | {rss:.0f} | {same} |")
+        print(
+            f"| {dtype} | {name} | {n} | {tps:.1f} | {tps / base[dtype][3]:.3f} | "
+            f"{tps / base[base_dtype][3]:.3f} | {ttft:.0f} | {rss:.0f} | {same} |"
+        )
 
 
 if __name__ == "__main__":

@@ -42,3 +42,9 @@ class LoadSettings(BaseSettings):
     context_length: int | None = Field(
         None, ge=16, description="Override the model's context window (tokens)."
     )
+    max_batch: int = Field(
+        8, ge=1, le=256, description="Most requests decoded together, each step one forward pass."
+    )
+    max_queue: int = Field(
+        64, ge=0, le=100000, description="Most requests waiting for a batch slot; more are refused."
+    )

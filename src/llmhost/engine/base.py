@@ -46,7 +46,6 @@ class Engine(ABC):
         return collect(self.stream(messages, params, prompt=prompt, cancel=cancel))
 
 
-
 def stream_generate(
     model: Engine,
     messages: list[Message] | None = None,

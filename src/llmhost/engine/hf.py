@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ from llmhost.config import LoadSettings
 from llmhost.engine.base import Engine
 from llmhost.engine.context import Message, fit_messages, validate_messages
 from llmhost.engine.params import GenerationParams
-from llmhost.engine.sampling import sample_next
+from llmhost.engine.scheduler import Scheduler
 from llmhost.engine.sequence import SequenceState
 from llmhost.engine.types import Chunk
 from llmhost.errors import ChatTemplateError, ContextOverflowError, InvalidRequestError, LlmhostError
@@ -21,7 +23,14 @@ from llmhost.errors import ChatTemplateError, ContextOverflowError, InvalidReque
 
 class TransformersEngine(Engine):
     def __init__(
-        self, model: Any, tokenizer: Any, name: str, context_length: int, chat_template: str | None
+        self,
+        model: Any,
+        tokenizer: Any,
+        name: str,
+        context_length: int,
+        chat_template: str | None,
+        max_batch: int = 8,
+        max_queue: int = 64,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -31,6 +40,8 @@ class TransformersEngine(Engine):
         self.device = model.device
         self.eos_ids = _eos_ids(model, tokenizer)
         self._cache_kw = _cache_kwarg(model)
+        self.max_batch = max_batch
+        self.max_queue = max_queue
 
     @classmethod
     def load(cls, path: Path, settings: LoadSettings, name: str) -> TransformersEngine:
@@ -65,7 +76,7 @@ class TransformersEngine(Engine):
         if settings.chat_template is not None:
             template = Path(settings.chat_template).read_text(encoding="utf-8")
         ctx = settings.context_length or _context_length(model.config)
-        return cls(model, tokenizer, name, ctx, template)
+        return cls(model, tokenizer, name, ctx, template, settings.max_batch, settings.max_queue)
 
     # -- prompt preparation ---------------------------------------------------------------
 
@@ -111,6 +122,19 @@ class TransformersEngine(Engine):
 
     # -- decoding -------------------------------------------------------------------------
 
+    @functools.cached_property
+    def scheduler(self) -> Scheduler:
+        return Scheduler(HFBatchRunner(self.model, self._cache_kw, self.max_batch), self.max_queue)
+
+    def _sequence(
+        self, messages: list[Message] | None, prompt: str | None, params: GenerationParams | None
+    ) -> tuple[list[int], SequenceState]:
+        started = time.perf_counter()
+        params = params or GenerationParams()
+        prompt_ids, dropped = self.prepare(messages, prompt, params)
+        seq = SequenceState(self.tokenizer, params, len(prompt_ids), self.eos_ids, started, dropped)
+        return prompt_ids, seq
+
     def stream(
         self,
         messages: list[Message] | None = None,
@@ -119,43 +143,115 @@ class TransformersEngine(Engine):
         prompt: str | None = None,
         cancel: threading.Event | None = None,
     ) -> Iterator[Chunk]:
-        started = time.perf_counter()
-        params = params or GenerationParams()
-        prompt_ids, dropped = self.prepare(messages, prompt, params)
-        seq = SequenceState(self.tokenizer, params, len(prompt_ids), self.eos_ids, started, dropped)
-        return self._decode(prompt_ids, seq, cancel)
+        return self.scheduler.submit(*self._sequence(messages, prompt, params), cancel)
 
-    def _decode(
-        self, prompt_ids: list[int], seq: SequenceState, cancel: threading.Event | None
-    ) -> Iterator[Chunk]:
+    async def astream(
+        self,
+        messages: list[Message] | None = None,
+        params: GenerationParams | None = None,
+        *,
+        prompt: str | None = None,
+        cancel: threading.Event | None = None,
+    ) -> AsyncIterator[Chunk]:
+        # template rendering and tokenizing can take milliseconds: keep them off the event loop
+        prompt_ids, seq = await asyncio.to_thread(self._sequence, messages, prompt, params)
+        return self.scheduler.submit_async(prompt_ids, seq, asyncio.get_running_loop(), cancel)
+
+    def close(self) -> None:
+        if "scheduler" in self.__dict__:
+            self.scheduler.close()
+
+
+class HFBatchRunner:
+    """Batched decoding for transformers models with a plain (full-attention) dynamic KV cache.
+
+    Rows are left-padded to a common length; the attention mask hides the padding and each row
+    gets its own position ids, so a sequence decodes as it would alone.
+    """
+
+    def __init__(self, model: Any, cache_kw: str, max_batch: int) -> None:
+        self.model = model
+        self.device = model.device
+        self._kw = cache_kw
+        self.max_batch = max_batch if _batchable(model) else 1
+        self._cache: Any = None
+        self._mask: Any = None
+        self._lens: list[int] = []
+        self._staged: tuple[Any, int] | None = None
+
+    def _forward(self, ids: Any, cache: Any, **extra: Any) -> Any:
+        return self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._kw: cache}, **extra)
+
+    def prefill(self, req: Any) -> Any:
         import torch
         from transformers import DynamicCache
 
-        params = seq.params
-        generator = None
-        if params.seed is not None and not params.greedy:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        penalize = params.repetition_penalty != 1.0
-        seen = list(prompt_ids)
         cache = DynamicCache(config=self.model.config)
-        ids = torch.tensor([prompt_ids], device=self.device)
-        while True:
-            if cancel is not None and cancel.is_set():
-                yield seq.finish("cancelled")
-                return
-            # inference mode per step: a generator must not leave it switched on for its caller
-            with torch.inference_mode():
-                kw = {self._cache_kw: cache}
-                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw)
-                seen_t = torch.tensor(seen, device=self.device) if penalize else None
-                token = sample_next(out.logits[0, -1], params, generator, seen_t)
-            chunk = seq.add(token)
-            yield chunk
-            if seq.finished:
-                return
-            if penalize:
-                seen.append(token)
-            ids = torch.tensor([[token]], device=self.device)
+        out = self._forward(torch.tensor([req.prompt_ids], device=self.device), cache)
+        self._staged = (cache, len(req.prompt_ids))
+        return out.logits[0, -1]
+
+    def commit_prefill(self) -> None:
+        import torch
+
+        assert self._staged is not None
+        cache, n = self._staged
+        self._staged = None
+        ones = torch.ones((1, n), dtype=torch.long, device=self.device)
+        if self._cache is None:
+            self._cache, self._mask, self._lens = cache, ones, [n]
+            return
+        width = max(self._mask.shape[1], n)
+        for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
+            mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
+        self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(ones, width)])
+        self._lens.append(n)
+
+    def step(self, reqs: list[Any]) -> Any:
+        import torch
+
+        ids = torch.tensor([[r.last_token] for r in reqs], device=self.device)
+        positions = torch.tensor([[n] for n in self._lens], device=self.device)
+        column = torch.ones((len(reqs), 1), dtype=torch.long, device=self.device)
+        self._mask = torch.cat([self._mask, column], dim=1)
+        out = self._forward(ids, self._cache, attention_mask=self._mask, position_ids=positions)
+        self._lens = [n + 1 for n in self._lens]
+        return out.logits[:, -1]
+
+    def drop(self, keep: list[int]) -> None:
+        import torch
+
+        if not keep:
+            self._cache, self._mask, self._lens = None, None, []
+            return
+        idx = torch.tensor(keep, device=self.device)
+        self._lens = [self._lens[i] for i in keep]
+        trim = self._mask.shape[1] - max(self._lens)  # columns that are padding in every kept row
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, idx)[:, :, trim:]
+            layer.values = layer.values.index_select(0, idx)[:, :, trim:]
+        self._mask = self._mask.index_select(0, idx)[:, trim:]
+
+
+def _pad_left(t: Any, width: int) -> Any:
+    """Zero-pad dim 2 (KV tensors [B, H, T, D]) or dim 1 (masks [B, T]) on the left to `width`."""
+    import torch.nn.functional as F
+
+    missing = width - (t.shape[2] if t.dim() == 4 else t.shape[1])
+    if missing == 0:
+        return t
+    pad = (0, 0, missing, 0) if t.dim() == 4 else (missing, 0)
+    return F.pad(t, pad)
+
+
+def _batchable(model: Any) -> bool:
+    """Row merging needs plain full-attention cache layers (no sliding windows, no SSM state)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=model.config)
+    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -1,0 +1,264 @@
+"""Many requests, one model: continuous batching on one inference thread.
+
+The thread owns the model. Requests join between decoding steps (each is prefilled alone, then
+merged into the running batch), every step advances all running sequences in one forward pass,
+and finished or cancelled ones leave at once. Callers get a blocking iterator or, from asyncio,
+an async iterator fed with `loop.call_soon_threadsafe`, so an event loop never waits on the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import queue
+import threading
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from llmhost.engine.sampling import sample_next
+from llmhost.engine.sequence import SequenceState
+from llmhost.engine.types import Chunk
+from llmhost.errors import LlmhostError
+
+log = logging.getLogger(__name__)
+
+# Inference threads are stopped before the interpreter shuts down: a daemon thread still inside
+# torch at finalization aborts the process ("terminate called without an active exception").
+_live: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for scheduler in list(_live):
+        scheduler.close()
+
+
+class QueueFullError(LlmhostError):
+    status = 503
+    kind = "server_busy"
+
+
+@dataclass(eq=False)
+class Request:
+    prompt_ids: list[int]
+    seq: SequenceState
+    deliver: Callable[[object], None]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    generator: Any = None
+    seen: list[int] = field(default_factory=list)
+    last_token: int = -1
+
+    def emit(self, token: int) -> None:
+        self.last_token = token
+        if self.seq.params.repetition_penalty != 1.0:
+            self.seen.append(token)
+        self.deliver(self.seq.add(token))
+
+
+class BatchRunner(Protocol):
+    """Model-specific half of batching: the engine supplies it."""
+
+    max_batch: int
+    device: Any
+
+    def prefill(self, req: Request) -> Any:
+        """Run the prompt alone; return the last-position logits (shape [vocab]) and keep its cache."""
+
+    def commit_prefill(self) -> None:
+        """Merge the request just prefilled into the running batch."""
+
+    def step(self, reqs: list[Request]) -> Any:
+        """One decoding step for every running request; logits of shape [len(reqs), vocab]."""
+
+    def drop(self, keep: list[int]) -> None:
+        """Keep only these rows of the running batch."""
+
+
+class Scheduler:
+    def __init__(self, runner: BatchRunner, max_queue: int = 64) -> None:
+        self.runner = runner
+        self.max_queue = max_queue
+        self._pending: deque[Request] = deque()
+        self._active: list[Request] = []
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        #: Most requests ever decoded together in one step (a gauge for tests and metrics).
+        self.peak_batch = 0
+        _live.add(self)
+
+    # -- what callers see ---------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+    def submit(
+        self, prompt_ids: list[int], seq: SequenceState, cancel: threading.Event | None = None
+    ) -> Iterator[Chunk]:
+        q: queue.SimpleQueue[object] = queue.SimpleQueue()
+        req = self._enqueue(prompt_ids, seq, q.put, cancel)
+        return _iterate(req, q.get)
+
+    def submit_async(
+        self,
+        prompt_ids: list[int],
+        seq: SequenceState,
+        loop: asyncio.AbstractEventLoop,
+        cancel: threading.Event | None = None,
+    ) -> AsyncIterator[Chunk]:
+        q: asyncio.Queue[object] = asyncio.Queue()
+
+        def deliver(item: object) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(q.put_nowait, item)
+
+        req = self._enqueue(prompt_ids, seq, deliver, cancel)
+        return _aiterate(req, q.get)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _enqueue(
+        self,
+        prompt_ids: list[int],
+        seq: SequenceState,
+        deliver: Callable[[object], None],
+        cancel: threading.Event | None,
+    ) -> Request:
+        import torch
+
+        params = seq.params
+        req = Request(prompt_ids, seq, deliver, cancel or threading.Event())
+        if params.seed is not None and not params.greedy:
+            req.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        if params.repetition_penalty != 1.0:
+            req.seen = list(prompt_ids)
+        with self._cv:
+            if self._closed:
+                raise QueueFullError("the model is shutting down; try again later")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting); retry shortly")
+            self._pending.append(req)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="llmhost-inference", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        return req
+
+    # -- the inference thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        import torch
+
+        # this thread only ever runs the model: no autograd, and tensors stay inference tensors
+        with torch.inference_mode():
+            self._serve()
+
+    def _serve(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._pending or self._active or self._closed)
+                if self._closed:
+                    self._fail_all(LlmhostError("the model was unloaded"))
+                    return
+            try:
+                self._admit()
+                if self._active:
+                    self._step()
+            except Exception as err:  # a failed forward pass must not kill the thread
+                log.exception("inference step failed")
+                self._fail_all(err)
+
+    def _admit(self) -> None:
+        while len(self._active) < self.runner.max_batch:
+            with self._cv:
+                if not self._pending:
+                    return
+                req = self._pending.popleft()
+            if req.cancel.is_set():
+                req.deliver(req.seq.finish("cancelled"))
+                continue
+            try:
+                logits = self.runner.prefill(req)
+                req.emit(sample_next(logits, req.seq.params, req.generator, self._seen(req)))
+            except Exception as err:
+                log.exception("prefill failed")
+                req.deliver(err)
+                continue
+            if not req.seq.finished:
+                self._active.append(req)
+                self.runner.commit_prefill()
+
+    def _step(self) -> None:
+        for req in self._active:
+            if req.cancel.is_set():
+                req.deliver(req.seq.finish("cancelled"))
+        self._prune()
+        if not self._active:
+            return
+        self.peak_batch = max(self.peak_batch, len(self._active))
+        logits = self.runner.step(self._active)
+        for row, req in enumerate(self._active):
+            req.emit(sample_next(logits[row], req.seq.params, req.generator, self._seen(req)))
+        self._prune()
+
+    def _prune(self) -> None:
+        keep = [i for i, r in enumerate(self._active) if not r.seq.finished]
+        if len(keep) != len(self._active):
+            self.runner.drop(keep)
+            self._active = [self._active[i] for i in keep]
+
+    def _seen(self, req: Request) -> Any:
+        if not req.seen:
+            return None
+        import torch
+
+        return torch.tensor(req.seen, device=self.runner.device)
+
+    def _fail_all(self, err: Exception) -> None:
+        with self._cv:
+            doomed = self._active + list(self._pending)
+            self._active, self._pending = [], deque()
+        self.runner.drop([])
+        for req in doomed:
+            req.deliver(err)
+
+
+def _iterate(req: Request, get: Callable[[], object]) -> Iterator[Chunk]:
+    try:
+        while True:
+            item = get()
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, Chunk)
+            yield item
+            if item.finish_reason is not None:
+                return
+    finally:
+        req.cancel.set()  # a caller that stops reading frees the slot within a step
+
+
+async def _aiterate(req: Request, get: Callable[[], Any]) -> AsyncIterator[Chunk]:
+    try:
+        while True:
+            item = await get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+    finally:
+        req.cancel.set()
