@@ -109,7 +109,7 @@ def test_async_stream_and_cancel(tiny):
 
 
 def test_queue_full_is_refused(tiny_dir):
-    engine = load(str(tiny_dir), LoadSettings(dtype="float32", max_batch=1, max_queue=1))
+    engine = load(str(tiny_dir), LoadSettings(dtype="float32", max_concurrency=1, max_queue=1))
     first = engine.stream(_messages("Hi"), GenerationParams(temperature=0, max_new_tokens=200))
     next(first)  # running
     second = engine.stream(_messages("Hi"), GenerationParams(temperature=0, max_new_tokens=5))  # queued

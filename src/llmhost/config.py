@@ -42,7 +42,7 @@ class LoadSettings(BaseSettings):
     context_length: int | None = Field(
         None, ge=16, description="Override the model's context window (tokens)."
     )
-    max_batch: int = Field(
+    max_concurrency: int = Field(
         8, ge=1, le=256, description="Most requests decoded together, each step one forward pass."
     )
     max_queue: int = Field(

@@ -14,6 +14,7 @@ from llmhost.cli.common import command, load_model
 from llmhost.cli.options import model_options
 from llmhost.config import LoadSettings
 from llmhost.engine.params import GenerationParams
+from llmhost.server.settings import ServerSettings
 
 app = typer.Typer(
     name="llmhost",
@@ -93,6 +94,35 @@ def generate(
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+@app.command()
+@command
+@model_options(load=LoadSettings, server=ServerSettings)
+def serve(
+    models: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[MODEL]...", help="Models to serve; the embedded default if none."),
+    ] = None,
+    *,
+    load: LoadSettings,
+    server: ServerSettings,
+) -> None:
+    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    from llmhost.cli.common import console
+    from llmhost.errors import InvalidRequestError
+    from llmhost.server.manager import ModelManager
+    from llmhost.server.run import check_exposure
+    from llmhost.server.run import serve as run_server
+
+    warning = check_exposure(server)
+    engines = [load_model(ref, load) for ref in (models or [None])]
+    names = [e.name for e in engines]
+    if len(set(names)) != len(names):
+        raise InvalidRequestError(f"two models share a name: {', '.join(names)}; serve each name once")
+    if warning:
+        console.print(f"[yellow]{warning}[/yellow]")
+    run_server(ModelManager(engines), server)
 
 
 def main() -> None:

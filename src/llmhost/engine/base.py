@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 from llmhost.engine.context import Message
 from llmhost.engine.params import GenerationParams
@@ -44,6 +44,30 @@ class Engine(ABC):
         cancel: threading.Event | None = None,
     ) -> Result:
         return collect(self.stream(messages, params, prompt=prompt, cancel=cancel))
+
+    @abstractmethod
+    async def astream(
+        self,
+        messages: list[Message] | None = None,
+        params: GenerationParams | None = None,
+        *,
+        prompt: str | None = None,
+        cancel: threading.Event | None = None,
+    ) -> AsyncIterator[Chunk]:
+        """`stream()` for asyncio: validation errors raise here; chunks never block the loop."""
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot."""
+        return 0
+
+    @property
+    def running(self) -> int:
+        """Requests being generated now."""
+        return 0
+
+    def close(self) -> None:  # noqa: B027 - optional hook; engines holding threads override it
+        """Stop background work and release the model."""
 
 
 def stream_generate(

@@ -32,6 +32,7 @@ def fit_messages(
     count_tokens: Callable[[list[Message]], int],
     max_new_tokens: int,
     context_length: int,
+    truncate: bool = True,
 ) -> tuple[list[Message], int, int]:
     """Drop the oldest turns until prompt + max_new_tokens fits the window.
 
@@ -47,7 +48,7 @@ def fit_messages(
         n = count_tokens(kept)
         if n + max_new_tokens <= context_length:
             return kept, dropped, n
-        if len(body) - dropped <= 1:
+        if len(body) - dropped <= 1 or not truncate:
             raise ContextOverflowError(n, max_new_tokens, context_length)
         dropped += 1
         # never start the kept history with an assistant reply to a dropped question

@@ -76,7 +76,7 @@ class TransformersEngine(Engine):
         if settings.chat_template is not None:
             template = Path(settings.chat_template).read_text(encoding="utf-8")
         ctx = settings.context_length or _context_length(model.config)
-        return cls(model, tokenizer, name, ctx, template, settings.max_batch, settings.max_queue)
+        return cls(model, tokenizer, name, ctx, template, settings.max_concurrency, settings.max_queue)
 
     # -- prompt preparation ---------------------------------------------------------------
 
@@ -116,7 +116,11 @@ class TransformersEngine(Engine):
         if params.system is not None and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": params.system}, *messages]
         kept, dropped, _ = fit_messages(
-            messages, lambda m: len(self.encode_chat(m)), params.max_new_tokens, self.context_length
+            messages,
+            lambda m: len(self.encode_chat(m)),
+            params.max_new_tokens,
+            self.context_length,
+            truncate=params.truncate_history,
         )
         return self.encode_chat(kept), dropped
 
@@ -156,6 +160,14 @@ class TransformersEngine(Engine):
         # template rendering and tokenizing can take milliseconds: keep them off the event loop
         prompt_ids, seq = await asyncio.to_thread(self._sequence, messages, prompt, params)
         return self.scheduler.submit_async(prompt_ids, seq, asyncio.get_running_loop(), cancel)
+
+    @property
+    def queued(self) -> int:
+        return self.scheduler.queued if "scheduler" in self.__dict__ else 0
+
+    @property
+    def running(self) -> int:
+        return self.scheduler.running if "scheduler" in self.__dict__ else 0
 
     def close(self) -> None:
         if "scheduler" in self.__dict__:

@@ -41,6 +41,11 @@ class GenerationParams(BaseModel):
         max_length=MAX_STOP_STRINGS,
         description="Stop when this text appears (repeatable); it is never part of the reply.",
     )
+    truncate_history: bool = Field(
+        True,
+        description="Leave out the oldest turns when a conversation outgrows the context "
+        "window (else it is an error).",
+    )
     system: str | None = Field(
         None, description="System prompt, used when the conversation has none of its own."
     )

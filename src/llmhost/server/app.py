@@ -1,0 +1,251 @@
+"""`create_app(manager, settings) -> FastAPI`: routes are one-liners over `Api`'s methods.
+
+The event loop never waits on the model: engines hand chunks over with call_soon_threadsafe.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from llmhost import __version__
+from llmhost.engine.params import format_validation_error
+from llmhost.engine.types import Chunk, collect
+from llmhost.errors import LlmhostError
+from llmhost.server import mapping
+from llmhost.server.manager import ModelManager
+from llmhost.server.metrics import Metrics
+from llmhost.server.protocol import ChatCompletionRequest, CompletionRequest
+from llmhost.server.settings import ServerSettings
+
+log = logging.getLogger("llmhost.server")
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers
+
+    @classmethod
+    def from_llmhost(cls, err: LlmhostError) -> ApiError:
+        headers = {"Retry-After": "1"} if err.status == 503 else None
+        code = {404: "model_not_found", 503: "server_busy"}.get(err.status)
+        if getattr(err, "context_length", None):
+            code = "context_length_exceeded"
+        return cls(err.status, str(err), err.kind, getattr(err, "param", None), code, headers)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class Api:
+    """The API's behaviour, independent of routing: each route calls one method."""
+
+    def __init__(self, manager: ModelManager, settings: ServerSettings) -> None:
+        self.manager = manager
+        self.keys = [k.encode() for k in settings.api_keys()]
+        self.metrics = Metrics(manager.queued, manager.running)
+        self.draining = False
+        self.in_flight = 0
+
+    def check_key(self, header: str) -> None:
+        if not self.keys:
+            return
+        given = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
+        # compare against every key so the time taken does not reveal which one nearly matched
+        ok = False
+        for key in self.keys:
+            ok |= hmac.compare_digest(given, key)
+        if not ok:
+            raise ApiError(
+                401,
+                "missing or invalid API key: send 'Authorization: Bearer KEY'",
+                "invalid_request_error",
+                code="invalid_api_key",
+            )
+
+    async def parse(self, request: Request, model: type[BaseModel]) -> Any:
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "the request body is not valid JSON", "invalid_request_error") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "the request body must be a JSON object", "invalid_request_error")
+        try:
+            return model.model_validate(data)
+        except ValidationError as err:
+            message, param = format_validation_error(err)
+            raise ApiError(400, f"invalid request: {message}", "invalid_request_error", param) from None
+
+    def models(self) -> dict[str, Any]:
+        data = [{"id": n, "object": "model", "created": 0, "owned_by": "llmhost"} for n in self.manager.names]
+        return {"object": "list", "data": data}
+
+    async def complete(self, request: Request, chat: bool) -> Response:
+        req = await self.parse(request, ChatCompletionRequest if chat else CompletionRequest)
+        engine = self.manager.get(req.model)
+        params = mapping.to_params(req)
+        if chat:
+            messages = [m.model_dump(include={"role", "content"}) for m in req.messages]
+            chunks = await engine.astream(messages, params)
+        else:
+            chunks = await engine.astream(None, params, prompt=mapping.to_prompt(req))
+        builder = mapping.ObjectBuilder(engine.name, chat)
+        if not req.stream:
+            got = [c async for c in chunks]
+            self.metrics.finished(got[-1])
+            return JSONResponse(builder.whole(collect(got)))
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(
+            self._sse(chunks, builder, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _sse(
+        self, chunks: AsyncIterator[Chunk], builder: mapping.ObjectBuilder, include_usage: bool
+    ) -> AsyncIterator[str]:
+        first = True
+        try:
+            async for chunk in chunks:
+                if chunk.text or chunk.finish_reason or first:
+                    yield _event(builder.chunk(chunk, first))
+                    first = False
+                if chunk.finish_reason is not None:
+                    self.metrics.finished(chunk)
+                    if include_usage:
+                        yield _event(builder.usage_chunk(chunk))
+        except Exception as err:  # headers are sent: report in-band, then end the stream properly
+            log.exception("generation failed mid-stream")
+            api = (
+                ApiError.from_llmhost(err)
+                if isinstance(err, LlmhostError)
+                else ApiError(500, f"generation failed: {err}", "server_error")
+            )
+            yield f"event: error\ndata: {json.dumps(api.body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+def _event(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class Gate:
+    """Pure ASGI middleware (streams pass through untouched): API keys, request counts, requests
+    in flight, and 503 for new requests while draining for shutdown."""
+
+    def __init__(self, app: ASGIApp, api: Api) -> None:
+        self.app, self.api = app, api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        try:
+            if self.api.draining and path != "/health":
+                raise ApiError(
+                    503,
+                    "the server is shutting down; retry shortly",
+                    "server_error",
+                    code="shutting_down",
+                    headers={"Retry-After": "5", "Connection": "close"},
+                )
+            if path != "/health":
+                headers = dict(scope["headers"])
+                self.api.check_key(headers.get(b"authorization", b"").decode("latin-1"))
+        except ApiError as err:
+            self._count(path, err.status)
+            return await err.response()(scope, receive, send)
+        status = 500
+
+        async def send_and_note(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.api.in_flight += 1
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            self.api.in_flight -= 1
+            self._count(path, status)
+
+    def _count(self, path: str, status: int) -> None:
+        if path.startswith("/v1/"):
+            self.api.metrics.requests.labels(path, str(status)).inc()
+
+
+def create_app(manager: ModelManager, settings: ServerSettings) -> FastAPI:
+    api = Api(manager, settings)
+    app = FastAPI(title="llmhost", version=__version__, docs_url=None, redoc_url=None)
+    app.state.api = api
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, err: ApiError) -> JSONResponse:
+        return err.response()
+
+    @app.exception_handler(LlmhostError)
+    async def _llmhost_error(_: Request, err: LlmhostError) -> JSONResponse:
+        return ApiError.from_llmhost(err).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, err: RequestValidationError) -> JSONResponse:
+        return ApiError(400, f"invalid request: {err.errors()}", "invalid_request_error").response()
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, _: Exception) -> JSONResponse:
+        return ApiError(
+            404, f"no route {request.method} {request.url.path}", "invalid_request_error"
+        ).response()
+
+    @app.exception_handler(405)
+    async def _bad_method(request: Request, _: Exception) -> JSONResponse:
+        return ApiError(
+            405, f"{request.method} is not allowed on {request.url.path}", "invalid_request_error"
+        ).response()
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "draining" if api.draining else "ok", "models": manager.names}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(api.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return api.models()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await api.complete(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await api.complete(request, chat=False)
+
+    app.add_middleware(Gate, api=api)
+    return app

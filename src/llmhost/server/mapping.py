@@ -1,0 +1,113 @@
+"""Pure functions between the OpenAI protocol and the engine: requests → params, chunks → objects."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from llmhost.engine.params import GenerationParams, make_params
+from llmhost.engine.types import Chunk, FinishReason, Result
+from llmhost.errors import InvalidRequestError
+from llmhost.server.protocol import ChatCompletionRequest, CompletionRequest
+
+
+def penalty_from_openai(presence: float | None, frequency: float | None) -> float | None:
+    """OpenAI's additive penalties have no exact counterpart in HF-style multiplicative ones.
+
+    Mapping: p = the larger of presence/frequency penalty in [-2, 2]; repetition_penalty
+    = 1 + p/2 for p ≥ 0 (up to 2.0) and 1 / (1 + |p|/2) for p < 0 (down to 0.5).
+    """
+    values = [v for v in (presence, frequency) if v]
+    if not values:
+        return None
+    p = max(values, key=abs)
+    return 1 + p / 2 if p >= 0 else 1 / (1 + abs(p) / 2)
+
+
+def to_params(req: ChatCompletionRequest | CompletionRequest) -> GenerationParams:
+    values: dict[str, Any] = {"truncate_history": False}  # an API caller decides what to send
+    max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    if max_tokens is not None:
+        values["max_new_tokens"] = max_tokens
+    for name in ("temperature", "top_p", "top_k", "seed"):
+        if getattr(req, name) is not None:
+            values[name] = getattr(req, name)
+    if req.stop is not None:
+        values["stop"] = [req.stop] if isinstance(req.stop, str) else req.stop
+    penalty = req.repetition_penalty or penalty_from_openai(req.presence_penalty, req.frequency_penalty)
+    if penalty is not None:
+        values["repetition_penalty"] = penalty
+    return make_params(**values)
+
+
+def to_prompt(req: CompletionRequest) -> str:
+    if isinstance(req.prompt, str):
+        return req.prompt
+    if len(req.prompt) != 1:
+        raise InvalidRequestError("prompt: send one prompt per request (a list of one string)", "prompt")
+    return req.prompt[0]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def openai_finish(reason: FinishReason | None) -> str | None:
+    return None if reason is None else ("length" if reason == "length" else "stop")
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+class ObjectBuilder:
+    """Builds the response objects of one request (same id and created time throughout)."""
+
+    def __init__(self, model: str, chat: bool) -> None:
+        self.model = model
+        self.chat = chat
+        self.id = new_id("chatcmpl" if chat else "cmpl")
+        self.created = int(time.time())
+
+    def _base(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def chunk(self, chunk: Chunk, first: bool) -> dict[str, Any]:
+        finish = openai_finish(chunk.finish_reason)
+        if self.chat:
+            delta: dict[str, Any] = {"content": chunk.text}
+            if first:
+                delta["role"] = "assistant"
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {**self._base("chat.completion.chunk"), "choices": [choice]}
+        choice = {"index": 0, "text": chunk.text, "logprobs": None, "finish_reason": finish}
+        return {**self._base("text_completion"), "choices": [choice]}
+
+    def usage_chunk(self, last: Chunk) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return {**self._base(obj), "choices": [], "usage": usage(last.prompt_tokens, last.completion_tokens)}
+
+    def whole(self, result: Result) -> dict[str, Any]:
+        finish = openai_finish(result.finish_reason)
+        if self.chat:
+            message = {"role": "assistant", "content": result.text}
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        return {
+            **self._base(obj),
+            "choices": [choice],
+            "usage": usage(result.prompt_tokens, result.completion_tokens),
+        }

@@ -1,0 +1,36 @@
+"""Server settings; `llmhost serve` derives its flags from these fields."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    """How the API is exposed. Each field is a CLI flag and an `LLMHOST_*` environment variable."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMHOST_", extra="forbid", frozen=True)
+
+    host: str = Field(
+        "127.0.0.1", description="Address to bind; the default is reachable from this machine only."
+    )
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0 picks a free one).")
+    api_key: str | None = Field(
+        None, description="Require this key as 'Authorization: Bearer KEY' on every route but /health."
+    )
+    api_key_file: Path | None = Field(None, description="Read the API keys from this file, one per line.")
+    insecure_no_auth: bool = Field(
+        False, description="Allow binding a non-loopback address without an API key."
+    )
+    drain_timeout: float = Field(
+        30.0, ge=0, le=3600, description="Seconds SIGTERM waits for requests in flight before exiting."
+    )
+
+    def api_keys(self) -> list[str]:
+        keys = [self.api_key] if self.api_key else []
+        if self.api_key_file is not None:
+            text = Path(self.api_key_file).read_text(encoding="utf-8")
+            keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        return keys
