@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from servers import ServerProcess  # noqa: E402
+from servers import ServerProcess
 
 TOPICS = ["a dragon who learns to cook", "a robot lost in Paris", "a cat that runs a bakery",
           "two friends sailing to Iceland", "a lighthouse keeper's secret", "a city under the sea",
