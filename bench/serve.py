@@ -17,9 +17,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from servers import ServerProcess
 
-TOPICS = ["a dragon who learns to cook", "a robot lost in Paris", "a cat that runs a bakery",
-          "two friends sailing to Iceland", "a lighthouse keeper's secret", "a city under the sea",
-          "a clockmaker and a storm", "the last tree on Mars"]
+TOPICS = [
+    "a dragon who learns to cook",
+    "a robot lost in Paris",
+    "a cat that runs a bakery",
+    "two friends sailing to Iceland",
+    "a lighthouse keeper's secret",
+    "a city under the sea",
+    "a clockmaker and a storm",
+    "the last tree on Mars",
+]
 PROMPTS = [[{"role": "user", "content": f"Write a long story about {t}."}] for t in TOPICS]
 
 
@@ -29,8 +36,12 @@ def one_request(client, messages, tokens: int) -> tuple[float, int, float]:
     first = last = None
     n = 0
     stream = client.chat.completions.create(
-        model="smollm2-135m-instruct", messages=messages, max_tokens=tokens, temperature=0,
-        stream=True, stream_options={"include_usage": True},
+        model="smollm2-135m-instruct",
+        messages=messages,
+        max_tokens=tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
@@ -72,8 +83,12 @@ def sequential(client, n: int, tokens: int) -> dict:
     results = [one_request(client, PROMPTS[i % len(PROMPTS)], tokens) for i in range(n)]
     wall = time.perf_counter() - start
     ttfts = sorted(r[0] for r in results)
-    return {"agg": sum(r[1] for r in results) / wall, "ttft50": statistics.median(ttfts),
-            "ttft99": ttfts[-1], "per_req": statistics.median(r[2] for r in results)}
+    return {
+        "agg": sum(r[1] for r in results) / wall,
+        "ttft50": statistics.median(ttfts),
+        "ttft99": ttfts[-1],
+        "per_req": statistics.median(r[2] for r in results),
+    }
 
 
 def in_process(tokens: int) -> float:
@@ -110,10 +125,14 @@ def main() -> None:
     print("| load | aggregate tok/s | × baseline | TTFT p50 ms | TTFT p99 ms | per-request tok/s |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in rows:
-        print(f"| {name} | {r['agg']:.1f} | {r['agg'] / base:.2f} | {r['ttft50'] * 1000:.0f} | "
-              f"{r['ttft99'] * 1000:.0f} | {r['per_req']:.1f} |")
-    print(f"\nsingle-client decode through HTTP: {single['per_req']:.1f} tok/s; in-process stream_generate: "
-          f"{local:.1f} tok/s; ratio {single['per_req'] / local:.3f}")
+        print(
+            f"| {name} | {r['agg']:.1f} | {r['agg'] / base:.2f} | {r['ttft50'] * 1000:.0f} | "
+            f"{r['ttft99'] * 1000:.0f} | {r['per_req']:.1f} |"
+        )
+    print(
+        f"\nsingle-client decode through HTTP: {single['per_req']:.1f} tok/s; in-process stream_generate: "
+        f"{local:.1f} tok/s; ratio {single['per_req'] / local:.3f}"
+    )
     print(f"aggregate at 8 clients / single client: {rows[3][1]['agg'] / single['agg']:.2f}×")
 
 

@@ -267,7 +267,9 @@ class TestEmbeddedServer:
                     "stream": True,
                     "max_tokens": 400,
                     "temperature": 0,
-                    "messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+                    "messages": [
+                        {"role": "user", "content": "Write a long story about a dragon who learns to cook."}
+                    ],
                 },
             ) as r:
                 lines = r.iter_lines()
@@ -308,9 +310,11 @@ class TestEmbeddedServer:
         body = {
             "model": "smollm2-135m-instruct",
             "stream": True,
-            "max_tokens": 40,
+            "max_tokens": 120,  # ≈5 s: still running when the late request comes
             "temperature": 0,
-            "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+            "messages": [
+                {"role": "user", "content": "Write a long story about a dragon who learns to cook."}
+            ],
         }
         with server.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
             lines = r.iter_lines()
