@@ -73,7 +73,6 @@ def test_interrupted_conversion_leaves_nothing_that_loads(tmp_path, monkeypatch)
     src.write_bytes(b"GGUF not really")
 
     def half_then_crash(_gguf, out: Path) -> None:
-        out.mkdir(parents=True)
         (out / "config.json").write_text("{}")
         raise OSError(28, "No space left on device")
 
@@ -95,7 +94,8 @@ def test_killed_conversion_is_cleaned_and_redone(tmp_path, embedded_dir):
     deadline = time.monotonic() + 60
     while not any(cache.glob(".tmp-*")) and time.monotonic() < deadline:
         time.sleep(0.2)
-    time.sleep(1.0)
+    time.sleep(2.0)  # inside the ≈15 s conversion
+    assert proc.poll() is None, "conversion finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     leftovers = list(cache.iterdir())
@@ -105,7 +105,7 @@ def test_killed_conversion_is_cleaned_and_redone(tmp_path, embedded_dir):
 
     real = gguf_mod._convert
     try:
-        gguf_mod._convert = lambda _g, out: out.mkdir(parents=True)
+        gguf_mod._convert = lambda _g, out: (out / "config.json").write_text("{}")
         target = converted_folder(gguf, cache, "kill")
     finally:
         gguf_mod._convert = real

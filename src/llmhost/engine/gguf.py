@@ -34,6 +34,7 @@ def converted_folder(gguf: Path, cache_root: Path, key: str) -> Path:
     _remove_stale_tmp(cache_root)
     tmp = cache_root / f"{TMP_PREFIX}{target.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()  # claimed up front, so a crash at any point leaves only this temp folder
     try:
         _convert(gguf, tmp)
         (tmp / COMPLETE_MARKER).write_text(
