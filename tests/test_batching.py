@@ -117,3 +117,15 @@ def test_queue_full_is_refused(tiny_dir):
         engine.stream(_messages("Hi"), GenerationParams(temperature=0, max_new_tokens=5))
     first.close()
     assert [c for c in second][-1].finish_reason == "length"
+
+
+def test_waiting_requests_that_give_up_free_their_queue_slot(tiny_dir):
+    engine = load(str(tiny_dir), LoadSettings(dtype="float32", max_concurrency=1, max_queue=1))
+    first = engine.stream(_messages("Hi"), GenerationParams(temperature=0, max_new_tokens=500))
+    next(first)
+    waiting = threading.Event()
+    engine.stream(_messages("Hi"), GenerationParams(temperature=0, max_new_tokens=5), cancel=waiting)
+    waiting.set()  # its caller gave up before it ever ran
+    third = engine.stream(_messages("Hi"), GenerationParams(temperature=0, max_new_tokens=5))
+    first.close()
+    assert list(third)[-1].finish_reason == "length"

@@ -307,6 +307,9 @@ class TestEmbeddedServer:
                 c.close()
 
     def test_sigterm_drains_in_flight_and_refuses_new(self, server):
+        with server.http() as http:  # the streams closed by the previous test have left
+            idle = lambda: metric(http.get("/metrics").text, "llmhost_running_requests") == 0  # noqa: E731
+            assert wait_for(idle, 5)
         body = {
             "model": "smollm2-135m-instruct",
             "stream": True,
@@ -324,6 +327,6 @@ class TestEmbeddedServer:
             late = http.post("/v1/chat/completions", json={**body, "stream": False})
             assert late.status_code == 503
             rest = [ln for ln in lines if ln.startswith("data: ")]
-        assert rest[-1] == "data: [DONE]"
+        assert rest and rest[-1] == "data: [DONE]", server.log
         assert json.loads(rest[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
         assert server.proc.wait(30) == 0

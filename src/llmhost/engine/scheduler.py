@@ -150,6 +150,8 @@ class Scheduler:
             if self._closed:
                 raise QueueFullError("the model is shutting down; try again later")
             if len(self._pending) >= self.max_queue:
+                self._purge_cancelled()
+            if len(self._pending) >= self.max_queue:
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting); retry shortly")
             self._pending.append(req)
             if self._thread is None:
@@ -157,6 +159,13 @@ class Scheduler:
                 self._thread.start()
             self._cv.notify()
         return req
+
+    def _purge_cancelled(self) -> None:
+        """Free the queue slots of callers that gave up while waiting (called under the lock)."""
+        gone = [r for r in self._pending if r.cancel.is_set()]
+        for req in gone:
+            self._pending.remove(req)
+            req.deliver(req.seq.finish("cancelled"))
 
     # -- the inference thread -----------------------------------------------------------
 
