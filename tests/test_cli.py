@@ -84,6 +84,33 @@ def test_bad_input_gives_one_line_and_nonzero_exit(args, code, message):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_unreadable_inputs_are_one_line_errors(tiny_dir, tmp_path, home):
+    r = _run("generate", str(tiny_dir), "hi", "--chat-template", str(tmp_path / "missing.jinja"))
+    assert r.exit_code == 1 and "cannot read --chat-template" in r.stderr and "No such file" in r.stderr
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"this is not a gguf file at all" * 10)
+    r = _run("generate", str(junk), "hi")
+    assert r.exit_code == 1 and "could not be read as a GGUF model" in r.stderr, r.output
+    assert "Traceback" not in r.output
+    leftovers = [p.name for p in (home / "converted").iterdir() if "junk" in p.name]
+    assert leftovers == [], "a failed conversion must leave nothing behind"
+
+
+def test_serve_key_file_errors(tmp_path):
+    r = _run("serve", "--api-key-file", str(tmp_path / "nope"))
+    assert r.exit_code == 2 and "cannot read --api-key-file" in r.stderr
+    empty = tmp_path / "keys"
+    empty.write_text("# no keys yet\n\n")
+    r = _run("serve", "--api-key-file", str(empty))
+    assert r.exit_code == 2 and "holds no key" in r.stderr
+
+
+def test_serving_limits_are_not_chat_flags():
+    r = _run("chat", "--help")
+    assert "--max-concurrency" not in r.stdout and "--temperature" in r.stdout
+    assert "--max-concurrency" in _run("serve", "--help").stdout
+
+
 def test_context_overflow_message(tiny_dir):
     r = _run("generate", str(tiny_dir), "word " * 100, "--context-length", "64", "--dtype", "float32")
     assert r.exit_code == 2

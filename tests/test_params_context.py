@@ -43,6 +43,10 @@ def _count(messages):  # one token per word plus two per message
     return sum(len(m["content"].split()) + 2 for m in messages)
 
 
+def _encode(messages):
+    return [0] * _count(messages)
+
+
 def _conv(n_turns: int, words: int = 10):
     msgs = [{"role": "system", "content": "be brief"}]
     for i in range(n_turns):
@@ -54,24 +58,24 @@ def _conv(n_turns: int, words: int = 10):
 
 def test_fit_keeps_everything_that_fits():
     msgs = _conv(2)
-    kept, dropped, n = fit_messages(msgs, _count, max_new_tokens=10, context_length=1000)
-    assert kept == msgs and dropped == 0 and n == _count(msgs)
+    kept, dropped, ids = fit_messages(msgs, _encode, max_new_tokens=10, context_length=1000)
+    assert kept == msgs and dropped == 0 and len(ids) == _count(msgs)
 
 
 def test_fit_drops_oldest_turns_keeps_system_and_latest():
     msgs = _conv(5)  # 4 + 5 * 24 + 4 = 128 tokens
-    kept, dropped, n = fit_messages(msgs, _count, max_new_tokens=20, context_length=80)
+    kept, dropped, ids = fit_messages(msgs, _encode, max_new_tokens=20, context_length=80)
     assert kept[0] == msgs[0] and kept[-1] == msgs[-1]
     assert kept[1]["role"] == "user", "history must not start with an orphaned assistant reply"
     assert dropped == len(msgs) - len(kept) and dropped % 2 == 0 and dropped > 0
-    assert n + 20 <= 80
+    assert len(ids) + 20 <= 80
     assert kept[1:] == msgs[1 + dropped :]
 
 
 def test_fit_raises_when_latest_turn_alone_is_too_long():
     msgs = [{"role": "user", "content": "word " * 200}]
     with pytest.raises(ContextOverflowError) as info:
-        fit_messages(msgs, _count, max_new_tokens=50, context_length=100)
+        fit_messages(msgs, _encode, max_new_tokens=50, context_length=100)
     err = info.value
     assert (err.prompt_tokens, err.max_new_tokens, err.context_length) == (202, 50, 100)
     assert "202 tokens" in str(err) and "context window is 100 tokens" in str(err)

@@ -282,6 +282,23 @@ class TestEmbeddedServer:
             # leaving the block closes the connection mid-stream
             assert wait_for(lambda: metric(http.get("/metrics").text, "llmhost_running_requests") == 0, 2.0)
 
+    def test_disconnect_during_non_streaming_request_cancels(self, server):
+        body = {
+            "model": "smollm2-135m-instruct",
+            "max_tokens": 400,
+            "temperature": 0,
+            "messages": [
+                {"role": "user", "content": "Write a long story about a dragon who learns to cook."}
+            ],
+        }
+        with server.http() as http:
+            with (
+                pytest.raises(httpx.ReadTimeout),
+                httpx.Client(base_url=server.url, timeout=1.0) as impatient,
+            ):
+                impatient.post("/v1/chat/completions", json=body)
+            assert wait_for(lambda: metric(http.get("/metrics").text, "llmhost_running_requests") == 0, 2.0)
+
     def test_queue_full_gives_503_with_retry_after(self, server):
         body = {
             "model": "smollm2-135m-instruct",

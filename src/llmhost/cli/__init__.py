@@ -16,6 +16,9 @@ from llmhost.config import LoadSettings
 from llmhost.engine.params import GenerationParams
 from llmhost.server.settings import ServerSettings
 
+# batching limits matter only when many clients share a model
+SERVING_ONLY = frozenset({"max_concurrency", "max_queue"})
+
 app = typer.Typer(
     name="llmhost",
     help="Local chat models: chat in the terminal, serve an OpenAI-compatible API, fine-tune.",
@@ -49,7 +52,7 @@ def _root(
 
 @app.command()
 @command
-@model_options(load=LoadSettings, params=GenerationParams)
+@model_options(SERVING_ONLY, load=LoadSettings, params=GenerationParams)
 def chat(model: ModelArg = None, *, load: LoadSettings, params: GenerationParams) -> None:
     """Chat in the terminal with streaming replies (/help inside for commands)."""
     from llmhost.cli.chat import ChatSession
@@ -60,7 +63,7 @@ def chat(model: ModelArg = None, *, load: LoadSettings, params: GenerationParams
 
 @app.command()
 @command
-@model_options(load=LoadSettings, params=GenerationParams)
+@model_options(SERVING_ONLY, load=LoadSettings, params=GenerationParams)
 def generate(
     args: Annotated[list[str], typer.Argument(metavar="[MODEL] PROMPT", help="PROMPT '-' reads stdin.")],
     as_json: Annotated[

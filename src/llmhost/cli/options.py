@@ -49,9 +49,11 @@ def _shown_default(field: Any) -> str | bool:
     return str(default)
 
 
-def _options_for(cls: type[BaseModel]) -> list[inspect.Parameter]:
+def _options_for(cls: type[BaseModel], exclude: frozenset[str]) -> list[inspect.Parameter]:
     params = []
     for name, field in cls.model_fields.items():
+        if name in exclude:
+            continue
         flag = "--" + name.replace("_", "-")
         annotation = _cli_type(field.annotation)
         decls = [f"{flag}/--no-{flag[2:]}"] if annotation is bool else [flag]
@@ -73,7 +75,11 @@ def build(cls: type[BaseModel], values: dict[str, Any]) -> Any:
         raise InvalidRequestError(f"invalid option {message}", param=param) from None
 
 
-def model_options(**models: type[BaseModel]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def model_options(
+    exclude: frozenset[str] = frozenset(), **models: type[BaseModel]
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`exclude` names fields that get no flag in this command (their default applies)."""
+
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         sig = inspect.signature(fn)
         hints = typing.get_type_hints(fn, include_extras=True)  # resolves string annotations
@@ -82,7 +88,7 @@ def model_options(**models: type[BaseModel]) -> Callable[[Callable[..., Any]], C
             for p in sig.parameters.values()
             if p.name not in models
         ]
-        extra = [p for cls in models.values() for p in _options_for(cls)]
+        extra = [p for cls in models.values() for p in _options_for(cls, exclude)]
 
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> Any:

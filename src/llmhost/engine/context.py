@@ -29,15 +29,15 @@ def validate_messages(messages: list[Message]) -> None:
 
 def fit_messages(
     messages: list[Message],
-    count_tokens: Callable[[list[Message]], int],
+    encode: Callable[[list[Message]], list[int]],
     max_new_tokens: int,
     context_length: int,
     truncate: bool = True,
-) -> tuple[list[Message], int, int]:
+) -> tuple[list[Message], int, list[int]]:
     """Drop the oldest turns until prompt + max_new_tokens fits the window.
 
     Keeps a leading system message and the latest user turn. Returns the messages to send,
-    the number of messages dropped, and the prompt's token count.
+    the number of messages dropped, and the prompt's token ids (encoded once, not again).
     Raises ContextOverflowError when even system + latest user turn do not fit.
     """
     head = messages[:1] if messages[0]["role"] == "system" else []
@@ -45,9 +45,10 @@ def fit_messages(
     dropped = 0
     while True:
         kept = head + body[dropped:]
-        n = count_tokens(kept)
+        ids = encode(kept)
+        n = len(ids)
         if n + max_new_tokens <= context_length:
-            return kept, dropped, n
+            return kept, dropped, ids
         if len(body) - dropped <= 1 or not truncate:
             raise ContextOverflowError(n, max_new_tokens, context_length)
         dropped += 1

@@ -14,6 +14,8 @@ import shutil
 import time
 from pathlib import Path
 
+from llmhost.errors import LlmhostError
+
 COMPLETE_MARKER = "llmhost-converted.json"
 TMP_PREFIX = ".tmp-"
 
@@ -36,7 +38,10 @@ def converted_folder(gguf: Path, cache_root: Path, key: str) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()  # claimed up front, so a crash at any point leaves only this temp folder
     try:
-        _convert(gguf, tmp)
+        try:
+            _convert(gguf, tmp)
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise LlmhostError(f"{gguf} could not be read as a GGUF model: {err}") from None
         (tmp / COMPLETE_MARKER).write_text(
             json.dumps({"source": str(gguf), "key": key, "converted_at": time.time()})
         )

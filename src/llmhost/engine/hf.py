@@ -61,6 +61,14 @@ class TransformersEngine(Engine):
                 f"{path} holds no .safetensors weights; llmhost does not load pickle (.bin) "
                 "weights: convert them to safetensors or use a safetensors/GGUF release"
             )
+        template = None
+        if settings.chat_template is not None:
+            try:
+                template = Path(settings.chat_template).read_text(encoding="utf-8")
+            except OSError as err:
+                raise LlmhostError(
+                    f"cannot read --chat-template {settings.chat_template}: {err.strerror}"
+                ) from None
         device = pick_device(settings.device)
         dtype = getattr(torch, pick_dtype(settings.dtype, device))
         remote = settings.trust_remote_code
@@ -72,9 +80,6 @@ class TransformersEngine(Engine):
         if not device.startswith("cuda"):
             model.to(device)
         model.eval()
-        template = None
-        if settings.chat_template is not None:
-            template = Path(settings.chat_template).read_text(encoding="utf-8")
         ctx = settings.context_length or _context_length(model.config)
         return cls(model, tokenizer, name, ctx, template, settings.max_concurrency, settings.max_queue)
 
@@ -115,14 +120,14 @@ class TransformersEngine(Engine):
         validate_messages(messages)
         if params.system is not None and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": params.system}, *messages]
-        kept, dropped, _ = fit_messages(
+        _, dropped, ids = fit_messages(
             messages,
-            lambda m: len(self.encode_chat(m)),
+            self.encode_chat,
             params.max_new_tokens,
             self.context_length,
             truncate=params.truncate_history,
         )
-        return self.encode_chat(kept), dropped
+        return ids, dropped
 
     # -- decoding -------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ The event loop never waits on the model: engines hand chunks over with call_soon
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -114,7 +115,7 @@ class Api:
             chunks = await engine.astream(None, params, prompt=mapping.to_prompt(req))
         builder = mapping.ObjectBuilder(engine.name, chat)
         if not req.stream:
-            got = [c async for c in chunks]
+            got = await self._gather(request, chunks)
             self.metrics.finished(got[-1])
             return JSONResponse(builder.whole(collect(got)))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -123,6 +124,16 @@ class Api:
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+
+    async def _gather(self, request: Request, chunks: AsyncIterator[Chunk]) -> list[Chunk]:
+        """Collect a whole reply; a client that hangs up meanwhile cancels the generation."""
+        got: list[Chunk] = []
+        async with contextlib.aclosing(chunks):  # closing it cancels the request in the engine
+            async for chunk in chunks:
+                got.append(chunk)
+                if chunk.finish_reason is None and await request.is_disconnected():
+                    raise ApiError(499, "the client closed the connection", "invalid_request_error")
+        return got
 
     async def _sse(
         self, chunks: AsyncIterator[Chunk], builder: mapping.ObjectBuilder, include_usage: bool

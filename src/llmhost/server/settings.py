@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from llmhost.errors import InvalidRequestError
+
 
 class ServerSettings(BaseSettings):
     """How the API is exposed. Each field is a CLI flag and an `LLMHOST_*` environment variable."""
@@ -31,6 +33,17 @@ class ServerSettings(BaseSettings):
     def api_keys(self) -> list[str]:
         keys = [self.api_key] if self.api_key else []
         if self.api_key_file is not None:
-            text = Path(self.api_key_file).read_text(encoding="utf-8")
-            keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+            try:
+                text = Path(self.api_key_file).read_text(encoding="utf-8")
+            except OSError as err:
+                raise InvalidRequestError(
+                    f"cannot read --api-key-file {self.api_key_file}: {err.strerror}"
+                ) from None
+            found = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+            if not found:
+                # an empty file must not silently leave the server open
+                raise InvalidRequestError(
+                    f"--api-key-file {self.api_key_file} holds no key (one key per line)"
+                )
+            keys += found
         return keys

@@ -1,0 +1,92 @@
+"""Request → engine parameters and chunk → OpenAI objects: pure functions, no model."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmhost.engine.types import Chunk, Result
+from llmhost.errors import InvalidRequestError
+from llmhost.server.mapping import ObjectBuilder, penalty_from_openai, to_params, to_prompt
+from llmhost.server.protocol import ChatCompletionRequest, CompletionRequest
+
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    ("presence", "frequency", "expected"),
+    [
+        (None, None, None),
+        (0.0, 0.0, None),
+        (1.0, None, 1.5),
+        (0.5, 2.0, 2.0),
+        (-2.0, 1.0, 0.5),
+        (None, -1.0, 1 / 1.5),
+    ],
+)
+def test_openai_penalties_map_to_repetition_penalty(presence, frequency, expected):
+    got = penalty_from_openai(presence, frequency)
+    assert got == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_to_params_maps_every_field():
+    req = ChatCompletionRequest(
+        model="m",
+        messages=MSGS,
+        max_tokens=9,
+        max_completion_tokens=7,
+        temperature=0.3,
+        top_p=0.5,
+        top_k=4,
+        seed=3,
+        stop="END",
+        presence_penalty=1.0,
+    )
+    p = to_params(req)
+    assert (p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.seed) == (7, 0.3, 0.5, 4, 3)
+    assert p.stop == ["END"] and p.repetition_penalty == 1.5
+    assert p.truncate_history is False  # API callers get an error, not silently dropped turns
+    explicit = to_params(
+        ChatCompletionRequest(model="m", messages=MSGS, repetition_penalty=1.2, presence_penalty=2)
+    )
+    assert explicit.repetition_penalty == 1.2
+
+
+def test_defaults_when_fields_are_left_out():
+    p = to_params(ChatCompletionRequest(model="m", messages=MSGS))
+    assert p.max_new_tokens == 512 and p.stop == [] and p.repetition_penalty == 1.0
+
+
+def test_prompt_forms():
+    assert to_prompt(CompletionRequest(model="m", prompt="abc")) == "abc"
+    assert to_prompt(CompletionRequest(model="m", prompt=["abc"])) == "abc"
+    with pytest.raises(InvalidRequestError, match="one prompt per request"):
+        to_prompt(CompletionRequest(model="m", prompt=["a", "b"]))
+
+
+def test_objects_have_openai_shape():
+    chat, text = ObjectBuilder("m", chat=True), ObjectBuilder("m", chat=False)
+    first = chat.chunk(Chunk(text="He"), first=True)
+    assert first["object"] == "chat.completion.chunk" and first["id"].startswith("chatcmpl-")
+    assert first["choices"][0]["delta"] == {"content": "He", "role": "assistant"}
+    last = chat.chunk(
+        Chunk(text="", finish_reason="cancelled", prompt_tokens=3, completion_tokens=2), first=False
+    )
+    assert last["choices"][0]["finish_reason"] == "stop" and last["id"] == first["id"]
+    usage = chat.usage_chunk(Chunk(text="", prompt_tokens=3, completion_tokens=2))
+    assert usage["choices"] == [] and usage["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "total_tokens": 5,
+    }
+    whole = text.whole(
+        Result(
+            text="ok",
+            finish_reason="length",
+            prompt_tokens=1,
+            completion_tokens=4,
+            ttft_s=None,
+            decode_tps=None,
+        )
+    )
+    assert whole["object"] == "text_completion" and whole["id"].startswith("cmpl-")
+    assert whole["choices"][0] == {"index": 0, "text": "ok", "logprobs": None, "finish_reason": "length"}
