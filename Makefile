@@ -5,7 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.llmhost-installed
 TSTAMP := $(VENV)/.llmhost-test-installed
 
-.PHONY: run test install lint bench clean
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test install lint bench clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,9 +28,16 @@ $(TSTAMP): $(STAMP)
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/llmhost chat
+	$(BIN)/llmhost web
 
-test: $(TSTAMP)
+# Debian's chromium for the browser test; where it cannot be installed that test is skipped
+# (CI sets LLMHOST_REQUIRE_BROWSER=1, which makes a missing browser a failure instead).
+browser:
+	@command -v chromium >/dev/null || $(SUDO) apt-get install -y -q chromium >/dev/null \
+	  || ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q chromium >/dev/null) \
+	  || echo "warning: could not install chromium; the browser test will be skipped"
+
+test: $(TSTAMP) browser
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest
 

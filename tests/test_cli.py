@@ -74,6 +74,9 @@ def test_generate_reads_stdin_and_raw_mode(tiny_dir):
         (["generate", "no/such/model", "hi"], 1, "error: no model 'no/such/model'"),
         (["generate", "a", "b", "c"], 2, "at most two arguments"),
         (["generate", "   "], 2, "the prompt is empty"),
+        (["web", "--host", "0.0.0.0"], 2, "puts the chat page on the network with no login"),
+        (["web", "--server", "ftp://example"], 2, "invalid option --server: must be an http(s) URL"),
+        (["web", "some-model", "--server", "http://127.0.0.1:9/v1"], 2, "not both"),
     ],
 )
 def test_bad_input_gives_one_line_and_nonzero_exit(args, code, message):
@@ -218,3 +221,10 @@ def test_chat_subprocess_ctrl_c_stops_reply_not_chat(embedded_dir):
     assert "stopped" in err
     assert "Paris" in out
     assert "Traceback" not in err
+
+
+def test_web_reports_a_model_server_that_fails_to_start(tmp_path):
+    r = _run("web", str(tmp_path / "no-such-model"), "--no-open-browser", "--db", str(tmp_path / "c.db"))
+    assert r.exit_code == 1, r.output
+    assert "the model server exited before it was ready" in r.stderr
+    assert "error: no model" in r.stderr  # the child's own message is passed on

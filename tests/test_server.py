@@ -138,6 +138,31 @@ def test_context_error_has_code_and_numbers(tiny_server, model_name):
     assert "max_new_tokens is 1000" in info.value.message
 
 
+def test_truncate_history_extension_drops_oldest_turns_and_says_so(tiny_server, model_name):
+    client = tiny_server.client("sekret")
+    long_chat = []
+    for i in range(6):  # ~6 × 150 tokens: more than fits beside 200 new tokens in 1024
+        long_chat += [
+            {"role": "user", "content": f"question {i} " + "word " * 70},
+            {"role": "assistant", "content": "answer " * 70},
+        ]
+    long_chat.append({"role": "user", "content": "and now?"})
+    kw = {"model": model_name, "messages": long_chat, "max_tokens": 200, "temperature": 0}
+    with pytest.raises(openai.BadRequestError):  # the default stays OpenAI's: the caller decides
+        client.chat.completions.create(**kw)
+    whole = client.chat.completions.create(**kw, extra_body={"truncate_history": True})
+    dropped = whole.model_extra["llmhost"]["dropped_turns"]
+    assert dropped >= 2 and dropped % 2 == 0  # whole turns: a kept history never starts mid-turn
+    assert whole.usage.prompt_tokens + 200 <= 1024
+    stream = client.chat.completions.create(
+        **kw, stream=True, stream_options={"include_usage": True}, extra_body={"truncate_history": True}
+    )
+    reported = [c.model_extra["llmhost"]["dropped_turns"] for c in stream if "llmhost" in c.model_extra]
+    assert reported == [dropped, dropped]  # on the final chunk and on the usage chunk
+    plain = client.chat.completions.create(**{**kw, "messages": HELLO})
+    assert "llmhost" not in plain.model_extra  # standard responses stay standard
+
+
 def test_api_key_required(tiny_server, model_name):
     with pytest.raises(openai.AuthenticationError):
         tiny_server.client("wrong").models.list()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
@@ -20,6 +21,16 @@ def llmhost_home() -> Path:
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("llmhost", appauthor=False))
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (binding them needs no API key)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class LoadSettings(BaseSettings):

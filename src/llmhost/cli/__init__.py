@@ -15,6 +15,7 @@ from llmhost.cli.options import model_options
 from llmhost.config import LoadSettings
 from llmhost.engine.params import GenerationParams
 from llmhost.server.settings import ServerSettings
+from llmhost.web.settings import WebSettings
 
 # batching limits matter only when many clients share a model
 SERVING_ONLY = frozenset({"max_concurrency", "max_queue"})
@@ -126,6 +127,17 @@ def serve(
     if warning:
         console.print(f"[yellow]{warning}[/yellow]")
     run_server(ModelManager(engines), server)
+
+
+@app.command()
+@command
+@model_options(SERVING_ONLY, load=LoadSettings, page=WebSettings)
+def web(model: ModelArg = None, *, load: LoadSettings, page: WebSettings) -> None:
+    """Chat in the browser: a Streamlit page on a private llmhost server (or on --server URL)."""
+    from llmhost.cli.common import console
+    from llmhost.web.launcher import run
+
+    raise typer.Exit(run(model, load, page, say=lambda text: console.print(text, soft_wrap=True)))
 
 
 def main() -> None:

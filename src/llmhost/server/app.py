@@ -113,7 +113,7 @@ class Api:
             chunks = await engine.astream(messages, params)
         else:
             chunks = await engine.astream(None, params, prompt=mapping.to_prompt(req))
-        builder = mapping.ObjectBuilder(engine.name, chat)
+        builder = mapping.ObjectBuilder(engine.name, chat, getattr(req, "truncate_history", False))
         if not req.stream:
             got = await self._gather(request, chunks)
             self.metrics.finished(got[-1])

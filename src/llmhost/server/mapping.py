@@ -26,7 +26,8 @@ def penalty_from_openai(presence: float | None, frequency: float | None) -> floa
 
 
 def to_params(req: ChatCompletionRequest | CompletionRequest) -> GenerationParams:
-    values: dict[str, Any] = {"truncate_history": False}  # an API caller decides what to send
+    # an API caller decides what to send, unless it asks for llmhost's truncation extension
+    values: dict[str, Any] = {"truncate_history": getattr(req, "truncate_history", False)}
     max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
     if max_tokens is not None:
         values["max_new_tokens"] = max_tokens
@@ -68,9 +69,10 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 class ObjectBuilder:
     """Builds the response objects of one request (same id and created time throughout)."""
 
-    def __init__(self, model: str, chat: bool) -> None:
+    def __init__(self, model: str, chat: bool, report_dropped: bool = False) -> None:
         self.model = model
         self.chat = chat
+        self.report_dropped = report_dropped
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
 
@@ -84,13 +86,23 @@ class ObjectBuilder:
             if first:
                 delta["role"] = "assistant"
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return {**self._base("chat.completion.chunk"), "choices": [choice]}
+            extension = self._extension(chunk.dropped_turns) if finish else {}
+            return {**self._base("chat.completion.chunk"), "choices": [choice], **extension}
         choice = {"index": 0, "text": chunk.text, "logprobs": None, "finish_reason": finish}
         return {**self._base("text_completion"), "choices": [choice]}
 
+    def _extension(self, dropped_turns: int) -> dict[str, Any]:
+        """llmhost's own facts, only for callers that asked for them (the truncation extension)."""
+        return {"llmhost": {"dropped_turns": dropped_turns}} if self.report_dropped else {}
+
     def usage_chunk(self, last: Chunk) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return {**self._base(obj), "choices": [], "usage": usage(last.prompt_tokens, last.completion_tokens)}
+        return {
+            **self._base(obj),
+            "choices": [],
+            "usage": usage(last.prompt_tokens, last.completion_tokens),
+            **self._extension(last.dropped_turns),
+        }
 
     def whole(self, result: Result) -> dict[str, Any]:
         finish = openai_finish(result.finish_reason)
@@ -110,4 +122,5 @@ class ObjectBuilder:
             **self._base(obj),
             "choices": [choice],
             "usage": usage(result.prompt_tokens, result.completion_tokens),
+            **self._extension(result.dropped_turns),
         }

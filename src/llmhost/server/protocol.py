@@ -42,6 +42,12 @@ class _Sampling(_Strict):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=131072)
+    truncate_history: bool = Field(
+        False,
+        description="Extension: drop the oldest turns (never the system prompt or the last message) "
+        "when the conversation does not fit the context window, instead of answering 400. "
+        "The number dropped is reported as `llmhost.dropped_turns`.",
+    )
 
 
 class CompletionRequest(_Sampling):

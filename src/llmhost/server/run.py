@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import ipaddress
 import sys
 import threading
 import time
 from typing import Any
 
+from llmhost.config import is_loopback
 from llmhost.errors import InvalidRequestError
 from llmhost.server.manager import ModelManager
 from llmhost.server.settings import ServerSettings
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_exposure(settings: ServerSettings) -> str | None:

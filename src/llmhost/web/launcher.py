@@ -1,0 +1,208 @@
+"""`llmhost web`: start a private `llmhost serve` (unless --server is given), then the Streamlit
+page as a child process; stop both when either ends or on Ctrl-C / SIGTERM.
+
+Both children get PR_SET_PDEATHSIG on Linux, so even a SIGKILLed launcher leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import webbrowser
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+
+from llmhost.config import LoadSettings, is_loopback, llmhost_home
+from llmhost.errors import InvalidRequestError, LlmhostError
+from llmhost.web.settings import WebSettings
+
+APP = Path(__file__).with_name("app.py")
+READY_TIMEOUT = 600.0  # a first start converts the embedded GGUF; a big model loads for minutes
+
+
+class ChildFailed(LlmhostError):
+    pass
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+class Child:
+    """A child process whose output is kept (the last lines) and copied to a log file."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log: Path) -> None:
+        self.name = name
+        self.tail: collections.deque[str] = collections.deque(maxlen=40)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log, "w", encoding="utf-8")  # noqa: SIM115 (closed by the reader thread)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+            env=env,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+        self.lines_seen = threading.Condition()
+        threading.Thread(target=self._read, name=f"{name}-output", daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        with self._log:
+            for line in self.proc.stdout:
+                self._log.write(line)
+                self._log.flush()
+                with self.lines_seen:
+                    self.tail.append(line.rstrip())
+                    self.lines_seen.notify_all()
+        with self.lines_seen:
+            self.lines_seen.notify_all()
+
+    def wait_for_line(self, pattern: str, timeout: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        with self.lines_seen:
+            while True:
+                for line in self.tail:
+                    if m := re.search(pattern, line):
+                        return m
+                if self.proc.poll() is not None:
+                    raise self.failure("exited before it was ready")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self.failure(f"was not ready after {timeout:g} s")
+                self.lines_seen.wait(min(left, 0.5))
+
+    def failure(self, what: str) -> ChildFailed:
+        last = "\n".join(f"  {line}" for line in list(self.tail)[-12:])
+        return ChildFailed(f"the {self.name} {what}; its last output:\n{last}")
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float, child: Child) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.proc.poll() is not None:
+            raise child.failure("exited before it was ready")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise child.failure(f"did not answer {url} within {timeout:g} s")
+
+
+def load_env(load: LoadSettings) -> dict[str, str]:
+    """The flags the user gave, as the `LLMHOST_*` variables `llmhost serve` reads."""
+    env = {}
+    for name in load.model_fields_set:
+        value = getattr(load, name)
+        env[f"LLMHOST_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+@contextlib.contextmanager
+def private_server(
+    model: str | None, load: LoadSettings, say: Callable[[str], None]
+) -> Iterator[tuple[str, str]]:
+    """`llmhost serve MODEL` on a free loopback port with a random key; yields (base_url, key)."""
+    key = secrets.token_urlsafe(24)  # other local users cannot use this private server
+    env = {**os.environ, **load_env(load), "LLMHOST_API_KEY": key, "LLMHOST_DRAIN_TIMEOUT": "2"}
+    env.pop("LLMHOST_API_KEY_FILE", None)
+    cmd = [sys.executable, "-u", "-m", "llmhost", "serve", "--host", "127.0.0.1", "--port", "0"]
+    cmd += [model] if model else []
+    child = Child("model server", cmd, env, llmhost_home() / "web" / "server.log")
+    try:
+        say(f"Loading {model or 'the embedded default model'}…")
+        url = child.wait_for_line(r"llmhost: serving on (http://\S+)", READY_TIMEOUT).group(1)
+        wait_http(url + "/health", 30, child)
+        yield url + "/v1", key
+    finally:
+        child.stop()
+
+
+def check_exposure(web: WebSettings) -> None:
+    if not is_loopback(web.host) and not web.insecure_no_auth:
+        raise InvalidRequestError(
+            f"binding {web.host} puts the chat page on the network with no login: anyone who reaches "
+            "it can use the model. Keep the default 127.0.0.1, or pass --insecure-no-auth if you mean it"
+        )
+
+
+def run(model: str | None, load: LoadSettings, web: WebSettings, say: Callable[[str], None]) -> int:
+    """Returns the page's exit status."""
+    check_exposure(web)
+    if web.server and model:
+        raise InvalidRequestError(
+            "give either MODEL (served here) or --server URL (served elsewhere), not both"
+        )
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up below
+    with contextlib.ExitStack() as stack:
+        if web.server:
+            base_url, key = web.server, web.api_key or ""
+        else:
+            base_url, key = stack.enter_context(private_server(model, load, say))
+        page, url = stack.enter_context(_page(web, base_url, key))
+        say(f"llmhost web: open {url} in your browser  (Ctrl-C stops)")
+        if web.open_browser:
+            with contextlib.suppress(Exception):
+                webbrowser.open(url)
+        return page.proc.wait()
+
+
+@contextlib.contextmanager
+def _page(web: WebSettings, base_url: str, key: str) -> Iterator[tuple[Child, str]]:
+    port = web.port or free_port(web.host)
+    # a wildcard bind is reached through loopback from here
+    url = f"http://{'127.0.0.1' if web.host in ('0.0.0.0', '::') else web.host}:{port}"
+    env = {
+        **os.environ,
+        "LLMHOST_WEB_SERVER": base_url,
+        "LLMHOST_WEB_API_KEY": key,
+        "LLMHOST_WEB_DB": str(web.db_path()),
+        "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
+    }
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", str(APP),
+        "--server.address", web.host,
+        "--server.port", str(port),
+        "--server.headless", "true",  # we open the browser ourselves, once the page answers
+        "--server.fileWatcherType", "none",
+        "--global.developmentMode", "false",
+        "--client.toolbarMode", "minimal",
+    ]  # fmt: skip
+    child = Child("web page", cmd, env, llmhost_home() / "web" / "page.log")
+    try:
+        wait_http(url + "/_stcore/health", 60, child)
+        yield child, url
+    finally:
+        child.stop()
