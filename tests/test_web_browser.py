@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from llmhost.web.history import ConversationStore
+from servers import wait_for
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("LLMHOST_TEST_ARTIFACTS", Path(__file__).parents[1] / "test-artifacts"))
@@ -122,6 +123,7 @@ def open_page(browser):
         page = context.new_page()
         page.goto(url)
         page.get_by_test_id("stChatInputTextArea").wait_for(timeout=60_000)
+        _idle(page)
         if greedy:  # temperature 0 through the slider, with the keyboard as a user would
             page.get_by_role("slider", name="Temperature").focus()
             page.keyboard.press("Home")
@@ -135,9 +137,16 @@ def open_page(browser):
         context.close()
 
 
+def _idle(page) -> None:
+    """Wait until the page's script run (after a click or a slider change) is over."""
+    page.wait_for_timeout(100)  # let a run that was just requested start
+    page.locator("[data-testid=stApp][data-test-script-state=notRunning]").wait_for(timeout=60_000)
+
+
 def _new_chat(page) -> None:
     page.get_by_role("button", name="New chat").click()
     page.get_by_text("Ask a question to start.").wait_for()
+    _idle(page)
 
 
 def _ask(page, text: str) -> None:
@@ -183,10 +192,16 @@ def test_stop_keeps_the_partial_reply(web: WebProcess, open_page) -> None:
     )
     page.get_by_test_id("stChatInputStopButton").click()
     page.get_by_test_id("stChatInputStopButton").wait_for(state="detached", timeout=30_000)
+    store = ConversationStore(web.db)  # type: ignore[attr-defined]
+    conv = store.list()[0]
+
+    def reply_saved() -> bool:  # the run ends at the next token it receives, then saves
+        return store.messages(conv.id)[-1].role == "assistant"
+
+    assert wait_for(reply_saved, timeout=30)
     page.reload()
     page.get_by_text("stopped").wait_for(timeout=30_000)
-    conv = ConversationStore(web.db).list()[0]  # type: ignore[attr-defined]
-    reply_meta = ConversationStore(web.db).messages(conv.id)[-1].meta  # type: ignore[attr-defined]
+    reply_meta = store.messages(conv.id)[-1].meta
     assert reply_meta["stopped"] is True and 5 < reply_meta["completion_tokens"] < 512
 
 
