@@ -15,6 +15,7 @@ from llmhost.cli.options import model_options
 from llmhost.config import LoadSettings
 from llmhost.engine.params import GenerationParams
 from llmhost.server.settings import ServerSettings
+from llmhost.store.settings import PullOptions
 from llmhost.web.settings import WebSettings
 
 # batching limits matter only when many clients share a model
@@ -138,6 +139,77 @@ def web(model: ModelArg = None, *, load: LoadSettings, page: WebSettings) -> Non
     from llmhost.web.launcher import run
 
     raise typer.Exit(run(model, load, page, say=lambda text: console.print(text, soft_wrap=True)))
+
+
+@app.command()
+@command
+@model_options(opts=PullOptions)
+def pull(
+    model: Annotated[
+        str, typer.Argument(metavar="NAME|REPO_ID", help="A catalog name or a hub repository id.")
+    ],
+    *,
+    opts: PullOptions,
+) -> None:
+    """Download a model into the store (resumable; verified before it appears)."""
+    from llmhost.cli.models import run_pull
+
+    run_pull(model, opts)
+
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+@app.command("list")
+@command
+def list_(as_json: JsonFlag = False) -> None:
+    """The models in the store: name, source, revision, format, size, path."""
+    from llmhost.cli.models import list_models
+
+    list_models(as_json)
+
+
+@app.command()
+@command
+def show(
+    name: Annotated[str | None, typer.Argument(metavar="[NAME]", help="A store or catalog name.")] = None,
+    catalog: Annotated[bool, typer.Option("--catalog", help="List the whole catalog.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Facts about a model: catalog entry and local copy."""
+    from llmhost.cli.models import show as show_model
+    from llmhost.cli.models import show_catalog
+    from llmhost.errors import InvalidRequestError
+
+    if catalog or name is None:
+        if name is not None:
+            raise InvalidRequestError("give NAME or --catalog, not both")
+        return show_catalog(as_json)
+    show_model(name, as_json)
+
+
+@app.command()
+@command
+def rm(
+    name: Annotated[str, typer.Argument(metavar="NAME")],
+    yes: Annotated[bool, typer.Option("-y", "--yes", help="Do not ask.")] = False,
+) -> None:
+    """Delete a model from the store."""
+    from llmhost.cli.models import remove
+
+    remove(name, yes)
+
+
+@app.command("import")
+@command
+def import_(
+    path: Annotated[str, typer.Argument(metavar="PATH", help="A Hugging Face model folder or a .gguf file.")],
+    name: Annotated[str | None, typer.Option("--name", help="Store it under this name.")] = None,
+) -> None:
+    """Add a local model to the store (hard-linked when possible, else copied)."""
+    from llmhost.cli.models import run_import
+
+    run_import(path, name)
 
 
 def main() -> None:

@@ -22,11 +22,13 @@ def resolve(ref: str | None) -> tuple[Path, str]:
         return converted_folder(gguf, cache_root, cache_key(gguf, version)), DEFAULT_MODEL_NAME
     assert ref is not None
     path = Path(ref).expanduser()
+    if not path.exists():
+        path = _from_store(ref)
     if path.is_file() and path.suffix == ".gguf":
-        return converted_folder(path, cache_root, cache_key(path)), path.stem
+        return converted_folder(path, cache_root, cache_key(path)), _display_name(ref, path, path.stem)
     if path.is_dir():
         if (path / "config.json").is_file():
-            return path, path.name
+            return path, _display_name(ref, path)
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return converted_folder(ggufs[0], cache_root, cache_key(ggufs[0])), ggufs[0].stem
@@ -34,9 +36,40 @@ def resolve(ref: str | None) -> tuple[Path, str]:
             f"{path} is neither a Hugging Face model folder (no config.json) nor a folder with one .gguf file"
         )
     raise ModelNotFoundError(
-        f"no model {ref!r}: give a local Hugging Face folder or a .gguf file, or leave it out "
-        f"for the embedded default ({DEFAULT_MODEL_NAME})"
+        f"no model {ref!r}: give a store name (`llmhost list`), a local Hugging Face folder or a "
+        f".gguf file, or leave it out for the embedded default ({DEFAULT_MODEL_NAME})"
     )
+
+
+def _from_store(ref: str) -> Path:
+    """A store name → the path to load; a catalog name not pulled yet → how to pull it."""
+    from llmhost.store.catalog import find
+    from llmhost.store.local import Store
+
+    stored = Store().get(ref)
+    if stored is not None:
+        return stored.load_path
+    entry = find(ref)
+    if entry is not None and Store().get(entry.name) is not None:
+        return Store().get(entry.name).load_path  # type: ignore[union-attr]
+    if entry is not None:
+        raise ModelNotFoundError(
+            f"{entry.name} is in the catalog but not downloaded: run `llmhost pull {entry.name}`"
+        )
+    return Path(ref)  # reported as not found below
+
+
+def _display_name(ref: str, path: Path, default: str | None = None) -> str:
+    """A store name is the model's name; a path is named after its folder or file."""
+    from llmhost.errors import InvalidRequestError
+    from llmhost.store.names import check_name
+
+    if not Path(ref).expanduser().exists():
+        try:
+            return check_name(ref)
+        except InvalidRequestError:
+            pass
+    return default or path.name
 
 
 def load(ref: str | None = None, settings: LoadSettings | None = None) -> Engine:

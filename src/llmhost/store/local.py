@@ -1,0 +1,216 @@
+"""The local store: one folder per model under `<llmhost home>/models`, each with a manifest.
+
+A model exists only once its manifest is in place: pulls and imports are assembled in
+`.partial/<folder>` (kept between runs, so a pull resumes) and renamed into place when every
+file is complete and verified. Folders without a manifest are never listed or loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmhost.config import llmhost_home
+from llmhost.errors import InvalidRequestError, LlmhostError, ModelNotFoundError
+from llmhost.store.names import check_name, folder_name
+
+MANIFEST = "llmhost-model.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    path: str
+    size: int
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    name: str
+    folder: Path
+    format: str
+    """"hf" (a transformers folder) or "gguf"."""
+    source: str
+    """"modelscope", "hf", "import" or "finetune"."""
+    repo: str | None = None
+    revision: str | None = None
+    """The exact commit pulled, so a model can be fetched again identically."""
+    files: tuple[StoredFile, ...] = ()
+    created: float = 0.0
+    catalog: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def load_path(self) -> Path:
+        """What the engine loads: the folder, or the GGUF file in it."""
+        if self.format == "gguf":
+            return self.folder / next(f.path for f in self.files if f.path.endswith(".gguf"))
+        return self.folder
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("folder")
+        return data
+
+
+class StoreError(LlmhostError):
+    pass
+
+
+class Store:
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root else llmhost_home() / "models"
+
+    def folder(self, name: str) -> Path:
+        return self.root / folder_name(name)
+
+    def staging(self, name: str) -> Path:
+        return self.root / ".partial" / folder_name(name)
+
+    def get(self, name: str) -> StoredModel | None:
+        try:
+            folder = self.folder(name)
+        except InvalidRequestError:
+            return None
+        return _read(folder)
+
+    def require(self, name: str) -> StoredModel:
+        model = self.get(name)
+        if model is None:
+            known = [m.name for m in self.list()]
+            import difflib
+
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; `llmhost list` shows the store"
+            raise ModelNotFoundError(f"no model {name!r} in the store{hint}")
+        return model
+
+    def list(self) -> list[StoredModel]:
+        if not self.root.is_dir():
+            return []
+        found = (_read(p) for p in sorted(self.root.iterdir()) if not p.name.startswith("."))
+        return [m for m in found if m is not None]
+
+    @contextlib.contextmanager
+    def lock(self, name: str, wait: bool = False) -> Iterator[None]:
+        """One writer per model across processes (pulls, imports, removals)."""
+        import fcntl
+
+        locks = self.root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / (folder_name(name) + ".lock"), "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise StoreError(
+                    f"another llmhost process is writing {name!r} (a pull or import); wait for it to finish"
+                ) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def commit(self, model: StoredModel, staging: Path) -> StoredModel:
+        """Write the manifest into `staging`, then move it into place in one rename."""
+        manifest = staging / MANIFEST
+        tmp = manifest.with_suffix(".tmp")
+        tmp.write_text(json.dumps(model.to_json(), indent=2, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, manifest)
+        target = self.folder(model.name)
+        old = None
+        if target.exists():  # an update: swap, then delete the old copy
+            old = self.root / ".trash" / f"{target.name}-{os.getpid()}-{time.time_ns()}"
+            old.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(target, old)
+        os.replace(staging, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return _read(target)  # type: ignore[return-value]
+
+    def remove(self, name: str) -> StoredModel:
+        model = self.require(name)
+        with self.lock(name):
+            trash = self.root / ".trash" / f"{model.folder.name}-{os.getpid()}-{time.time_ns()}"
+            trash.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(model.folder, trash)  # gone from the store at once, even if deleting is slow
+            shutil.rmtree(trash, ignore_errors=True)
+        return model
+
+
+def _read(folder: Path) -> StoredModel | None:
+    try:
+        data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        files = tuple(StoredFile(**f) for f in data.pop("files", []))
+        return StoredModel(folder=folder, files=files, **data)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def describe_files(folder: Path) -> tuple[StoredFile, ...]:
+    return tuple(
+        StoredFile(str(p.relative_to(folder).as_posix()), p.stat().st_size)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    )
+
+
+def import_path(store: Store, path: Path, name: str | None = None) -> StoredModel:
+    """Add a local HF folder or .gguf file to the store (hard links where possible, else copies)."""
+    path = Path(path).expanduser().resolve()
+    if path.is_file() and path.suffix == ".gguf":
+        fmt, files = "gguf", [path]
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise InvalidRequestError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+    elif path.is_dir() and (path / "config.json").is_file():
+        fmt = "hf"
+        files = [p for p in sorted(path.rglob("*")) if p.is_file() and not _skipped(p.relative_to(path))]
+        if not any(p.suffix == ".safetensors" for p in files):
+            raise InvalidRequestError(
+                f"{path} has no .safetensors weights; llmhost does not load pickled weights (.bin). "
+                "Convert them first (for example with transformers' save_pretrained(safe_serialization=True))"
+            )
+    elif path.exists():
+        raise InvalidRequestError(
+            f"{path} is neither a Hugging Face model folder (with config.json) nor a .gguf file"
+        )
+    else:
+        raise InvalidRequestError(f"{path} does not exist")
+    name = check_name(name or (path.stem if fmt == "gguf" else path.name).lower())
+    with store.lock(name):
+        if store.get(name):
+            raise InvalidRequestError(
+                f"the store already has {name!r}; pick another --name or `llmhost rm {name}`"
+            )
+        staging = store.staging(name)
+        shutil.rmtree(staging, ignore_errors=True)
+        base = path.parent if fmt == "gguf" else path
+        for src in files:
+            dst = staging / src.relative_to(base)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+        model = StoredModel(
+            name=name, folder=staging, format=fmt, source="import", repo=str(path),
+            files=describe_files(staging), created=time.time(),
+        )  # fmt: skip
+        return store.commit(model, staging)
+
+
+def _skipped(rel: Path) -> bool:
+    """Files an import leaves behind: pickles, hidden files and caches."""
+    return rel.suffix in PICKLE_SUFFIXES or any(part.startswith(".") for part in rel.parts)
