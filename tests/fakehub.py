@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 COMMIT = "1f2e3d4c5b6a79880123456789abcdef01234567"
 
@@ -69,7 +69,11 @@ class FakeHub:
 
     def gets(self, path_suffix: str) -> list[str]:
         """The Range headers of the GETs of one file ('' when none)."""
-        return [r for m, p, r in self.log if m == "GET" and p.endswith(path_suffix)]
+        return [
+            r
+            for m, p, r in self.log
+            if m == "GET" and (p.endswith(path_suffix) or f"FilePath={path_suffix.lstrip('/')}" in p)
+        ]
 
     def close(self) -> None:
         self.server.shutdown()
@@ -80,7 +84,12 @@ class FakeHub:
     def _handle(self, h: http.server.BaseHTTPRequestHandler, head: bool) -> None:
         path = unquote(urlsplit(h.path).path)
         with self._lock:
-            self.log.append(("HEAD" if head else "GET", path, h.headers.get("Range", "")))
+            self.log.append(("HEAD" if head else "GET", unquote(h.path), h.headers.get("Range", "")))
+        query = dict(parse_qsl(urlsplit(h.path).query))
+        if m := re.match(r"^/api/v1/models/([^/]+/[^/]+)/repo/files$", path):
+            return self._ms_files(h, m.group(1), query.get("Revision", "master"))
+        if m := re.match(r"^/api/v1/models/([^/]+/[^/]+)/repo$", path):
+            return self._file(h, m.group(1), query.get("FilePath", ""), head)
         if m := re.match(r"^/api/models/(.+?)(?:/revision/([^/]+))?$", path):
             return self._info(h, m.group(1), m.group(2) or "main")
         if m := re.match(r"^/(.+?)/resolve/([^/]+)/(.+)$", path):
@@ -125,6 +134,22 @@ class FakeHub:
             "siblings": siblings,
         }
         self._json(h, 200, body)
+
+    def _ms_files(self, h: http.server.BaseHTTPRequestHandler, repo: str, revision: str) -> None:
+        """ModelScope's listing: sizes and sha256 for every file."""
+        files = self._repo(h, repo)
+        if files is None:
+            return
+        if revision not in ("master", COMMIT):
+            return self._json(
+                h, 404, {"Code": 10010205001, "Message": f"revision {revision} not found", "Success": False}
+            )
+        listing = [
+            {"Path": n, "Name": n.rsplit("/", 1)[-1], "Size": len(d), "Sha256": hashlib.sha256(d).hexdigest(),
+             "Type": "blob", "Revision": COMMIT}
+            for n, d in files.items()
+        ]  # fmt: skip
+        self._json(h, 200, {"Code": 200, "Data": {"Files": listing}, "Message": "success", "Success": True})
 
     def _file(self, h: http.server.BaseHTTPRequestHandler, repo: str, name: str, head: bool) -> None:
         files = self._repo(h, repo)

@@ -136,6 +136,8 @@ def test_pull_list_show_load_and_rm(hub: FakeHub, store_home: Path, tiny_dir: Pa
     assert r.returncode == 0, r.stderr
     model = Store(home / "models").get(REPO)
     assert model is not None and model.revision and len(model.revision) == 40
+    on_disk = {p.relative_to(model.folder).as_posix() for p in model.folder.rglob("*") if p.is_file()}
+    assert on_disk == {f.path for f in model.files} | {"llmhost-model.json"}
     assert {f.path for f in model.files} >= {"config.json", "model.safetensors", "tokenizer.json"}
     assert not (model.folder / "pytorch_model.bin").exists() and not (model.folder / "onnx").exists()
     assert (model.folder / "model.safetensors").read_bytes() == (tiny_dir / "model.safetensors").read_bytes()
@@ -225,21 +227,20 @@ def test_unknown_revision_and_unknown_name(hub: FakeHub, store_home: Path) -> No
     assert r.returncode == 2 and "did you mean qwen2.5-1.5b-instruct" in r.stderr
 
 
-def test_ctrl_c_then_resume(hub: FakeHub, store_home: Path, tiny_dir: Path) -> None:
+@pytest.mark.parametrize("source", ["hf", "modelscope"])
+def test_ctrl_c_then_resume(hub: FakeHub, store_home: Path, tiny_dir: Path, source: str) -> None:
     home = store_home
     hub.faults.delay_per_chunk = 0.02  # ~3 MiB/s: slow enough to interrupt mid-file
     env = {**os.environ, "LLMHOST_HOME": str(home), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llmhost", "pull", REPO, "--endpoint", hub.url],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    cmd = [sys.executable, "-m", "llmhost", "pull", REPO, "--endpoint", hub.url, "--source", source]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert wait_for(lambda: hub.bytes_sent > 10 * 2**20 + 2**20, timeout=60)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err
     assert stored_names(home) == []  # a half-done pull is never a model
     hub.faults.delay_per_chunk = 0
-    r = llmhost(home, "pull", REPO, "--endpoint", hub.url)
+    r = llmhost(home, "pull", REPO, "--endpoint", hub.url, "--source", source)
     assert r.returncode == 0, r.stderr
     ranges = hub.gets("/model.safetensors")
     assert ranges[-1].startswith("bytes=") and int(ranges[-1][6:-1]) >= 10 * 2**20, ranges
@@ -379,3 +380,34 @@ def test_partial_folders_are_never_listed(store_home: Path, tiny_dir: Path) -> N
     store = Store(home / "models")
     shutil.copytree(tiny_dir, store.root / "half-copied")  # no manifest: not a model
     assert store.list() == [] and store.get("half-copied") is None
+
+
+# --- ModelScope, through its own client library ------------------------------------------------
+
+
+def test_pull_from_modelscope(hub: FakeHub, store_home: Path, tiny_dir: Path) -> None:
+    r = llmhost(store_home, "pull", REPO, "--source", "modelscope", "--endpoint", hub.url)
+    assert r.returncode == 0, r.stderr
+    model = Store(store_home / "models").get(REPO)
+    assert model.source == "modelscope" and model.revision == "master"
+    assert all(f.sha256 for f in model.files)  # ModelScope lists sha256 for every file
+    on_disk = {p.relative_to(model.folder).as_posix() for p in model.folder.rglob("*") if p.is_file()}
+    assert on_disk == {f.path for f in model.files} | {"llmhost-model.json"}  # no bookkeeping left
+    assert not (model.folder / "pytorch_model.bin").exists()
+    assert (model.folder / "model.safetensors").read_bytes() == (tiny_dir / "model.safetensors").read_bytes()
+    assert any(p.startswith("/api/v1/models/") for _, p, _ in hub.log)
+
+
+@pytest.mark.parametrize(("status", "message"), [(401, "refused access"), (404, "was not found on")])
+def test_modelscope_errors(hub: FakeHub, store_home: Path, status: int, message: str) -> None:
+    hub.faults.status[REPO] = status
+    r = llmhost(store_home, "pull", REPO, "--source", "modelscope", "--endpoint", hub.url)
+    assert r.returncode == 1 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and stored_names(store_home) == []
+
+
+def test_modelscope_corrupted_download_is_never_stored(hub: FakeHub, store_home: Path) -> None:
+    hub.faults.corrupt.add("model.safetensors")
+    r = llmhost(store_home, "pull", REPO, "--source", "modelscope", "--endpoint", hub.url)
+    assert r.returncode == 1 and "model.safetensors" in r.stderr, r.stderr
+    assert stored_names(store_home) == []
