@@ -411,3 +411,36 @@ def test_modelscope_corrupted_download_is_never_stored(hub: FakeHub, store_home:
     r = llmhost(store_home, "pull", REPO, "--source", "modelscope", "--endpoint", hub.url)
     assert r.returncode == 1 and "model.safetensors" in r.stderr, r.stderr
     assert stored_names(store_home) == []
+
+
+def test_gguf_pull_with_include_and_mirror_endpoint(store_home: Path) -> None:
+    from llmhost.store.embedded import embedded_gguf
+    from llmhost.store.hubs import HF_MIRROR, make_hub
+
+    assert make_hub("hf", None, None, mirror=True).endpoint == HF_MIRROR  # passed to every call
+    assert make_hub("hf", "http://127.0.0.1:9", None, mirror=True).endpoint == "http://127.0.0.1:9"
+    gguf, _ = embedded_gguf()
+    hub = FakeHub()
+    hub.add_repo(
+        "test-org/tiny-GGUF", files={"m-q4_1.gguf": gguf.read_bytes(), "m-q8_0.gguf": b"GGUF" + b"0" * 64}
+    )
+    try:
+        r = llmhost(store_home, "pull", "test-org/tiny-GGUF", "--endpoint", hub.url)
+        assert r.returncode == 2 and "several GGUF files" in r.stderr
+        r = llmhost(
+            store_home,
+            "pull",
+            "test-org/tiny-GGUF",
+            "--endpoint",
+            hub.url,
+            "--include",
+            "*q4_1.gguf",
+            "--name",
+            "tiny-q4",
+        )
+        assert r.returncode == 0, r.stderr
+    finally:
+        hub.close()
+    model = Store(store_home / "models").get("tiny-q4")
+    assert model.format == "gguf" and model.load_path.name == "m-q4_1.gguf"
+    assert [f.path for f in model.files] == ["m-q4_1.gguf"]

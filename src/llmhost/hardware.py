@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import functools
 import platform
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -49,3 +53,100 @@ def pick_dtype(requested: str, device: str) -> str:
     if device == "mps":
         return "float16"
     return "bfloat16" if cpu_supports_bf16() else "float32"
+
+
+# --- NVIDIA GPUs: NVML when nvidia-ml-py is installed, else the text nvidia-smi prints ------------
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    memory_total_mib: int
+    memory_used_mib: int
+
+
+@dataclass(frozen=True)
+class NvidiaReport:
+    driver_version: str | None = None
+    cuda_version: str | None = None
+    """The highest CUDA version the driver supports (not the toolkit installed)."""
+    gpus: tuple[Gpu, ...] = ()
+    problem: str | None = None
+    """Why no GPU could be read: no nvidia-smi, or a driver that does not answer."""
+    via: str = "nvidia-smi"
+
+
+_HEADER = re.compile(r"Driver Version:\s*([\d.]+)\s+CUDA Version:\s*([\d.]+)")
+_GPU_ROW = re.compile(r"^\|\s+(\d+)\s+(.+?)\s*\|\s*[0-9A-Fa-f]{4,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.\d")
+_MEMORY = re.compile(r"(\d+)MiB\s*/\s*(\d+)MiB")
+_NAME_TAIL = re.compile(r"\s+(On|Off|WDDM|TCC|N/A)$")
+
+
+def parse_nvidia_smi(text: str) -> NvidiaReport:
+    """The default `nvidia-smi` table, as printed on Linux and Windows drivers."""
+    header = _HEADER.search(text)
+    if header is None:
+        first = text.strip().splitlines()[0] if text.strip() else "no output"
+        return NvidiaReport(problem=f"nvidia-smi did not report a driver: {first}")
+    gpus: list[Gpu] = []
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        row = _GPU_ROW.match(line)
+        if not row:
+            continue
+        name = row.group(2)
+        while (tail := _NAME_TAIL.search(name)) is not None:
+            name = name[: tail.start()]
+        memory = next((m for nxt in lines[i + 1 : i + 3] if (m := _MEMORY.search(nxt))), None)
+        used, total = (int(memory.group(1)), int(memory.group(2))) if memory else (0, 0)
+        gpus.append(Gpu(int(row.group(1)), name.strip(), total, used))
+    return NvidiaReport(header.group(1), header.group(2), tuple(gpus))
+
+
+def nvidia_report() -> NvidiaReport:
+    """Read the GPUs of this machine (NVML first, nvidia-smi second); never raises."""
+    try:
+        return _nvml_report()
+    except Exception:  # nvidia-ml-py missing or no driver: fall back to the command
+        pass
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return NvidiaReport(problem="no NVIDIA driver found (nvidia-smi is not installed)")
+    try:
+        out = subprocess.run([exe], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return NvidiaReport(problem=f"nvidia-smi failed: {err}")
+    return parse_nvidia_smi(out.stdout + out.stderr)
+
+
+def _nvml_report() -> NvidiaReport:
+    import pynvml  # from nvidia-ml-py
+
+    pynvml.nvmlInit()
+    try:
+        version = pynvml.nvmlSystemGetCudaDriverVersion_v2()  # e.g. 12020
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            name = pynvml.nvmlDeviceGetName(handle)
+            name = name.decode() if isinstance(name, bytes) else name
+            gpus.append(Gpu(i, name, mem.total // 2**20, mem.used // 2**20))
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        driver = driver.decode() if isinstance(driver, bytes) else driver
+        return NvidiaReport(driver, f"{version // 1000}.{version % 1000 // 10}", tuple(gpus), via="NVML")
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def memory_gib() -> tuple[float, float]:
+    """(total, available) RAM in GiB, from /proc/meminfo (0, 0 where unknown)."""
+    try:
+        info = dict(
+            (k, int(v.split()[0]))
+            for k, v in (line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        )
+        return info["MemTotal"] / 2**20, info.get("MemAvailable", info["MemFree"]) / 2**20
+    except (OSError, KeyError, ValueError):
+        return 0.0, 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -210,6 +211,47 @@ def import_(
     from llmhost.cli.models import run_import
 
     run_import(path, name)
+
+
+@app.command()
+@command
+def doctor(
+    as_json: JsonFlag = False,
+    context: Annotated[
+        int, typer.Option("--context", min=256, help="Context length for the estimates.")
+    ] = 4096,
+    nvidia_smi: Annotated[
+        Path | None,
+        typer.Option(
+            "--nvidia-smi", help="Read this saved nvidia-smi output instead (check another machine)."
+        ),
+    ] = None,
+) -> None:
+    """This machine: GPUs, driver vs torch, RAM, disk; which models fit, and the fix for a mismatch."""
+    from llmhost.cli.doctor import run_doctor
+
+    run_doctor(as_json, context, nvidia_smi)
+
+
+@app.command()
+@command
+def estimate(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="A catalog name, store name or HF folder.")],
+    context: Annotated[
+        int | None, typer.Option("--context", min=1, help="Context tokens (default: the model's).")
+    ] = None,
+    dtype: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--dtype", help="float32, bfloat16, float16, int8, int4, q8_0, q4_k_m, ... (repeatable)."
+        ),
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Memory a model needs: weights + KV cache + overhead, per dtype."""
+    from llmhost.cli.doctor import run_estimate
+
+    run_estimate(model, context, dtype or [], as_json)
 
 
 def main() -> None:

@@ -1,0 +1,186 @@
+"""`llmhost doctor`: this machine's facts and a verdict (pure functions over the facts, so every
+branch is tested with real nvidia-smi outputs)."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from llmhost.hardware import NvidiaReport, memory_gib
+from llmhost.store.catalog import CatalogEntry, catalog
+from llmhost.store.estimate import estimate, shape_of
+
+TORCH_INDEX = "https://download.pytorch.org/whl"
+CURRENT_TORCH = "2.13.0"
+LEGACY_TORCH = "2.7.1"  # the last release with CUDA 11.8 wheels
+
+
+@dataclass(frozen=True)
+class TorchFacts:
+    version: str | None
+    cuda: str | None
+    """CUDA version the installed torch was built for; None for a CPU build."""
+    cuda_available: bool = False
+
+
+@dataclass(frozen=True)
+class TorchAdvice:
+    ok: bool
+    message: str
+    command: str | None = None
+
+
+def _v(text: str) -> tuple[int, int]:
+    major, _, minor = text.partition(".")
+    return int(major), int(minor.split(".")[0] or 0)
+
+
+def wheel_for_driver(driver_cuda: str) -> tuple[str, str] | None:
+    """(torch version, wheel tag) that runs on a driver supporting `driver_cuda`. CUDA 12.x wheels
+    run on any 12.x driver (minor version compatibility); 13.x needs a 13.x driver."""
+    v = _v(driver_cuda)
+    if v >= (13, 0):
+        return CURRENT_TORCH, "cu130"
+    if v >= (12, 8):
+        return CURRENT_TORCH, "cu128"
+    if v >= (12, 0):
+        return CURRENT_TORCH, "cu126"
+    if v >= (11, 8):
+        return LEGACY_TORCH, "cu118"
+    return None
+
+
+def torch_advice(nvidia: NvidiaReport, torch: TorchFacts) -> TorchAdvice:
+    if not nvidia.gpus:
+        if torch.version is None:
+            return TorchAdvice(False, "torch is not installed", f"pip install torch=={CURRENT_TORCH}")
+        if nvidia.problem and "communicate" in nvidia.problem:
+            return TorchAdvice(
+                False, "an NVIDIA driver is installed but does not answer: reinstall or update the "
+                "driver, then reboot; until then llmhost runs on the CPU",
+            )  # fmt: skip
+        return TorchAdvice(True, "no NVIDIA GPU: llmhost runs on the CPU")
+    assert nvidia.cuda_version is not None
+    wheel = wheel_for_driver(nvidia.cuda_version)
+    if wheel is None:
+        return TorchAdvice(
+            False,
+            f"the driver supports CUDA {nvidia.cuda_version} only; current PyTorch needs 11.8 or newer: "
+            "update the NVIDIA driver",
+        )
+    version, tag = wheel
+    command = f"pip install torch=={version} --index-url {TORCH_INDEX}/{tag}"
+    if torch.version is None:
+        return TorchAdvice(False, "torch is not installed", command)
+    if torch.cuda is None:
+        return TorchAdvice(False, f"torch {torch.version} is a CPU build, so the GPU is unused", command)
+    if _v(torch.cuda)[0] > _v(nvidia.cuda_version)[0] or (
+        _v(torch.cuda)[0] < 12 and _v(torch.cuda) > _v(nvidia.cuda_version)
+    ):
+        return TorchAdvice(
+            False,
+            f"torch {torch.version} is built for CUDA {torch.cuda} but the driver supports up to "
+            f"{nvidia.cuda_version}",
+            command,
+        )
+    return TorchAdvice(
+        True, f"torch {torch.version} (CUDA {torch.cuda}) runs on this driver (CUDA {nvidia.cuda_version})"
+    )
+
+
+@dataclass(frozen=True)
+class Fit:
+    model: str
+    dtype: str
+    need_gib: float
+    room_gib: float
+    """Memory left over after the model (negative: it does not fit)."""
+
+
+def dtype_options(entry: CatalogEntry, gpu: bool) -> tuple[str, ...]:
+    """Best first: 16-bit weights, then 8-bit, then 4-bit (GGUF where the catalog has one)."""
+    four_bit = "q4_k_m" if entry.gguf else "int4"
+    if gpu:
+        return ("bfloat16", "int8", four_bit)
+    return ("bfloat16", "q4_k_m") if entry.gguf else ("bfloat16",)
+
+
+def fits(entries: list[CatalogEntry], budget_gib: float, gpu: bool, context: int) -> list[Fit]:
+    """For each model, the best dtype that fits `budget_gib`, or its smallest need if none does."""
+    result = []
+    for entry in entries:
+        shape = shape_of(entry)
+        options = [estimate(shape, d, context, gpu) for d in dtype_options(entry, gpu)]
+        best = next((o for o in options if o.total_gib <= budget_gib), options[-1])
+        need = round(best.total_gib, 2)
+        result.append(Fit(entry.name, best.dtype, need, round(budget_gib - best.total_gib, 2)))
+    return result
+
+
+def recommend(fit_list: list[Fit], gpu: bool) -> str | None:
+    """The largest model that fits without remote code; on a CPU, at most ~3B (speed)."""
+    entries = catalog()
+    good = [
+        f for f in fit_list
+        if f.room_gib >= 0 and not entries[f.model].remote_code and (gpu or entries[f.model].params_b <= 3.5)
+    ]  # fmt: skip
+    if not good:
+        return None
+    full = [f for f in good if f.dtype == "bfloat16"] or good
+    return max(full, key=lambda f: entries[f.model].params_b).model
+
+
+@dataclass
+class Report:
+    os: str
+    python: str
+    torch: TorchFacts
+    nvidia: NvidiaReport
+    ram_total_gib: float
+    ram_available_gib: float
+    disk_free_gib: float
+    store: str
+    advice: TorchAdvice
+    context: int
+    fits: list[Fit] = field(default_factory=list)
+    recommendation: str | None = None
+    on_gpu: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_report(nvidia: NvidiaReport, torch: TorchFacts, store_dir: Any, context: int = 4096) -> Report:
+    total, available = memory_gib()
+    store_dir.mkdir(parents=True, exist_ok=True)
+    entries = list(catalog().values())
+    on_gpu = bool(nvidia.gpus)
+    # GPU: the largest card with 5% spare; CPU: 80% of free RAM, leaving room for the OS and the page
+    budget = max(g.memory_total_mib for g in nvidia.gpus) / 1024 * 0.95 if on_gpu else available * 0.8
+    fit_list = fits(entries, budget, on_gpu, context)
+    return Report(
+        os=f"{platform.system()} {platform.release()} ({platform.machine()})",
+        python=sys.version.split()[0],
+        torch=torch,
+        nvidia=nvidia,
+        ram_total_gib=round(total, 1),
+        ram_available_gib=round(available, 1),
+        disk_free_gib=round(shutil.disk_usage(store_dir).free / 2**30, 1),
+        store=str(store_dir),
+        advice=torch_advice(nvidia, torch),
+        context=context,
+        fits=fit_list,
+        recommendation=recommend(fit_list, on_gpu),
+        on_gpu=on_gpu,
+    )
+
+
+def torch_facts() -> TorchFacts:
+    try:
+        import torch
+    except ImportError:
+        return TorchFacts(None, None)
+    return TorchFacts(torch.__version__, torch.version.cuda, bool(torch.cuda.is_available()))

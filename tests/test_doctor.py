@@ -1,0 +1,148 @@
+"""`llmhost doctor` and `estimate`: parsers on real nvidia-smi outputs, the torch/driver verdict,
+memory estimates against hand-computed numbers, and the commands end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmhost.hardware import NvidiaReport, parse_nvidia_smi
+from llmhost.store.catalog import catalog
+from llmhost.store.doctor import TorchFacts, build_report, torch_advice, wheel_for_driver
+from llmhost.store.estimate import GIB, Shape, estimate, shape_from_folder
+
+# real outputs from users' machines, in ../shared beside the checkout (as CI has it)
+FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "nvidia-smi"
+
+
+def fixture(name: str) -> str:
+    path = FIXTURES / name
+    if not path.exists():
+        pytest.fail(f"missing fixture {path}: the tests expect ../shared beside the checkout")
+    return path.read_text()
+
+
+def test_two_3090s() -> None:
+    r = parse_nvidia_smi(fixture("linux-535.129-cuda12.2-2x3090.txt"))
+    assert (r.driver_version, r.cuda_version) == ("535.129.03", "12.2")
+    assert [(g.index, g.name, g.memory_total_mib, g.memory_used_mib) for g in r.gpus] == [
+        (0, "NVIDIA GeForce RTX 3090", 24576, 513),
+        (1, "NVIDIA GeForce RTX 3090", 24576, 12),
+    ]
+
+
+def test_mixed_gpus() -> None:
+    r = parse_nvidia_smi(fixture("linux-535.183-cuda12.2-2gpu-mixed.txt"))
+    assert [(g.name, g.memory_total_mib, g.memory_used_mib) for g in r.gpus] == [
+        ("NVIDIA GeForce GTX 1050 Ti", 4096, 2528),
+        ("NVIDIA GeForce GTX 1060 6GB", 6144, 5226),
+    ]
+
+
+def test_windows_laptop_6gb() -> None:
+    r = parse_nvidia_smi(fixture("windows-528.49-cuda12.0-1gpu-6gb.txt"))
+    assert (r.driver_version, r.cuda_version) == ("528.49", "12.0")
+    assert [(g.name, g.memory_total_mib) for g in r.gpus] == [("NVIDIA GeForce ...", 6144)]
+
+
+def test_no_driver() -> None:
+    r = parse_nvidia_smi(fixture("linux-no-driver.txt"))
+    assert r.gpus == () and "couldn't communicate with the NVIDIA driver" in r.problem
+
+
+@pytest.mark.parametrize(
+    ("driver", "expected"),
+    [("13.0", ("2.13.0", "cu130")), ("12.9", ("2.13.0", "cu128")), ("12.2", ("2.13.0", "cu126")),
+     ("12.0", ("2.13.0", "cu126")), ("11.8", ("2.7.1", "cu118")), ("11.4", None)],
+)  # fmt: skip
+def test_wheel_for_driver(driver: str, expected) -> None:
+    assert wheel_for_driver(driver) == expected
+
+
+def test_torch_advice() -> None:
+    gpu = parse_nvidia_smi(fixture("linux-535.129-cuda12.2-2x3090.txt"))
+    cpu_build = torch_advice(gpu, TorchFacts("2.13.0+cpu", None))
+    assert (
+        not cpu_build.ok
+        and cpu_build.command
+        == "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
+    )
+    too_new = torch_advice(gpu, TorchFacts("2.13.0+cu130", "13.0"))
+    assert not too_new.ok and "built for CUDA 13.0 but the driver supports up to 12.2" in too_new.message
+    assert torch_advice(gpu, TorchFacts("2.13.0+cu128", "12.8")).ok  # minor version compatibility
+    assert torch_advice(NvidiaReport(problem="no nvidia-smi"), TorchFacts("2.13.0+cpu", None)).ok
+    broken = torch_advice(parse_nvidia_smi(fixture("linux-no-driver.txt")), TorchFacts("2.13.0", None))
+    assert not broken.ok and "reinstall or update the driver" in broken.message
+
+
+def test_estimate_by_hand() -> None:
+    shape = Shape(params=7e9, layers=32, kv_heads=8, head_dim=128, context=32768)
+    e = estimate(shape, "bfloat16", context=4096)
+    assert e.weights_gib == pytest.approx(7e9 * 2 / GIB)
+    assert e.kv_cache_gib == pytest.approx(2 * 32 * 8 * 128 * 4096 * 2 / GIB)  # 0.5 GiB
+    assert e.overhead_gib == pytest.approx(0.1 * 7e9 * 2 / GIB + 0.5)
+    assert estimate(shape, "q4_k_m", 4096).weights_gib == pytest.approx(7e9 * 4.85 / 8 / GIB)
+    assert estimate(shape, "bfloat16").context == 32768  # the model's own window by default
+
+
+def test_tutorial_models_fit_the_tutorial_gpus() -> None:
+    six = build_report(
+        parse_nvidia_smi(fixture("windows-528.49-cuda12.0-1gpu-6gb.txt")),
+        TorchFacts("2.13.0", "12.6"),
+        Path("/tmp/llmhost-doctor-test"),
+    )
+    fit = {f.model: f for f in six.fits}
+    assert fit["qwen-1.8b-chat"].room_gib >= 0 and fit["qwen-1.8b-chat"].dtype == "bfloat16"
+    assert fit["qwen-7b-chat"].room_gib < 0  # 7B needs more than 6 GB even in 4 bits with 4k context
+    assert not catalog()[six.recommendation].remote_code
+    big = build_report(
+        parse_nvidia_smi(fixture("linux-535.129-cuda12.2-2x3090.txt")),
+        TorchFacts("2.13.0", "12.6"),
+        Path("/tmp/llmhost-doctor-test"),
+    )
+    fit = {f.model: f for f in big.fits}
+    assert fit["qwen-7b-chat"].dtype == "bfloat16" and fit["qwen-7b-chat"].room_gib > 0
+
+
+def test_shape_from_a_real_folder(tiny_dir: Path) -> None:
+    shape = shape_from_folder(tiny_dir)
+    # 2 layers of hidden 64: embeddings 49152×64 (tied) + per layer q,k,v,o, MLP and norms
+    per_layer = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64
+    assert shape.params == 49152 * 64 + 2 * per_layer + 64
+    assert (shape.layers, shape.kv_heads, shape.head_dim, shape.context) == (2, 2, 16, 1024)
+
+
+def _llmhost(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llmhost", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_doctor_command_on_a_saved_nvidia_smi() -> None:
+    r = _llmhost("doctor", "--json", "--nvidia-smi", str(FIXTURES / "linux-535.183-cuda12.2-2gpu-mixed.txt"))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert [g["memory_total_mib"] for g in report["nvidia"]["gpus"]] == [4096, 6144]
+    assert report["torch"]["version"].startswith("2.")
+    assert report["advice"]["command"].endswith("/whl/cu126")  # this machine's torch is a CPU build
+    r = _llmhost("doctor", "--nvidia-smi", str(FIXTURES / "linux-535.183-cuda12.2-2gpu-mixed.txt"))
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" in r.stderr.replace(
+        "\n", ""
+    )
+    assert "Recommended:" in r.stderr
+
+
+def test_doctor_here_and_estimate_command(tiny_dir: Path) -> None:
+    r = _llmhost("doctor", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["disk_free_gib"] > 0
+    r = _llmhost("estimate", "qwen-7b-chat", "--context", "4096", "--json", "--dtype", "bfloat16")
+    assert r.returncode == 0 and json.loads(r.stdout)[0]["total_gib"] == pytest.approx(18.32, abs=0.01)
+    r = _llmhost("estimate", str(tiny_dir), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)[0]["context"] == 1024
+    r = _llmhost("estimate", "no-such-model")
+    assert r.returncode == 2 and "no model 'no-such-model'" in r.stderr
