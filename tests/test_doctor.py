@@ -146,3 +146,27 @@ def test_doctor_here_and_estimate_command(tiny_dir: Path) -> None:
     assert r.returncode == 0 and json.loads(r.stdout)[0]["context"] == 1024
     r = _llmhost("estimate", "no-such-model")
     assert r.returncode == 2 and "no model 'no-such-model'" in r.stderr
+
+
+def test_nvml_is_preferred_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NVML cannot run without a GPU: a stand-in module with NVML's functions and units."""
+    import types
+
+    from llmhost.hardware import nvidia_report
+
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlShutdown=lambda: None,
+        nvmlSystemGetCudaDriverVersion_v2=lambda: 12040,
+        nvmlSystemGetDriverVersion=lambda: b"550.54.15",
+        nvmlDeviceGetCount=lambda: 1,
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetName=lambda h: "NVIDIA A100-SXM4-80GB",
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(total=80 * 2**30, used=2**30),
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    r = nvidia_report()
+    assert (r.via, r.driver_version, r.cuda_version) == ("NVML", "550.54.15", "12.4")
+    assert [(g.name, g.memory_total_mib, g.memory_used_mib) for g in r.gpus] == [
+        ("NVIDIA A100-SXM4-80GB", 81920, 1024)
+    ]

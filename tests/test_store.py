@@ -227,17 +227,22 @@ def test_unknown_revision_and_unknown_name(hub: FakeHub, store_home: Path) -> No
     assert r.returncode == 2 and "did you mean qwen2.5-1.5b-instruct" in r.stderr
 
 
-@pytest.mark.parametrize("source", ["hf", "modelscope"])
-def test_ctrl_c_then_resume(hub: FakeHub, store_home: Path, tiny_dir: Path, source: str) -> None:
+@pytest.mark.parametrize(
+    ("source", "sig"), [("hf", signal.SIGINT), ("modelscope", signal.SIGINT), ("hf", signal.SIGKILL)]
+)
+def test_interrupted_pull_resumes(
+    hub: FakeHub, store_home: Path, tiny_dir: Path, source: str, sig: int
+) -> None:
     home = store_home
     hub.faults.delay_per_chunk = 0.02  # ~3 MiB/s: slow enough to interrupt mid-file
     env = {**os.environ, "LLMHOST_HOME": str(home), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}
     cmd = [sys.executable, "-m", "llmhost", "pull", REPO, "--endpoint", hub.url, "--source", source]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert wait_for(lambda: hub.bytes_sent > 10 * 2**20 + 2**20, timeout=60)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "interrupted" in err
+    assert proc.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL), err
+    assert sig != signal.SIGINT or "interrupted" in err
     assert stored_names(home) == []  # a half-done pull is never a model
     hub.faults.delay_per_chunk = 0
     r = llmhost(home, "pull", REPO, "--endpoint", hub.url, "--source", source)
@@ -444,3 +449,25 @@ def test_gguf_pull_with_include_and_mirror_endpoint(store_home: Path) -> None:
     model = Store(store_home / "models").get("tiny-q4")
     assert model.format == "gguf" and model.load_path.name == "m-q4_1.gguf"
     assert [f.path for f in model.files] == ["m-q4_1.gguf"]
+
+
+def test_tutorial_model_pull_names_its_successor(store_home: Path, tiny_dir: Path, tmp_path: Path) -> None:
+    remote = tmp_path / "remote-code-model"
+    shutil.copytree(tiny_dir, remote)
+    config = json.loads((remote / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}
+    (remote / "config.json").write_text(json.dumps(config))
+    (remote / "modeling_qwen.py").write_text("raise SystemExit('remote code must not run')\n")
+    hub = FakeHub()
+    hub.add_repo("qwen/Qwen-1_8B-Chat", remote)  # the catalog's ModelScope id
+    try:
+        r = llmhost(store_home, "pull", "qwen-1.8b-chat", "--endpoint", hub.url)
+    finally:
+        hub.close()
+    assert r.returncode == 0, r.stderr
+    assert "--trust-remote-code" in r.stderr and "successor qwen2.5-1.5b-instruct" in r.stderr
+    model = Store(store_home / "models").get("qwen-1.8b-chat")
+    assert model.source == "modelscope" and model.catalog == "qwen-1.8b-chat"
+    r = llmhost(store_home, "generate", "qwen-1.8b-chat", "hi")
+    assert r.returncode == 1 and "ships its own Python code" in r.stderr
+    assert "or use its successor qwen2.5-1.5b-instruct" in r.stderr

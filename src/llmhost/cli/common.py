@@ -12,7 +12,7 @@ from rich.console import Console
 from llmhost.config import LoadSettings
 from llmhost.errors import InvalidRequestError, LlmhostError
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)  # whole lines: logs and greps stay intact
 
 
 def command(fn: Callable[..., Any]) -> Callable[..., Any]:

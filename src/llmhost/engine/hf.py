@@ -54,7 +54,7 @@ class TransformersEngine(Engine):
         if config.get("auto_map") and not settings.trust_remote_code:
             raise LlmhostError(
                 f"the model in {path} ships its own Python code (auto_map in config.json); "
-                "pass --trust-remote-code only if you trust its author"
+                "pass --trust-remote-code only if you trust its author" + _successor_hint(path)
             )
         if not any(path.glob("*.safetensors")):
             raise LlmhostError(
@@ -269,6 +269,18 @@ def _batchable(model: Any) -> bool:
 
     cache = DynamicCache(config=model.config)
     return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _successor_hint(path: Path) -> str:
+    """For a catalog model pulled into the store: its successor that needs no remote code."""
+    from llmhost.store.catalog import find
+    from llmhost.store.local import read_manifest
+
+    stored = read_manifest(path)
+    entry = find(stored.catalog) if stored and stored.catalog else None
+    if entry and entry.successor:
+        return f", or use its successor {entry.successor} (llmhost pull {entry.successor})"
+    return ""
 
 
 def _read_config(path: Path) -> dict[str, Any]:

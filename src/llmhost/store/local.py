@@ -149,6 +149,11 @@ class Store:
         return model
 
 
+def read_manifest(folder: Path) -> StoredModel | None:
+    """The store's record of a folder, or None for folders that are not (complete) store models."""
+    return _read(folder)
+
+
 def _read(folder: Path) -> StoredModel | None:
     try:
         data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
