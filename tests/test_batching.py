@@ -105,7 +105,9 @@ def test_async_stream_and_cancel(tiny):
 
     full, got = asyncio.run(main())
     assert full[-1].finish_reason == "length" and full[-1].completion_tokens == 8
-    assert got[-1].finish_reason == "cancelled" and got[-1].completion_tokens <= 4
+    # the inference thread runs ahead of this consumer by a few tokens (the tiny model decodes
+    # ~700 tokens/s), so the bound is loose; without the cancel it would run to 500
+    assert got[-1].finish_reason == "cancelled" and got[-1].completion_tokens <= 50
 
 
 def test_queue_full_is_refused(tiny_dir):

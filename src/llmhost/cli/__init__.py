@@ -15,6 +15,7 @@ from llmhost.cli.common import command, load_model
 from llmhost.cli.options import model_options
 from llmhost.config import LoadSettings
 from llmhost.engine.params import GenerationParams
+from llmhost.finetune.settings import FinetuneSettings
 from llmhost.server.settings import ServerSettings
 from llmhost.store.settings import PullOptions
 from llmhost.web.settings import WebSettings
@@ -252,6 +253,37 @@ def estimate(
     from llmhost.cli.doctor import run_estimate
 
     run_estimate(model, context, dtype or [], as_json)
+
+
+@app.command()
+@command
+@model_options(settings=FinetuneSettings)
+def finetune(
+    base: Annotated[
+        str | None, typer.Argument(metavar="[BASE]", help="Model to adapt; the embedded default if left out.")
+    ] = None,
+    *,
+    settings: FinetuneSettings,
+) -> None:
+    """LoRA fine-tuning on your JSONL data; the result is a store model named --name."""
+    from llmhost.cli.finetune import run
+
+    run(base, settings)
+
+
+@app.command()
+@command
+def merge(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="A fine-tuned model in the store.")],
+    out: Annotated[str, typer.Option("--out", help="Store name of the merged model.")],
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing model named --out.")
+    ] = False,
+) -> None:
+    """Fold a LoRA adapter into its base: a standalone model (safetensors)."""
+    from llmhost.cli.finetune import run_merge
+
+    run_merge(name, out, overwrite)
 
 
 def main() -> None:

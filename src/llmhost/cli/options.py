@@ -39,6 +39,8 @@ def _cli_type(annotation: Any) -> Any:
 
 
 def _shown_default(field: Any) -> str | bool:
+    if field.is_required():
+        return "required"
     if field.default_factory is not None:
         return False
     default = field.default

@@ -44,7 +44,9 @@ class TransformersEngine(Engine):
         self.max_queue = max_queue
 
     @classmethod
-    def load(cls, path: Path, settings: LoadSettings, name: str) -> TransformersEngine:
+    def load(
+        cls, path: Path, settings: LoadSettings, name: str, adapter: Path | None = None
+    ) -> TransformersEngine:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -77,6 +79,10 @@ class TransformersEngine(Engine):
         if device.startswith("cuda"):
             kwargs["device_map"] = "auto" if device == "cuda" else device
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        if adapter is not None:  # merged once: inference then runs at the base model's speed
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         if not device.startswith("cuda"):
             model.to(device)
         model.eval()

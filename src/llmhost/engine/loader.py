@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from llmhost.config import LoadSettings, llmhost_home
 from llmhost.engine.base import Engine
@@ -73,9 +74,25 @@ def _display_name(ref: str, path: Path, default: str | None = None) -> str:
 
 
 def load(ref: str | None = None, settings: LoadSettings | None = None) -> Engine:
-    """Load a model: the embedded default (no ref), a local HF folder or a local .gguf file."""
+    """Load a model: the embedded default (no ref), a store name, a local HF folder or a local
+    .gguf file. A fine-tuned store model loads its base and merges its LoRA adapter."""
     from llmhost.engine.hf import TransformersEngine
 
     settings = settings or LoadSettings()
+    adapter = stored_adapter(ref)
+    if adapter is not None:
+        base = adapter.extra.get("base", "default")
+        path, _ = resolve(None if base == "default" else base)
+        return TransformersEngine.load(path, settings, adapter.name, adapter=adapter.folder)
     path, name = resolve(ref)
     return TransformersEngine.load(path, settings, name)
+
+
+def stored_adapter(ref: str | None) -> Any:
+    """The store record of `ref` when it names a LoRA adapter (the result of `llmhost finetune`)."""
+    if not ref or Path(ref).expanduser().exists():
+        return None
+    from llmhost.store.local import Store
+
+    stored = Store().get(ref)
+    return stored if stored is not None and stored.format == "lora" else None

@@ -1,0 +1,73 @@
+"""Checkpoints that are complete or absent: each is written into a temporary folder and renamed
+into place in one step, so a kill in the middle of a save never leaves one that looks complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+NAME = re.compile(r"^checkpoint-(\d{6,})$")
+KEEP = 2  # the newest complete checkpoints kept on disk
+
+
+def latest(folder: Path) -> Path | None:
+    """The newest complete checkpoint; temporary folders of interrupted saves are removed."""
+    if not folder.is_dir():
+        return None
+    for leftover in folder.glob(".tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    done = sorted(
+        (p for p in folder.iterdir() if NAME.match(p.name)), key=lambda p: int(NAME.match(p.name)[1])
+    )
+    return done[-1] if done else None
+
+
+def save(folder: Path, step: int, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".tmp-{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(tmp / "adapter.safetensors"))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(tmp / "rng.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")  # tensors and numbers: loaded with weights_only
+    (tmp / "state.json").write_text(
+        json.dumps({**state, "step": step, "scheduler": scheduler.state_dict()}, indent=1), encoding="utf-8"
+    )
+    for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    final = folder / f"checkpoint-{step:06d}"
+    os.replace(tmp, final)
+    for old in sorted(p for p in folder.iterdir() if NAME.match(p.name))[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "adapter.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    scheduler.load_state_dict(state.pop("scheduler"))
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state
