@@ -294,3 +294,21 @@ def test_encode_marks_every_reply_of_a_multi_turn_chat(tokenizer) -> None:
     ids, labels = encode(tokenizer, messages)
     learned = tokenizer.decode([t for t, lab in zip(ids, labels, strict=True) if lab != -100])
     assert learned == "first<|im_end|>\nsecond<|im_end|>\n"
+
+
+def test_data_parallel_run_equals_one_process_with_the_combined_batch(ft_home: Path, tiny_dir: Path) -> None:
+    """Two processes (torchrun, gloo on the CPU; `accelerate launch` on GPUs) with batch 2 each
+    take the same examples per step as one process with batch 4: the results must agree."""
+    common = ["finetune", str(tiny_dir), "--data", str(DATA), "--epochs", "4", "--lr", "1e-3",
+              "--dropout", "0", "--seed", "3", "--save-steps", "3"]  # fmt: skip
+    env = {**os.environ, "LLMHOST_HOME": str(ft_home)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "llmhost"]
+    r = subprocess.run([*torchrun, *common, "--batch-size", "2", "--name", "ddp"], env=env,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "8 steps" in r.stderr and "× 2 processes" in r.stderr
+    assert r.stderr.count("✓ ddp") == 1  # one process reports and stores the result
+    single = llmhost(ft_home, *common, "--batch-size", "4", "--name", "single")
+    assert single.returncode == 0, single.stderr
+    ddp, one = adapter_tensors(ft_home, "ddp"), adapter_tensors(ft_home, "single")
+    assert max((ddp[k] - one[k]).abs().max().item() for k in ddp) < 1e-5

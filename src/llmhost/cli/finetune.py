@@ -67,6 +67,7 @@ def run(base: str | None, settings: FinetuneSettings) -> None:
 
     from transformers.utils import logging as hf_logging
 
+    from llmhost.finetune.dist import Dist
     from llmhost.finetune.trainer import prepare, register, train
 
     hf_logging.set_verbosity_error()
@@ -75,22 +76,35 @@ def run(base: str | None, settings: FinetuneSettings) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 
-    progress = RichTrainProgress()
-    plan = prepare(base, settings, progress)
+    dist = Dist()  # several processes under torchrun / accelerate launch; else a no-op
+    progress = RichTrainProgress() if dist.is_main else Quiet()
+    plan = prepare(base, settings, progress, dist)
     try:
-        model, summary = train(plan, progress)
+        model, summary = train(plan, progress, dist)
     finally:
         progress.stop()
+    if not dist.is_main:
+        dist.barrier()
+        return
     stored = register(model, plan, summary)
+    dist.barrier()
     evals = ", ".join(f"{x:.4f}" for x in summary.eval_losses) or "-"
+    procs = f" × {dist.world} processes" if dist.world > 1 else ""
     console.print(
         f"[green]✓[/green] {stored.name}: {summary.steps} steps on {summary.examples} examples in "
-        f"{summary.seconds:.0f} s ({summary.examples_per_s:.1f} examples/s); final train loss "
+        f"{summary.seconds:.0f} s ({summary.examples_per_s:.1f} examples/s{procs}); final train loss "
         f"{summary.train_loss:.4f}; eval loss per epoch {evals}"
     )
     console.print(
         f"  use it: llmhost chat {stored.name}  |  llmhost serve {stored.name}  |  llmhost web {stored.name}"
     )
+
+
+class Quiet:
+    """Progress for the other processes of a data-parallel run: the main one reports."""
+
+    def __getattr__(self, name: str) -> object:
+        return lambda *args, **kwargs: None
 
 
 def run_merge(name: str, out: str, overwrite: bool) -> None:

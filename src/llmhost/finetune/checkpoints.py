@@ -26,35 +26,45 @@ def latest(folder: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save(folder: Path, step: int, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> Path:
+def save(
+    folder: Path, step: int, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any], dist: Any
+) -> Path:
+    """Every process writes its random state; the main one writes the rest and renames."""
     import torch
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".tmp-{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, str(tmp / "adapter.safetensors"))
+    tmp = folder / (f".tmp-{step:06d}-{os.getpid()}" if dist.world == 1 else f".tmp-{step:06d}-shared")
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(tmp / "rng.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")  # tensors and numbers: loaded with weights_only
-    (tmp / "state.json").write_text(
-        json.dumps({**state, "step": step, "scheduler": scheduler.state_dict()}, indent=1), encoding="utf-8"
-    )
-    for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    save_file(rng, str(tmp / f"rng-{dist.rank}.safetensors"))
+    if dist.is_main:
+        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(tmp / "adapter.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")  # tensors and numbers: weights_only loads
+        (tmp / "state.json").write_text(
+            json.dumps({**state, "step": step, "scheduler": scheduler.state_dict()}, indent=1),
+            encoding="utf-8",
+        )
+    dist.barrier()
     final = folder / f"checkpoint-{step:06d}"
-    os.replace(tmp, final)
-    for old in sorted(p for p in folder.iterdir() if NAME.match(p.name))[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
+    if dist.is_main:
+        for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        for old in sorted(p for p in folder.iterdir() if NAME.match(p.name))[:-KEEP]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
     return final
 
 
-def load(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+def load(path: Path, model: Any, optimizer: Any, scheduler: Any, rank: int = 0) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
 
@@ -66,7 +76,8 @@ def load(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, An
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     scheduler.load_state_dict(state.pop("scheduler"))
-    rng = load_file(str(path / "rng.safetensors"))
+    mine = path / f"rng-{rank}.safetensors"
+    rng = load_file(str(mine if mine.exists() else path / "rng-0.safetensors"))
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])

@@ -17,6 +17,7 @@ from llmhost.config import llmhost_home
 from llmhost.errors import InvalidRequestError, LlmhostError
 from llmhost.finetune import checkpoints
 from llmhost.finetune.data import IGNORE, Preflight, Tokenized, read_jsonl, tokenize
+from llmhost.finetune.dist import Dist
 from llmhost.finetune.settings import FinetuneSettings
 from llmhost.store.local import Store, StoredModel, describe_files
 from llmhost.store.names import check_name, folder_name
@@ -52,10 +53,12 @@ class Plan:
     evaluation: list[Tokenized]
     run_dir: Path
     pad_id: int
+    world: int = 1
+    """Processes training together (data parallel); each takes its share of every epoch."""
 
     @property
     def batches_per_epoch(self) -> int:
-        return math.ceil(len(self.train) / self.settings.batch_size)
+        return math.ceil(math.ceil(len(self.train) / self.world) / self.settings.batch_size)
 
     @property
     def total_micro(self) -> int:
@@ -66,7 +69,7 @@ class Plan:
         return math.ceil(self.total_micro / self.settings.grad_accum)
 
 
-def prepare(base: str | None, s: FinetuneSettings, progress: Progress) -> Plan:
+def prepare(base: str | None, s: FinetuneSettings, progress: Progress, dist: Dist | None = None) -> Plan:
     """Everything before the model loads: names, data preflight, tokenization, the run folder."""
     from transformers import AutoTokenizer
 
@@ -99,8 +102,11 @@ def prepare(base: str | None, s: FinetuneSettings, progress: Progress) -> Plan:
         evaluation.check(s.strict)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     run_dir = llmhost_home() / "finetune" / folder_name(s.name)
-    plan = Plan(base_ref, base_path, s, train_tok, eval_tok, run_dir, int(pad or 0))
-    _claim_run(plan, _data_sha(s))
+    dist = dist or Dist()
+    plan = Plan(base_ref, base_path, s, train_tok, eval_tok, run_dir, int(pad or 0), dist.world)
+    if dist.is_main:
+        _claim_run(plan, _data_sha(s))
+    dist.barrier()
     return plan
 
 
@@ -197,12 +203,12 @@ def linear_layer_names(model: Any) -> list[str]:
     return sorted(names)
 
 
-def batches(plan: Plan, epoch: int, device: Any) -> list[dict[str, Any]]:
+def batches(plan: Plan, epoch: int, device: Any, dist: Dist) -> list[dict[str, Any]]:
     """The epoch's micro-batches in a seeded order, right-padded, pad tokens without loss."""
     import torch
 
     gen = torch.Generator().manual_seed(plan.settings.seed + epoch)
-    order = torch.randperm(len(plan.train), generator=gen).tolist()
+    order = dist.shard(torch.randperm(len(plan.train), generator=gen).tolist())
     bs = plan.settings.batch_size
     return [
         _collate([plan.train[i] for i in order[k : k + bs]], plan.pad_id, device)
@@ -239,21 +245,23 @@ def evaluate(model: Any, plan: Plan, device: Any) -> float:
     return total / max(count, 1)
 
 
-def train(plan: Plan, progress: Progress) -> tuple[Any, Summary]:
+def train(plan: Plan, progress: Progress, dist: Dist | None = None) -> tuple[Any, Summary]:
     """Run (or continue) the loop; returns the trained model and a summary."""
     import torch
     from transformers import get_linear_schedule_with_warmup
 
     s = plan.settings
+    dist = dist or Dist()
     model, targets = load_model(plan)
-    device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(s.warmup * plan.total_steps), plan.total_steps)
     state: dict[str, Any] = {"step": 0, "micro": 0, "losses": [], "eval_losses": []}
     last = checkpoints.latest(plan.run_dir / "checkpoints")
     if last is not None:
-        state = checkpoints.load(last, model, optimizer, scheduler)
+        state = checkpoints.load(last, model, optimizer, scheduler, dist.rank)
+    model, optimizer = dist.wrap(model, optimizer)
+    device = next(model.parameters()).device
     summary = Summary(s.name, plan.total_steps, state["step"], float("nan"), examples=len(plan.train))
     progress.start(plan.total_steps, state["step"], targets, sum(p.numel() for p in params))
     model.train()
@@ -262,7 +270,7 @@ def train(plan: Plan, progress: Progress) -> tuple[Any, Summary]:
     while state["micro"] < plan.total_micro:
         epoch, index = divmod(state["micro"], plan.batches_per_epoch)
         if current[0] != epoch:
-            current = (epoch, batches(plan, epoch, device))
+            current = (epoch, batches(plan, epoch, device, dist))
         batch = current[1][index]
         loss = model(**batch, use_cache=False).loss  # a training pass needs no KV cache
         (loss / s.grad_accum).backward()
@@ -285,13 +293,21 @@ def train(plan: Plan, progress: Progress) -> tuple[Any, Summary]:
             seen / (time.perf_counter() - started),
         )
         if state["step"] % s.save_steps == 0 and state["micro"] < plan.total_micro:
-            checkpoints.save(plan.run_dir / "checkpoints", state["step"], model, optimizer, scheduler, state)
+            checkpoints.save(
+                plan.run_dir / "checkpoints",
+                state["step"],
+                dist.unwrap(model),
+                optimizer,
+                scheduler,
+                state,
+                dist,
+            )
             progress.checkpoint(state["step"])
     summary.seconds = time.perf_counter() - started
     summary.examples_per_s = seen / summary.seconds if summary.seconds > 0 else 0.0
     summary.train_loss = state["losses"][-1] if state["losses"] else float("nan")
     summary.eval_losses = state["eval_losses"]
-    return model, summary
+    return dist.unwrap(model), summary
 
 
 def _step(params: list[Any], optimizer: Any, scheduler: Any) -> None:
