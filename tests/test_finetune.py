@@ -312,3 +312,15 @@ def test_data_parallel_run_equals_one_process_with_the_combined_batch(ft_home: P
     assert single.returncode == 0, single.stderr
     ddp, one = adapter_tensors(ft_home, "ddp"), adapter_tensors(ft_home, "single")
     assert max((ddp[k] - one[k]).abs().max().item() for k in ddp) < 1e-5
+
+
+def test_gradient_accumulation_equals_the_bigger_batch(ft_home: Path, tiny_dir: Path) -> None:
+    # every example here has the same number of reply tokens, so a mean of means is the mean
+    common = ["finetune", str(tiny_dir), "--data", str(DATA), "--epochs", "2", "--lr", "1e-3",
+              "--dropout", "0", "--seed", "5"]  # fmt: skip
+    r = llmhost(ft_home, *common, "--batch-size", "2", "--grad-accum", "2", "--name", "accum")
+    assert r.returncode == 0 and "4 steps" in r.stderr, r.stderr
+    r = llmhost(ft_home, *common, "--batch-size", "4", "--name", "big")
+    assert r.returncode == 0, r.stderr
+    accum, big = adapter_tensors(ft_home, "accum"), adapter_tensors(ft_home, "big")
+    assert max((accum[k] - big[k]).abs().max().item() for k in accum) < 1e-5
