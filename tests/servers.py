@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 
@@ -131,3 +132,38 @@ class RecordingProxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class WebProcess:
+    """`llmhost web` as a user starts it, with the URL read from what it prints."""
+
+    def __init__(self, db: Path) -> None:
+        cmd = [
+            sys.executable,
+            "-u",
+            "-m",
+            "llmhost",
+            "web",
+            "--no-open-browser",
+            "--port",
+            "0",
+            "--db",
+            str(db),
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.url = ""
+        ready = threading.Event()
+
+        def read() -> None:
+            for line in self.proc.stdout:  # type: ignore[union-attr]
+                self.lines.append(line)
+                if m := re.search(r"open (http://\S+) in your browser", line):
+                    self.url = m.group(1)
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(300) or not self.url:
+            self.proc.kill()
+            raise RuntimeError("llmhost web did not start:\n" + "".join(self.lines))

@@ -10,16 +10,13 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import psutil
 import pytest
 
 from llmhost.web.history import ConversationStore
-from servers import wait_for
+from servers import WebProcess, wait_for
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("LLMHOST_TEST_ARTIFACTS", Path(__file__).parents[1] / "test-artifacts"))
@@ -49,41 +46,6 @@ missing = _browser_missing()
 if missing and os.environ.get("LLMHOST_REQUIRE_BROWSER") == "1":
     raise RuntimeError(f"browser test required but {missing}")
 pytestmark = pytest.mark.skipif(bool(missing), reason=missing or "")
-
-
-class WebProcess:
-    """`llmhost web` as a user starts it, with the URL read from what it prints."""
-
-    def __init__(self, db: Path) -> None:
-        cmd = [
-            sys.executable,
-            "-u",
-            "-m",
-            "llmhost",
-            "web",
-            "--no-open-browser",
-            "--port",
-            "0",
-            "--db",
-            str(db),
-        ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        self.url = ""
-        ready = threading.Event()
-
-        def read() -> None:
-            for line in self.proc.stdout:  # type: ignore[union-attr]
-                self.lines.append(line)
-                if m := re.search(r"open (http://\S+) in your browser", line):
-                    self.url = m.group(1)
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(300) or not self.url:
-            self.proc.kill()
-            raise RuntimeError("llmhost web did not start:\n" + "".join(self.lines))
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +181,22 @@ def test_sigterm_stops_the_page_and_its_server(web: WebProcess) -> None:
     web.proc.wait(30)
     _, alive = psutil.wait_procs(children, timeout=15)
     assert not alive, [p.cmdline() for p in alive]
+
+
+def test_a_killed_launcher_leaves_no_page_or_server_behind(
+    tmp_path: Path, open_page, embedded_dir: Path
+) -> None:
+    """SIGKILL: no clean-up runs in the launcher; the children must still go (a page that was in
+    use once survived a SIGTERM death signal because its output pipe was broken)."""
+    web = WebProcess(tmp_path / "c.db")
+    page = open_page(web.url)  # a live browser session on the page
+    _ask(page, "Hi")
+    children = psutil.Process(web.proc.pid).children(recursive=True)
+    assert len(children) >= 2, [c.cmdline() for c in children]
+    web.proc.kill()
+    web.proc.wait(10)
+
+    def all_gone() -> bool:
+        return not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+
+    assert wait_for(all_gone, timeout=20), [c.cmdline() for c in children if c.is_running()]

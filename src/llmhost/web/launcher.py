@@ -1,7 +1,8 @@
 """`llmhost web`: start a private `llmhost serve` (unless --server is given), then the Streamlit
 page as a child process; stop both when either ends or on Ctrl-C / SIGTERM.
 
-Both children get PR_SET_PDEATHSIG on Linux, so even a SIGKILLed launcher leaves no orphans.
+Both children get PR_SET_PDEATHSIG (SIGKILL) on Linux, so even a SIGKILLed launcher leaves no
+orphans; conversations are safe in SQLite transactions either way.
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ class ChildFailed(LlmhostError):
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
+    # SIGKILL, not SIGTERM: with the launcher gone their output pipe is broken, and a page seen
+    # once kept running after a SIGTERM death signal (its shutdown depends on printing)
     with contextlib.suppress(Exception):
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
 
 
 class Child:
