@@ -38,6 +38,13 @@ class LoadSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LLMHOST_", extra="forbid", frozen=True)
 
+    engine: Literal["auto", "transformers", "openai"] = Field(
+        "auto",
+        description="What runs the model: transformers (local), or openai (an OpenAI-compatible "
+        "--upstream such as vLLM or Ollama); auto picks openai when --upstream is given.",
+    )
+    upstream: str | None = Field(None, description="Base URL of the upstream API for --engine openai.")
+    upstream_key: str | None = Field(None, description="API key llmhost sends to the upstream.")
     dtype: Dtype = Field(
         "auto",
         description="Weights dtype: auto picks bfloat16 on GPUs and CPUs that support it, "

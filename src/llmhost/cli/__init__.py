@@ -123,6 +123,10 @@ def serve(
     from llmhost.server.run import serve as run_server
 
     warning = check_exposure(server)
+    if not models and (load.engine == "openai" or (load.engine == "auto" and load.upstream)):
+        from llmhost.engine.upstream import available
+
+        models = available(load.upstream, load.upstream_key) if load.upstream else []  # serve them all
     engines = [load_model(ref, load) for ref in (models or [None])]
     names = [e.name for e in engines]
     if len(set(names)) != len(names):

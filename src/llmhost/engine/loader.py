@@ -79,6 +79,10 @@ def load(ref: str | None = None, settings: LoadSettings | None = None) -> Engine
     from llmhost.engine.hf import TransformersEngine
 
     settings = settings or LoadSettings()
+    if settings.engine == "openai" or (settings.engine == "auto" and settings.upstream):
+        from llmhost.engine.upstream import OpenAIEngine
+
+        return OpenAIEngine.connect(settings.upstream, settings.upstream_key, ref)
     adapter = stored_adapter(ref)
     if adapter is not None:
         base = adapter.extra.get("base", "default")

@@ -1,0 +1,242 @@
+"""`--engine openai`: any OpenAI-compatible endpoint (vLLM, Ollama, another llmhost) as an engine,
+so llmhost's own API keys, model names, metrics and error shape stand in front of it.
+
+Requests go through the official `openai` client, streaming; upstream chunks become llmhost
+chunks (text deltas, token counts, timings), so every front end works unchanged.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from llmhost.engine.base import Engine
+from llmhost.engine.context import Message, validate_messages
+from llmhost.engine.params import GenerationParams
+from llmhost.engine.types import Chunk, FinishReason
+from llmhost.errors import InvalidRequestError, LlmhostError, ModelNotFoundError
+
+
+class UpstreamError(LlmhostError):
+    """The upstream failed or cannot be reached: a gateway problem, not the caller's."""
+
+    def __init__(self, message: str, status: int = 502) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class OpenAIEngine(Engine):
+    def __init__(self, base_url: str, api_key: str | None, model: str, context_length: int = 0) -> None:
+        import openai
+
+        self.base_url = base_url
+        self.name = model
+        self.context_length = context_length
+        key = api_key or "none"  # the client insists on a key; open upstreams ignore it
+        self._sync = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=600)
+        self._async = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=600)
+        self._running = 0
+
+    @classmethod
+    def connect(cls, base_url: str | None, api_key: str | None, model: str | None) -> OpenAIEngine:
+        """Check the upstream answers and serves `model` (its first model when None)."""
+        if not base_url:
+            raise InvalidRequestError("--engine openai needs --upstream URL (e.g. http://127.0.0.1:8000/v1)")
+        models = available(base_url, api_key)
+        if not models:
+            raise UpstreamError(f"the upstream {base_url} lists no models")
+        name = model or models[0]
+        if name not in models:
+            raise ModelNotFoundError(
+                f"the upstream {base_url} has no model {name!r}; it has: {', '.join(models)}"
+            )
+        return cls(base_url, api_key, name)
+
+    # -- requests --------------------------------------------------------------------------
+
+    def _request(self, messages: list[Message] | None, prompt: str | None, params: GenerationParams) -> dict:
+        if (messages is None) == (prompt is None):
+            raise InvalidRequestError("give either messages or a prompt")
+        body: dict[str, Any] = {
+            "model": self.name,
+            "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.stop:
+            body["stop"] = list(params.stop)
+        extra = {}  # vLLM and llmhost accept these; only sent when asked for
+        if params.top_k:
+            extra["top_k"] = params.top_k
+        if params.repetition_penalty != 1.0:
+            extra["repetition_penalty"] = params.repetition_penalty
+        if extra:
+            body["extra_body"] = extra
+        if messages is not None:
+            validate_messages(messages)
+            if params.system is not None and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": params.system}, *messages]
+            body["messages"] = list(messages)
+        else:
+            body["prompt"] = prompt
+        return body
+
+    def stream(
+        self,
+        messages: list[Message] | None = None,
+        params: GenerationParams | None = None,
+        *,
+        prompt: str | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[Chunk]:
+        body = self._request(messages, prompt, params or GenerationParams())
+        start = time.perf_counter()
+        api = self._sync.chat.completions if "messages" in body else self._sync.completions
+        with _errors(self.base_url):
+            raw = api.create(**body)  # errors raise here, before any chunk
+        return self._sync_chunks(raw, start, cancel)
+
+    def _sync_chunks(self, raw: Any, start: float, cancel: threading.Event | None) -> Iterator[Chunk]:
+        state = _ChunkState(start)
+        self._running += 1
+        try:
+            with _errors(self.base_url):
+                for item in raw:
+                    if cancel is not None and cancel.is_set():
+                        yield state.finish("cancelled")
+                        return
+                    if (chunk := state.add(item)) is not None:
+                        yield chunk
+            yield state.finish()
+        finally:
+            self._running -= 1
+            raw.close()  # hanging up makes an llmhost or vLLM upstream stop generating
+
+    async def astream(
+        self,
+        messages: list[Message] | None = None,
+        params: GenerationParams | None = None,
+        *,
+        prompt: str | None = None,
+        cancel: threading.Event | None = None,
+    ) -> AsyncIterator[Chunk]:
+        body = self._request(messages, prompt, params or GenerationParams())
+        start = time.perf_counter()
+        api = self._async.chat.completions if "messages" in body else self._async.completions
+        with _errors(self.base_url):
+            raw = await api.create(**body)
+        return self._async_chunks(raw, start, cancel)
+
+    async def _async_chunks(
+        self, raw: Any, start: float, cancel: threading.Event | None
+    ) -> AsyncIterator[Chunk]:
+        state = _ChunkState(start)
+        self._running += 1
+        try:
+            with _errors(self.base_url):
+                async for item in raw:
+                    if cancel is not None and cancel.is_set():
+                        yield state.finish("cancelled")
+                        return
+                    if (chunk := state.add(item)) is not None:
+                        yield chunk
+            yield state.finish()
+        finally:
+            self._running -= 1
+            await raw.close()
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def close(self) -> None:
+        self._sync.close()
+
+
+class _ChunkState:
+    """Upstream chunks → llmhost chunks; the last one carries usage and timings."""
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.first: float | None = None
+        self.pieces = 0
+        self.prompt_tokens = 0
+        self.completion_tokens: int | None = None
+        self.reason: FinishReason | None = None
+
+    def add(self, item: Any) -> Chunk | None:
+        if getattr(item, "usage", None) is not None:
+            self.prompt_tokens = item.usage.prompt_tokens
+            self.completion_tokens = item.usage.completion_tokens
+        text = ""
+        for choice in item.choices or []:
+            delta = getattr(choice, "delta", None)
+            text += (delta.content if delta is not None else getattr(choice, "text", "")) or ""
+            if choice.finish_reason:
+                self.reason = "length" if choice.finish_reason == "length" else "stop"
+        if not text:
+            return None
+        if self.first is None:
+            self.first = time.perf_counter()
+        self.pieces += 1
+        return Chunk(text=text, completion_tokens=self.pieces)
+
+    def finish(self, reason: FinishReason | None = None) -> Chunk:
+        done = self.completion_tokens if self.completion_tokens is not None else self.pieces
+        ttft = (self.first - self.start) if self.first is not None else None
+        elapsed = time.perf_counter() - self.first if self.first is not None else 0.0
+        tps = (done - 1) / elapsed if elapsed > 0 and done > 1 else None
+        return Chunk(
+            text="",
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=done,
+            finish_reason=reason or self.reason or "stop",
+            ttft_s=ttft,
+            decode_tps=tps,
+        )
+
+
+def available(base_url: str, api_key: str | None) -> list[str]:
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0, timeout=30)
+    with _errors(base_url):
+        return [m.id for m in client.models.list()]
+
+
+class _errors:
+    """openai client exceptions → llmhost errors with the status a gateway should answer."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, err: BaseException | None, tb: Any) -> None:
+        import openai
+
+        if err is None or not isinstance(err, openai.OpenAIError):
+            return
+        if isinstance(err, openai.APIConnectionError):
+            raise UpstreamError(f"the upstream {self.base_url} cannot be reached: {err}", 503) from err
+        status = getattr(err, "status_code", None)
+        body = getattr(err, "body", None)
+        message = (body.get("message") if isinstance(body, dict) else None) or str(err)
+        if status in (400, 422):
+            raise InvalidRequestError(f"the upstream refused the request: {message}") from err
+        if status == 404:
+            raise ModelNotFoundError(f"the upstream has no such model: {message}") from err
+        if status in (401, 403):
+            raise UpstreamError(
+                f"the upstream {self.base_url} refused llmhost's key (--upstream-key)", 502
+            ) from err
+        if status in (429, 503):
+            raise UpstreamError(f"the upstream is busy: {message}", 503) from err
+        raise UpstreamError(f"the upstream failed: {message}", 502) from err
