@@ -138,7 +138,7 @@ class _translate:
         raise translate_error(err, self.hub, self.repo, self.revision) from err
 
 
-def _transport_error(err: Exception) -> bool:
+def is_transport_error(err: Exception) -> bool:
     """Network failures of any HTTP stack the hub libraries use (httpx, httpx2, requests)."""
     if isinstance(err, (ConnectionError, TimeoutError)):
         return True
@@ -173,7 +173,7 @@ def translate_error(err: Exception, hub: Any, repo: str, revision: str) -> Excep
         return HubError(f"{where} refused access to {repo} ({status}): {token_hint}")
     if status == 404:
         return HubError(f"{repo} (revision {revision}) was not found on {where}")
-    if _transport_error(err) or isinstance(err, hf_errors.OfflineModeIsEnabled) or (status or 0) >= 500:
+    if is_transport_error(err) or isinstance(err, hf_errors.OfflineModeIsEnabled) or (status or 0) >= 500:
         detail = f"HTTP {status}" if status else f"{type(err).__name__}: {err}"
         return HubError(
             f"cannot download from {where} ({detail}). Check the network; in China try "

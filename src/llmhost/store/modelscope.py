@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llmhost.store.hubs import FileProgress, HubError, RemoteFile, _transport_error
+from llmhost.store.hubs import FileProgress, HubError, RemoteFile, is_transport_error
 from llmhost.store.names import check_relative
 
 DEFAULT_ENDPOINT = "https://www.modelscope.cn"
@@ -76,11 +76,11 @@ class ModelScopeHub:
         except Exception as err:
             if (
                 isinstance(err, OSError)
-                and not _transport_error(err)
+                and not is_transport_error(err)
                 and not isinstance(err, ms.NetworkError)
             ):
                 raise  # disk errors are handled by the caller
-            if isinstance(err, ms.NetworkError) or _transport_error(err) or isinstance(err, ms.ServerError):
+            if isinstance(err, ms.NetworkError) or is_transport_error(err) or isinstance(err, ms.ServerError):
                 raise HubError(
                     f"cannot download from {self.endpoint} ({type(err).__name__}: {err}). Check the network, "
                     "or try --source hf --mirror. Run the same command again to resume"
