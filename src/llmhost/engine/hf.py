@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import json
-import threading
-import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 from llmhost.config import LoadSettings
-from llmhost.engine.base import Engine
-from llmhost.engine.context import Message, fit_messages, validate_messages
-from llmhost.engine.params import GenerationParams
-from llmhost.engine.scheduler import Scheduler
-from llmhost.engine.sequence import SequenceState
-from llmhost.engine.types import Chunk
-from llmhost.errors import ChatTemplateError, ContextOverflowError, InvalidRequestError, LlmhostError
+from llmhost.engine.context import Message
+from llmhost.engine.scheduled import ScheduledEngine
+from llmhost.errors import ChatTemplateError, LlmhostError
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(ScheduledEngine):
     def __init__(
         self,
         model: Any,
@@ -34,6 +25,7 @@ class TransformersEngine(Engine):
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.decoder = tokenizer
         self.name = name
         self.context_length = context_length
         self.chat_template = chat_template
@@ -111,78 +103,11 @@ class TransformersEngine(Engine):
         # templates write their own special tokens (BOS included), so none are added here
         return self.tokenizer(self.render(messages), add_special_tokens=False)["input_ids"]
 
-    def prepare(
-        self, messages: list[Message] | None, prompt: str | None, params: GenerationParams
-    ) -> tuple[list[int], int]:
-        """Prompt token ids and how many history messages were dropped to fit the window."""
-        if (messages is None) == (prompt is None):
-            raise InvalidRequestError("give either messages or a prompt")
-        if prompt is not None:
-            ids = self.tokenizer(prompt)["input_ids"]
-            if len(ids) + params.max_new_tokens > self.context_length:
-                raise ContextOverflowError(len(ids), params.max_new_tokens, self.context_length)
-            return ids, 0
-        assert messages is not None
-        validate_messages(messages)
-        if params.system is not None and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": params.system}, *messages]
-        _, dropped, ids = fit_messages(
-            messages,
-            self.encode_chat,
-            params.max_new_tokens,
-            self.context_length,
-            truncate=params.truncate_history,
-        )
-        return ids, dropped
+    def encode_text(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt)["input_ids"]
 
-    # -- decoding -------------------------------------------------------------------------
-
-    @functools.cached_property
-    def scheduler(self) -> Scheduler:
-        return Scheduler(HFBatchRunner(self.model, self._cache_kw, self.max_batch), self.max_queue)
-
-    def _sequence(
-        self, messages: list[Message] | None, prompt: str | None, params: GenerationParams | None
-    ) -> tuple[list[int], SequenceState]:
-        started = time.perf_counter()
-        params = params or GenerationParams()
-        prompt_ids, dropped = self.prepare(messages, prompt, params)
-        seq = SequenceState(self.tokenizer, params, len(prompt_ids), self.eos_ids, started, dropped)
-        return prompt_ids, seq
-
-    def stream(
-        self,
-        messages: list[Message] | None = None,
-        params: GenerationParams | None = None,
-        *,
-        prompt: str | None = None,
-        cancel: threading.Event | None = None,
-    ) -> Iterator[Chunk]:
-        return self.scheduler.submit(*self._sequence(messages, prompt, params), cancel)
-
-    async def astream(
-        self,
-        messages: list[Message] | None = None,
-        params: GenerationParams | None = None,
-        *,
-        prompt: str | None = None,
-        cancel: threading.Event | None = None,
-    ) -> AsyncIterator[Chunk]:
-        # template rendering and tokenizing can take milliseconds: keep them off the event loop
-        prompt_ids, seq = await asyncio.to_thread(self._sequence, messages, prompt, params)
-        return self.scheduler.submit_async(prompt_ids, seq, asyncio.get_running_loop(), cancel)
-
-    @property
-    def queued(self) -> int:
-        return self.scheduler.queued if "scheduler" in self.__dict__ else 0
-
-    @property
-    def running(self) -> int:
-        return self.scheduler.running if "scheduler" in self.__dict__ else 0
-
-    def close(self) -> None:
-        if "scheduler" in self.__dict__:
-            self.scheduler.close()
+    def runner(self) -> HFBatchRunner:
+        return HFBatchRunner(self.model, self._cache_kw, self.max_batch)
 
 
 class HFBatchRunner:
