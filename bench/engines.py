@@ -9,12 +9,10 @@ process (two engines in one process compete for threads), alternating, in one se
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import time
+
+import isolated  # bench/isolated.py: the script's folder is on sys.path
 
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
 RUNS = ("transformers", "llamacpp", "llama-cpp-python alone")
@@ -50,14 +48,7 @@ def native_rate(engine, tokens: int) -> float:
 
 
 def spawn(which: str, tokens: int) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", which, "--tokens", str(tokens)],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
-    )  # fmt: skip
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"{which} failed:\n{out.stderr[-3000:]}")
+    return isolated.run(__file__, ["--child", which, "--tokens", str(tokens)], timeout=900)
 
 
 def main() -> None:
@@ -67,7 +58,7 @@ def main() -> None:
     ap.add_argument("--child")
     a = ap.parse_args()
     if a.child:
-        print("RESULT " + json.dumps(measure(a.child, a.tokens)), flush=True)
+        isolated.report(measure(a.child, a.tokens))
         return
     from llmhost.engine.llamacpp import INSTALL, available
 

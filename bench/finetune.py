@@ -11,15 +11,15 @@ ratios against the Trainer baseline.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import isolated  # bench/isolated.py: the script's folder is on sys.path
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "zorblax.jsonl"
 SETTINGS = {"rank": 8, "alpha": 32.0, "dropout": 0.1, "lr": 2e-4, "batch_size": 4, "epochs": 1.0, "seed": 1}
@@ -93,17 +93,11 @@ def child(which: str, data: Path) -> None:
 
     warnings.filterwarnings("ignore")
     result = run_llmhost(data) if which == "llmhost" else run_trainer(data)
-    print("RESULT " + json.dumps(result), flush=True)
+    isolated.report(result)
 
 
 def spawn(which: str, data: Path, home: str) -> dict:
-    env = {**os.environ, "LLMHOST_HOME": home, "TRANSFORMERS_VERBOSITY": "error"}
-    out = subprocess.run([sys.executable, __file__, "--child", which, "--data", str(data)],
-                         capture_output=True, text=True, env=env, timeout=1800)  # fmt: skip
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"{which} failed:\n{out.stderr[-3000:]}")
+    return isolated.run(__file__, ["--child", which, "--data", str(data)], {"LLMHOST_HOME": home})
 
 
 def main() -> None:

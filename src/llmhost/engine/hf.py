@@ -25,7 +25,6 @@ class TransformersEngine(ScheduledEngine):
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.decoder = tokenizer
         self.name = name
         self.context_length = context_length
         self.chat_template = chat_template
@@ -102,6 +101,10 @@ class TransformersEngine(ScheduledEngine):
     def encode_chat(self, messages: list[Message]) -> list[int]:
         # templates write their own special tokens (BOS included), so none are added here
         return self.tokenizer(self.render(messages), add_special_tokens=False)["input_ids"]
+
+    @property
+    def decoder(self) -> Any:  # the HF tokenizer decodes for the shared text code
+        return self.tokenizer
 
     def encode_text(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt)["input_ids"]

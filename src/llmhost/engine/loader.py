@@ -47,12 +47,11 @@ def _from_store(ref: str) -> Path:
     from llmhost.store.catalog import find
     from llmhost.store.local import Store
 
-    stored = Store().get(ref)
+    store = Store()
+    entry = find(ref)
+    stored = store.get(ref) or (store.get(entry.name) if entry else None)
     if stored is not None:
         return stored.load_path
-    entry = find(ref)
-    if entry is not None and Store().get(entry.name) is not None:
-        return Store().get(entry.name).load_path  # type: ignore[union-attr]
     if entry is not None:
         raise ModelNotFoundError(
             f"{entry.name} is in the catalog but not downloaded: run `llmhost pull {entry.name}`"

@@ -41,7 +41,6 @@ class Summary:
     examples_per_s: float = 0.0
     seconds: float = 0.0
     examples: int = 0
-    skipped: int = 0
 
 
 @dataclass

@@ -3,8 +3,9 @@ transfer, resume and their checks. Imports are lazy (the CLI starts fast)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -119,23 +120,18 @@ class HuggingFaceHub:
         os.replace(part, target)
         return target
 
-    def _errors(self, repo: str, revision: str) -> Any:
-        return _translate(self, repo, revision)
-
-
-class _translate:
-    """Hub library exceptions → one message a user can act on."""
-
-    def __init__(self, hub: Any, repo: str, revision: str) -> None:
-        self.hub, self.repo, self.revision = hub, repo, revision
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, err: BaseException | None, tb: Any) -> None:
-        if err is None or isinstance(err, (HubError, KeyboardInterrupt)) or not isinstance(err, Exception):
-            return
-        raise translate_error(err, self.hub, self.repo, self.revision) from err
+    @contextlib.contextmanager
+    def _errors(self, repo: str, revision: str) -> Iterator[None]:
+        """Hub library exceptions → one message a user can act on (disk errors pass through)."""
+        try:
+            yield
+        except HubError:
+            raise
+        except Exception as err:
+            mapped = translate_error(err, self, repo, revision)
+            if mapped is err:
+                raise
+            raise mapped from err
 
 
 def is_transport_error(err: Exception) -> bool:
@@ -190,6 +186,3 @@ def make_hub(source: str, endpoint: str | None, token: str | None, mirror: bool)
     from llmhost.store.modelscope import ModelScopeHub
 
     return ModelScopeHub(endpoint, token)
-
-
-ProgressFactory = Callable[[], FileProgress]
