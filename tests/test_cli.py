@@ -77,6 +77,7 @@ def test_generate_reads_stdin_and_raw_mode(tiny_dir):
         (["web", "--host", "0.0.0.0"], 2, "puts the chat page on the network with no login"),
         (["web", "--server", "ftp://example"], 2, "invalid option --server: must be an http(s) URL"),
         (["web", "some-model", "--server", "http://127.0.0.1:9/v1"], 2, "not both"),
+        (["web", "--db", "/proc/no-such-dir/c.db"], 2, "cannot open the conversation database"),
     ],
 )
 def test_bad_input_gives_one_line_and_nonzero_exit(args, code, message):

@@ -161,9 +161,24 @@ def check_exposure(web: WebSettings) -> None:
         )
 
 
+def _check_database(path: Path) -> None:
+    """Open the conversation database here, so a bad --db is one line, not a broken page."""
+    import sqlite3
+
+    from llmhost.web.history import ConversationStore
+
+    try:
+        ConversationStore(path)
+    except (OSError, sqlite3.Error) as err:
+        raise InvalidRequestError(
+            f"cannot open the conversation database {path}: {err}; pick another --db"
+        ) from None
+
+
 def run(model: str | None, load: LoadSettings, web: WebSettings, say: Callable[[str], None]) -> int:
     """Returns the page's exit status."""
     check_exposure(web)
+    _check_database(web.db_path())
     if web.server and model:
         raise InvalidRequestError(
             "give either MODEL (served here) or --server URL (served elsewhere), not both"
