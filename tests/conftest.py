@@ -21,6 +21,14 @@ if not _home:
 os.environ["LLMHOST_HOME"] = _home
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(_home) / "vllm-cache"))
+# The embedded model is a GGUF, which `auto` runs on llama.cpp where it is installed. Tests written
+# for one engine name it; these default to transformers, and test_engines.py covers every engine.
+os.environ.setdefault("LLMHOST_ENGINE", "transformers")
+# `make test` builds vLLM's own virtualenv here (vLLM pins its own torch and transformers)
+_vllm = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+if _vllm.exists():
+    os.environ.setdefault("LLMHOST_VLLM_PYTHON", str(_vllm))
 
 
 @pytest.fixture(scope="session")
@@ -51,19 +59,22 @@ def tokenizer(embedded_dir: Path):
     return AutoTokenizer.from_pretrained(str(embedded_dir))
 
 
-def build_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+def build_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
     """A 2-layer random Llama with the real SmolLM2 tokenizer, saved as safetensors."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    shape = {
+        "vocab_size": 49152,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+    }
     config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
+        **{**shape, **overrides},
         tie_word_embeddings=True,
         bos_token_id=1,
         eos_token_id=2,
@@ -89,3 +100,21 @@ def tiny(tiny_dir: Path):
     from llmhost.engine import load
 
     return load(str(tiny_dir), LoadSettings(dtype="float32"))
+
+
+@pytest.fixture(scope="session")
+def engine_server(embedded_dir: Path):
+    """`engine_server(kind)`: the shared `llmhost serve --engine kind` (see engines.py)."""
+    from engines import require, start
+
+    started = {}
+
+    def get(kind: str):
+        require(kind)
+        if kind not in started:
+            started[kind] = start(kind)
+        return started[kind]
+
+    yield get
+    for served in started.values():
+        served.stop()

@@ -38,11 +38,12 @@ class LoadSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LLMHOST_", extra="forbid", frozen=True)
 
-    engine: Literal["auto", "transformers", "llamacpp", "openai"] = Field(
+    engine: Literal["auto", "transformers", "llamacpp", "vllm", "openai"] = Field(
         "auto",
-        description="What runs the model: transformers (local), llamacpp (a GGUF on the CPU, "
-        "needs llmhost[llamacpp]), or openai (an OpenAI-compatible --upstream such as vLLM or "
-        "Ollama); auto picks openai when --upstream is given, else transformers.",
+        description="What runs the model: transformers, llamacpp (GGUF on the CPU, needs "
+        "llmhost[llamacpp]), vllm (vLLM's server as a managed child, for GPUs and clusters), or "
+        "openai (an OpenAI-compatible --upstream such as a vLLM or Ollama fleet). auto: openai "
+        "when --upstream is given, llamacpp for GGUF models when installed, else transformers.",
     )
     upstream: str | None = Field(None, description="Base URL of the upstream API for --engine openai.")
     upstream_key: str | None = Field(None, description="API key llmhost sends to the upstream.")
@@ -59,7 +60,10 @@ class LoadSettings(BaseSettings):
         None, description="Jinja chat template file, for models without one or to override it."
     )
     context_length: int | None = Field(
-        None, ge=16, description="Override the model's context window (tokens)."
+        None,
+        ge=16,
+        description="Override the model's context window (tokens); vLLM's --max-model-len.",
+        json_schema_extra={"flags": ["--max-model-len"]},
     )
     max_concurrency: int = Field(
         8, ge=1, le=256, description="Most requests decoded together, each step one forward pass."
@@ -67,3 +71,29 @@ class LoadSettings(BaseSettings):
     max_queue: int = Field(
         64, ge=0, le=100000, description="Most requests waiting for a batch slot; more are refused."
     )
+
+    # vLLM only (--engine vllm); the names and meanings are vLLM's own
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=1024, description="vLLM: GPUs each copy of the model is split across."
+    )
+    pipeline_parallel_size: int = Field(
+        1, ge=1, le=1024, description="vLLM: pipeline stages (across nodes: one per node)."
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="vLLM: share of each GPU's memory it may take (vLLM: 0.9)."
+    )
+    vllm_python: Path | None = Field(
+        None,
+        description="Python of the virtualenv vLLM is installed in (default: this one, or the "
+        "one behind a `vllm` command on PATH).",
+    )
+    vllm_args: str | None = Field(
+        None,
+        description="More vLLM server flags, one shell-quoted string, e.g. "
+        "'--distributed-executor-backend ray --max-num-seqs 64'.",
+    )
+
+
+# vLLM settings that mean nothing to other engines (--vllm-python is only a location: an
+# LLMHOST_VLLM_PYTHON in the user's environment must not break the other engines)
+VLLM_ONLY = ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization", "vllm_args")

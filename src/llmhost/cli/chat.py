@@ -36,7 +36,10 @@ class ChatSession:
         self._out = out or sys.stdout
 
     def run(self) -> None:
-        console.print(f"[bold]{self.engine.name}[/bold] [dim]· /help for commands · /exit to leave[/dim]")
+        console.print(
+            f"[bold]{self.engine.name}[/bold] [dim]· {self.engine.kind} · /help for commands"
+            " · /exit to leave[/dim]"
+        )
         while True:
             try:
                 line = self._read(">>> ")

@@ -58,7 +58,12 @@ def _options_for(cls: type[BaseModel], exclude: frozenset[str]) -> list[inspect.
             continue
         flag = "--" + name.replace("_", "-")
         annotation = _cli_type(field.annotation)
-        decls = [f"{flag}/--no-{flag[2:]}"] if annotation is bool else [flag]
+        extra = (
+            (field.json_schema_extra or {}).get("flags", [])
+            if isinstance(field.json_schema_extra, dict)
+            else []
+        )
+        decls = [f"{flag}/--no-{flag[2:]}"] if annotation is bool else [flag, *extra]
         option = typer.Option(None, *decls, help=field.description, show_default=_shown_default(field))
         params.append(
             inspect.Parameter(

@@ -17,6 +17,8 @@ class Engine(ABC):
 
     #: Name the model is known by (store name, folder name or the embedded default's name).
     name: str
+    #: Which engine runs it: transformers, llamacpp, vllm or openai.
+    kind: str
     #: Tokens the prompt plus the reply may span.
     context_length: int
 
@@ -65,6 +67,11 @@ class Engine(ABC):
     def running(self) -> int:
         """Requests being generated now."""
         return 0
+
+    @property
+    def problem(self) -> str | None:
+        """Why the engine cannot serve now (a dead child process, say); None when it can."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook; engines holding threads override it
         """Stop background work and release the model."""

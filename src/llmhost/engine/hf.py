@@ -13,6 +13,8 @@ from llmhost.errors import ChatTemplateError, LlmhostError
 
 
 class TransformersEngine(ScheduledEngine):
+    kind = "transformers"
+
     def __init__(
         self,
         model: Any,

@@ -86,6 +86,8 @@ class LlamaCppRunner:
 
 
 class LlamaCppEngine(ScheduledEngine):
+    kind = "llamacpp"
+
     def __init__(self, llm: Any, name: str, template: str, max_queue: int) -> None:
         self.llm = llm
         self.name = name

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
-from llmhost.config import LoadSettings, llmhost_home
+from llmhost.config import VLLM_ONLY, LoadSettings, llmhost_home
 from llmhost.engine.base import Engine
-from llmhost.errors import ModelNotFoundError
+from llmhost.errors import InvalidRequestError, ModelNotFoundError
 from llmhost.store.embedded import DEFAULT_MODEL_NAME, embedded_gguf
+
+log = logging.getLogger("llmhost")
 
 DEFAULT_REFS = {None, "", "default", DEFAULT_MODEL_NAME}
 
@@ -75,25 +78,74 @@ def _display_name(ref: str, path: Path, default: str | None = None) -> str:
 def load(ref: str | None = None, settings: LoadSettings | None = None) -> Engine:
     """Load a model: the embedded default (no ref), a store name, a local HF folder or a local
     .gguf file. A fine-tuned store model loads its base and merges its LoRA adapter."""
-    from llmhost.engine.hf import TransformersEngine
-
     settings = settings or LoadSettings()
-    if settings.engine == "openai" or (settings.engine == "auto" and settings.upstream):
+    engine = choose_engine(ref, settings)
+    if engine == "openai":
         from llmhost.engine.upstream import OpenAIEngine
 
         return OpenAIEngine.connect(settings.upstream, settings.upstream_key, ref)
-    if settings.engine == "llamacpp":
+    if engine == "llamacpp":
         from llmhost.engine.llamacpp import LlamaCppEngine
 
         gguf, name = gguf_file(ref)
         return LlamaCppEngine.load(gguf, settings, name)
     adapter = stored_adapter(ref)
+    if engine == "vllm":
+        from llmhost.engine.vllm import VLLMEngine
+
+        if adapter is not None:
+            raise InvalidRequestError(
+                f"{ref} is a LoRA adapter: `llmhost merge {ref} NAME` makes a standalone model vLLM can serve"
+            )
+        path, name = resolve(ref)
+        return VLLMEngine.start(path, name, settings)
+    from llmhost.engine.hf import TransformersEngine
+
     if adapter is not None:
         base = adapter.extra.get("base", "default")
         path, _ = resolve(None if base == "default" else base)
         return TransformersEngine.load(path, settings, adapter.name, adapter=adapter.folder)
     path, name = resolve(ref)
     return TransformersEngine.load(path, settings, name)
+
+
+def choose_engine(ref: str | None, settings: LoadSettings) -> str:
+    """The engine `auto` means for `ref`: openai with --upstream, llama.cpp for GGUF models when
+    it is installed (fine-tuned adapters and explicit GPU devices stay on transformers), else
+    transformers. vLLM only when asked for."""
+    fields = type(settings).model_fields
+    vllm_flags = [f for f in VLLM_ONLY if getattr(settings, f) != fields[f].default]
+    if vllm_flags and settings.engine != "vllm":
+        flag = "--" + vllm_flags[0].replace("_", "-")
+        raise InvalidRequestError(f"{flag} is a vLLM setting: add --engine vllm")
+    if settings.engine != "auto":
+        return settings.engine
+    if settings.upstream:
+        return "openai"
+    if settings.device not in ("auto", "cpu") or stored_adapter(ref) is not None or not is_gguf(ref):
+        return "transformers"
+    from llmhost.engine.llamacpp import INSTALL, available
+
+    if available():
+        return "llamacpp"
+    log.warning("hint: GGUF models run about 4x faster on the CPU with llama.cpp: %s", INSTALL)
+    return "transformers"
+
+
+def is_gguf(ref: str | None) -> bool:
+    """Whether `ref` names a GGUF model (the embedded default is one)."""
+    if ref in DEFAULT_REFS:
+        return True
+    assert ref is not None
+    path = Path(ref).expanduser()
+    if not path.exists():
+        try:
+            path = _from_store(ref)
+        except ModelNotFoundError:
+            return False
+    if path.is_dir():
+        return not (path / "config.json").is_file() and len(list(path.glob("*.gguf"))) == 1
+    return path.suffix == ".gguf"
 
 
 def gguf_file(ref: str | None) -> tuple[Path, str]:

