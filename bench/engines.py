@@ -1,80 +1,198 @@
-"""Decode speed of the engines on the embedded model: transformers (the default dtype for this
-CPU) against llama.cpp on the same GGUF, and llama-cpp-python's own generate loop as the floor
-of what the binding can do. Same prompt, greedy decoding. Each measurement runs in its own
-process (two engines in one process compete for threads), alternating, in one session.
+"""The engines on the embedded model, each against itself used directly, side by side in one run:
+single-stream decode tokens/s, time to first token, and aggregate tokens/s with 8 concurrent
+clients. "Direct" is the engine with nothing of llmhost's serving in between:
 
-    python bench/engines.py [--tokens 128] [--rounds 3]
+- transformers: llmhost's engine in-process (so the serve row is the cost of the HTTP server);
+- llama.cpp: llama-cpp-python's own generate loop (it decodes one sequence at a time, so its
+  8 clients are served one after another), then llmhost's engine in-process and served;
+- vLLM: vLLM's own OpenAI server, the very child llmhost runs, called on its private port,
+  against the same requests through `llmhost serve --engine vllm` in front of it.
+
+Greedy decoding, the same prompt; rounds alternate direct and served; medians are printed.
+In-process measurements run in a process of their own (bench/isolated.py).
+
+    python bench/engines.py [--tokens 128] [--clients 8] [--rounds 3] [--engines transformers,llamacpp,vllm]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import statistics
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import isolated  # bench/isolated.py: the script's folder is on sys.path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from servers import ServerProcess  # noqa: E402  (the tests' subprocess helper)
+
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
-RUNS = ("transformers", "llamacpp", "llama-cpp-python alone")
+MODEL = "smollm2-135m-instruct"
 
 
-def measure(which: str, tokens: int) -> dict:
+# -- in-process (a child process per measurement) ---------------------------------------------
+
+
+def in_process(which: str, tokens: int, clients: int) -> dict:
     from llmhost.config import LoadSettings
     from llmhost.engine import load
     from llmhost.engine.params import GenerationParams
 
-    settings = (
-        LoadSettings() if which == "transformers" else LoadSettings(engine="llamacpp", context_length=2048)
-    )
-    engine = load(None, settings)
+    kind = "transformers" if which == "transformers" else "llamacpp"
+    engine = load(None, LoadSettings(engine=kind, context_length=2048))
+    params = GenerationParams(temperature=0, max_new_tokens=tokens)
     engine.generate(STORY, GenerationParams(temperature=0, max_new_tokens=8))  # warm-up
-    if which == "llama-cpp-python alone":
-        return {"tps": native_rate(engine, tokens), "ttft": float("nan")}
-    result = engine.generate(STORY, GenerationParams(temperature=0, max_new_tokens=tokens))
-    return {"tps": result.decode_tps or 0.0, "ttft": result.ttft_s or 0.0}
+    if which == "llama-cpp-python":
+        return native(engine, tokens, clients)
+    one = engine.generate(STORY, params)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        done = sum(
+            r.completion_tokens for r in pool.map(lambda _: engine.generate(STORY, params), range(clients))
+        )
+    return {"tps": one.decode_tps, "ttft": one.ttft_s, "agg": done / (time.perf_counter() - start)}
 
 
-def native_rate(engine, tokens: int) -> float:
-    """The binding's own generate loop (its sampler, no llmhost on top)."""
-    llm, ids, n, start = engine.llm, engine.encode_chat(STORY), 0, None
-    llm.reset()
-    for _tok in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0):
-        if start is None:
-            start = time.perf_counter()  # after the prompt, like decode tok/s above
-        n += 1
-        if n == tokens:
-            break
-    return (n - 1) / (time.perf_counter() - start)
+def native(engine, tokens: int, clients: int) -> dict:
+    """The binding's own generate loop, no llmhost on top; one sequence at a time."""
+    from llama_cpp import Llama
+
+    from llmhost.engine.llamacpp import physical_cores
+    from llmhost.store.embedded import embedded_gguf
+
+    llm = Llama(model_path=str(embedded_gguf()[0]), n_ctx=2048, n_threads=physical_cores(), verbose=False)
+    ids = engine.encode_chat(STORY)
+
+    def run() -> tuple[float, float, int]:
+        llm.reset()
+        t0, first, n = time.perf_counter(), None, 0
+        for _tok in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0):
+            first = first or time.perf_counter()
+            n += 1
+            if n == tokens:
+                break
+        end = time.perf_counter()
+        return first - t0, (n - 1) / (end - first), n
+
+    run()  # warm-up
+    ttft, tps, _ = run()
+    start = time.perf_counter()
+    done = sum(run()[2] for _ in range(clients))
+    return {"tps": tps, "ttft": ttft, "agg": done / (time.perf_counter() - start)}
 
 
-def spawn(which: str, tokens: int) -> dict:
-    return isolated.run(__file__, ["--child", which, "--tokens", str(tokens)], timeout=900)
+# -- over HTTP, the official client --------------------------------------------------------------
+
+
+def over_http(base_url: str, key: str, tokens: int, clients: int) -> dict:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=600)
+
+    def one() -> tuple[float, float, int]:
+        t0, first, last, n = time.perf_counter(), None, None, 0
+        stream = client.chat.completions.create(
+            model=MODEL, messages=STORY, temperature=0, max_tokens=tokens, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first or time.perf_counter()
+                last = time.perf_counter()
+            if chunk.usage:
+                n = chunk.usage.completion_tokens
+        return first - t0, (n - 1) / (last - first), n
+
+    one()  # warm-up
+    ttft, tps, _ = one()
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        done = sum(r[2] for r in pool.map(lambda _: one(), range(clients)))
+    return {"tps": tps, "ttft": ttft, "agg": done / (time.perf_counter() - start)}
+
+
+def vllm_direct(server: ServerProcess) -> tuple[str, str]:
+    """The private URL and key of the vLLM child behind `server` (read from /proc: a benchmark's
+    privilege; llmhost never exposes them)."""
+    import psutil
+
+    for proc in psutil.Process(server.proc.pid).children(recursive=True):
+        cmd = " ".join(proc.cmdline())
+        if "vllm_child.py" in cmd and (m := re.search(r"--port (\d+)", cmd)):
+            return f"http://127.0.0.1:{m.group(1)}/v1", proc.environ()["VLLM_API_KEY"]
+    raise RuntimeError("no vLLM child found")
+
+
+# -- the table ---------------------------------------------------------------------------------
+
+
+def block(engine: str, a: argparse.Namespace) -> list[tuple[str, str, dict]]:
+    """(row, baseline row, median result) for one engine; its server lives only meanwhile."""
+    key = "bench-key"
+    flags = {"transformers": ["--engine", "transformers"], "llamacpp": ["--engine", "llamacpp"]}
+    flags["vllm"] = ["--engine", "vllm", "--dtype", "float32"]
+    server = ServerProcess(
+        *flags[engine], "--context-length", "2048", "--api-key", key, "--max-concurrency", str(a.clients),
+        timeout=900,
+    )  # fmt: skip
+    args = ["--tokens", str(a.tokens), "--clients", str(a.clients)]
+    runs: dict[str, object] = {}
+    if engine == "vllm":
+        url, vkey = vllm_direct(server)
+        runs["vLLM's own server"] = lambda: over_http(url, vkey, a.tokens, a.clients)
+    elif engine == "llamacpp":
+        runs["llama-cpp-python alone"] = lambda: isolated.run(
+            __file__, ["--child", "llama-cpp-python", *args]
+        )
+        runs["llama.cpp in llmhost"] = lambda: isolated.run(__file__, ["--child", "llamacpp", *args])
+    else:
+        runs["transformers in llmhost"] = lambda: isolated.run(__file__, ["--child", "transformers", *args])
+    runs[f"llmhost serve --engine {engine}"] = lambda: over_http(server.url + "/v1", key, a.tokens, a.clients)
+    try:
+        got: dict[str, list[dict]] = {name: [] for name in runs}
+        for _ in range(a.rounds):
+            for name, fn in runs.items():  # alternate, so drift hits all alike
+                got[name].append(fn())
+    finally:
+        server.stop()
+    base = next(iter(runs))
+    return [
+        (name, base, {k: statistics.median(r[k] for r in got[name]) for k in ("tps", "ttft", "agg")})
+        for name in runs
+    ]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--engines", default="transformers,llamacpp,vllm")
     ap.add_argument("--child")
     a = ap.parse_args()
     if a.child:
-        isolated.report(measure(a.child, a.tokens))
+        isolated.report(in_process(a.child, a.tokens, a.clients))
         return
-    from llmhost.engine.llamacpp import INSTALL, available
-
-    if not available():
-        raise SystemExit(f"llama-cpp-python is not installed: {INSTALL}")
-    results: dict[str, list[dict]] = {name: [] for name in RUNS}
-    for _ in range(a.rounds):
-        for name in RUNS:  # alternate, so drift hits all alike
-            results[name].append(spawn(name, a.tokens))
-    base = statistics.median(r["tps"] for r in results["transformers"])
-    print(f"embedded model, {a.tokens} tokens greedy, {a.rounds} alternating rounds (median), a process each")
-    print(f"{'engine':<26}{'decode tok/s':>14}{'ratio':>8}{'TTFT s':>10}")
-    for name in RUNS:
-        tps = statistics.median(r["tps"] for r in results[name])
-        ttft = statistics.median(r["ttft"] for r in results[name])
-        print(f"{name:<26}{tps:>14.1f}{tps / base:>8.2f}{ttft:>10.3f}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    rows = [row for engine in a.engines.split(",") for row in block(engine, a)]
+    by_name = {name: r for name, _, r in rows}
+    print(
+        f"embedded model, greedy, {a.tokens} tokens; {a.clients} concurrent clients; {a.rounds} rounds (median)"
+    )
+    print(
+        f"{'run':<32}{'decode tok/s':>13}{'ratio':>7}{'TTFT s':>8}{'agg tok/s @' + str(a.clients):>15}{'ratio':>7}"
+    )
+    for name, base, r in rows:
+        b = by_name[base]
+        print(
+            f"{name:<32}{r['tps']:>13.1f}{r['tps'] / b['tps']:>7.2f}{r['ttft']:>8.3f}"
+            f"{r['agg']:>15.1f}{r['agg'] / b['agg']:>7.2f}"
+        )
+    print("ratio: against the first row of the same engine (the engine used directly)")
 
 
 if __name__ == "__main__":

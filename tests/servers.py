@@ -14,14 +14,17 @@ import httpx
 
 
 class ServerProcess:
-    def __init__(self, *args: str, env: dict[str, str] | None = None, timeout: float = 180) -> None:
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        timeout: float = 180,
+        drop_env: tuple[str, ...] = (),
+    ) -> None:
         cmd = [sys.executable, "-u", "-m", "llmhost", "serve", "--port", "0", *args]
+        environ = {k: v for k, v in os.environ.items() if k not in drop_env}
         self.proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, **(env or {})},
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**environ, **(env or {})}
         )
         self.lines: list[str] = []
         self._ready = threading.Event()

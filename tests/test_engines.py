@@ -9,8 +9,8 @@ import httpx
 import openai
 import pytest
 
-from engines import ENGINES, KEY, MODEL
-from servers import wait_for
+from engines import ENGINES, KEY, MODEL, require
+from servers import ServerProcess, wait_for
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
@@ -169,3 +169,35 @@ def test_unreachable_route_is_openai_404(served) -> None:
     with httpx.Client(base_url=served.server.url, headers={"Authorization": f"Bearer {KEY}"}) as http:
         r = http.get("/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_auto_runs_gguf_on_llamacpp_when_installed(monkeypatch, caplog, embedded_dir, installed) -> None:
+    from llmhost.config import LoadSettings
+    from llmhost.engine import llamacpp
+    from llmhost.engine.loader import choose_engine
+    from llmhost.store.embedded import embedded_gguf
+
+    monkeypatch.delenv("LLMHOST_ENGINE")
+    monkeypatch.setattr(llamacpp, "available", lambda: installed)
+    auto = LoadSettings()
+    gguf = "llamacpp" if installed else "transformers"
+    assert auto.engine == "auto"
+    assert choose_engine(None, auto) == choose_engine(str(embedded_gguf()[0]), auto) == gguf
+    assert ("llmhost[llamacpp]" in caplog.text) != installed  # the hint, only when it helps
+    assert choose_engine(str(embedded_dir), auto) == "transformers"  # an HF folder
+    assert choose_engine(None, LoadSettings(device="cuda")) == "transformers"
+    assert choose_engine(None, LoadSettings(upstream="http://127.0.0.1:9/v1")) == "openai"
+    assert choose_engine(None, LoadSettings(engine="vllm")) == "vllm"  # only when asked for
+
+
+def test_serve_with_no_engine_flag_runs_the_embedded_gguf_on_llamacpp(embedded_dir) -> None:
+    require("llamacpp")
+    server = ServerProcess("--api-key", KEY, drop_env=("LLMHOST_ENGINE",))
+    try:
+        with server.http() as http:
+            assert http.get("/health").json()["engines"] == {MODEL: "llamacpp"}
+        reply = server.client(KEY).chat.completions.create(messages=QUESTION, **GREEDY)
+        assert reply.choices[0].message.content
+    finally:
+        server.stop()

@@ -68,6 +68,14 @@ class LoadSettings(BaseSettings):
     max_concurrency: int = Field(
         8, ge=1, le=256, description="Most requests decoded together, each step one forward pass."
     )
+    kv_cache_gib: float | None = Field(
+        None,
+        gt=0,
+        le=4096,
+        description="KV cache memory in GiB for llama.cpp and for vLLM on a CPU (default 1). "
+        "llama.cpp decodes as many requests together as windows of --context-length fit, up to "
+        "--max-concurrency.",
+    )
     max_queue: int = Field(
         64, ge=0, le=100000, description="Most requests waiting for a batch slot; more are refused."
     )

@@ -35,11 +35,25 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def show_logs() -> None:
+    """llmhost's own log lines (engine choice, vLLM start-up, failures) as `llmhost: ...` on stderr."""
+    import logging
+
+    logger = logging.getLogger("llmhost")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("llmhost: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def load_model(ref: str | None, settings: LoadSettings) -> Any:
     from transformers.utils import logging as hf_logging
 
     from llmhost.engine import load
 
+    show_logs()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     with console.status(f"Loading {ref or 'the embedded default model'}…"):

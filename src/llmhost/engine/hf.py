@@ -172,6 +172,9 @@ class HFBatchRunner:
         self._lens = [n + 1 for n in self._lens]
         return out.logits[:, -1]
 
+    def has_room(self, req: Any) -> bool:
+        return True  # the dynamic cache grows as needed
+
     def drop(self, keep: list[int]) -> None:
         import torch
 

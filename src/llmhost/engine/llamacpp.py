@@ -3,13 +3,15 @@ the CPU, with llama.cpp's quantized kernels and none of the conversion to float3
 
 It plugs into the same scheduler as the transformers engine: llama.cpp evaluates tokens and
 hands back logits; llmhost's own sampling, stop strings, UTF-8-safe detokenization, queue and
-cancellation run on top, so both engines behave alike for every front end. The binding decodes
-one sequence at a time, so concurrent requests wait in the scheduler's queue (its length is in
-/metrics as llmhost_queue_length).
+cancellation run on top, so both engines behave alike for every front end. Concurrent requests
+are decoded together with llama.cpp's multi-sequence batching, up to --max-concurrency and as
+many as the KV cache (--kv-cache-gib) holds at their longest; the rest wait in the queue
+(llmhost_queue_length in /metrics).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +21,8 @@ from llmhost.config import LoadSettings
 from llmhost.engine.context import Message
 from llmhost.engine.scheduled import ScheduledEngine
 from llmhost.errors import ChatTemplateError, LlmhostError
+
+log = logging.getLogger("llmhost.llamacpp")
 
 INSTALL = "pip install 'llmhost[llamacpp]' (builds llama-cpp-python from source, about 7 minutes on 2 cores)"
 
@@ -49,52 +53,195 @@ class _Decoder:
         return data.decode("utf-8", errors="replace")
 
 
-class LlamaCppRunner:
-    """One sequence at a time: prefill evaluates the prompt, each step one token."""
+DEFAULT_KV_GIB = 1.0
 
-    max_batch = 1
+
+def kv_bytes_per_token(llm: Any) -> int:
+    """f16 keys and values of every layer, for one token."""
+    import llama_cpp
+
+    model = llm.model
+    head_dim = llama_cpp.llama_model_n_embd(model) // max(1, llama_cpp.llama_model_n_head(model))
+    return llama_cpp.llama_model_n_layer(model) * 2 * llama_cpp.llama_model_n_head_kv(model) * head_dim * 2
+
+
+def kv_capacity(llm: Any, window: int, kv_gib: float | None, most: int) -> int:
+    """Tokens the shared KV cache holds: what `kv_gib` buys, but at least one request's window and
+    at most `most` full windows."""
+    budget = int((kv_gib or DEFAULT_KV_GIB) * 2**30 // kv_bytes_per_token(llm))
+    return max(window, min(budget, window * most))
+
+
+class LlamaCppRunner:
+    """Many sequences per llama.cpp decode call (its multi-sequence batching): each running
+    request owns a sequence id in one KV cache of `capacity` tokens that they share.
+
+    Two findings about llama.cpp shape this (both checked by tests/test_llamacpp.py):
+    - without flash attention, a shared cache gave a request logits off by up to ~26 whenever
+      other sequences sat in it at other positions; with it they are bit-identical;
+    - removing a finished sequence (`llama_memory_seq_rm`) while others still decode shifted
+      their logits by ~1 (new cells land in the holes). So finished sequences are retired, not
+      removed: their cells stay until no request runs, and then the cache is cleared at once.
+    Requests are admitted while the cache can hold them at their longest (prompt + max tokens)
+    and a sequence id is free; the others wait, and all run again after the next clear.
+
+    The low-level API is used because the binding's `Llama` class decodes one sequence only; that
+    object is kept for the model, its tokenizer and metadata.
+    """
+
     device = "cpu"
 
-    def __init__(self, llm: Any) -> None:
-        self.llm = llm
+    def __init__(self, llm: Any, window: int, capacity: int, max_batch: int, threads: int) -> None:
+        import llama_cpp
 
-    def _logits(self) -> Any:
-        """The last evaluated token's logits, read from the context (the binding no longer copies
-        them into `scores` unless every position's logits are kept)."""
+        self.max_batch = max_batch
+        self.capacity = capacity
+        self.n_vocab = llm.n_vocab()
+        params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)  # the binding's defaults
+        params.n_ctx = capacity
+        params.n_batch = params.n_ubatch = min(window, 512)
+        # ids for the running requests and for those retired since the last clear
+        params.n_seq_max = min(llama_cpp.llama_max_parallel_sequences(), max_batch * 4)
+        params.kv_unified = True  # one cache: a request may use its whole window while others are short
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        params.n_threads = params.n_threads_batch = threads
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        with suppress_stdout_stderr(disable=False):  # llama.cpp's context chatter, as the binding does
+            self.ctx = llama_cpp.llama_init_from_model(llm.model, params)
+        if not self.ctx:
+            raise LlmhostError(
+                f"llama.cpp could not create a KV cache of {capacity} tokens (out of memory?): "
+                "lower --kv-cache-gib or --context-length"
+            )
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.chunk = params.n_batch
+        self.batch = llama_cpp.llama_batch_init(max(self.chunk, max_batch), 0, 1)
+        self.n_seq = params.n_seq_max
+        self.free = list(range(self.n_seq))
+        self.rows: list[int] = []  # the sequence id of each running row, in the scheduler's order
+        self.length: dict[int, int] = {}  # tokens in the KV cache per sequence id
+        self.reserved: dict[int, int] = {}  # tokens each running sequence may grow to
+        self.retired = 0  # cells held by sequences that finished since the last clear
+        self._pending: int | None = None
+
+    def has_room(self, req: Any) -> bool:
+        used = sum(self.reserved.values()) + self.retired
+        return bool(self.free) and used + _longest(req) <= self.capacity
+
+    def _decode(self, tokens: list[tuple[int, int, int, bool]]) -> None:
+        """tokens: (token, position, sequence id, wants logits)."""
+        import llama_cpp
+
+        b = self.batch
+        b.n_tokens = len(tokens)
+        for i, (token, pos, seq, logits) in enumerate(tokens):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, logits
+            b.seq_id[i][0] = seq
+        if (code := llama_cpp.llama_decode(self.ctx, b)) != 0:
+            raise LlmhostError(f"llama.cpp could not evaluate the batch (llama_decode returned {code})")
+
+    def _logits(self, index: int) -> Any:
         import llama_cpp
         import numpy as np
         import torch
 
-        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.llm.ctx), shape=(self.llm.n_vocab(),))
-        return torch.from_numpy(row.copy())
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, index)
+        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
 
     def prefill(self, req: Any) -> Any:
-        self.llm.reset()
-        self.llm.eval(req.prompt_ids)
-        return self._logits()
+        self._retire_pending()
+        seq = self.free.pop()
+        ids = req.prompt_ids
+        self.length[seq], self.reserved[seq] = 0, _longest(req)
+        try:
+            for start in range(0, len(ids), self.chunk):
+                part = ids[start : start + self.chunk]
+                last = start + len(part) == len(ids)
+                self._decode([(t, start + i, seq, last and i == len(part) - 1) for i, t in enumerate(part)])
+                self.length[seq] = start + len(part)
+        except BaseException:
+            self._retire(seq)
+            self._clear_if_idle()
+            raise
+        self._pending = seq
+        return self._logits(len(part) - 1)
 
     def commit_prefill(self) -> None:
-        pass
+        assert self._pending is not None
+        self.rows.append(self._pending)
+        self._pending = None
 
     def step(self, reqs: list[Any]) -> Any:
-        self.llm.eval([reqs[0].last_token])
-        return self._logits().unsqueeze(0)
+        import torch
+
+        tokens = [(r.last_token, self.length[seq], seq, True) for r, seq in zip(reqs, self.rows, strict=True)]
+        self._decode(tokens)
+        for seq in self.rows:
+            self.length[seq] += 1
+        return torch.stack([self._logits(i) for i in range(len(tokens))])
 
     def drop(self, keep: list[int]) -> None:
-        if not keep:
-            self.llm.reset()
+        self._retire_pending()
+        kept = set(keep)
+        for i, seq in enumerate(self.rows):
+            if i not in kept:
+                self._retire(seq)
+        self.rows = [self.rows[i] for i in keep]
+        self._clear_if_idle()
+
+    def _retire_pending(self) -> None:
+        """A prefilled request that was not committed (it finished on its first token)."""
+        if self._pending is not None:
+            self._retire(self._pending)
+            self._pending = None
+
+    def _retire(self, seq: int) -> None:
+        self.reserved.pop(seq, None)
+        self.retired += self.length.pop(seq, 0)
+
+    def _clear_if_idle(self) -> None:
+        import llama_cpp
+
+        if not self.rows and self._pending is None and len(self.free) < self.n_seq:
+            llama_cpp.llama_memory_clear(self.memory, True)
+            self.free, self.retired = list(range(self.n_seq)), 0
+
+    def close(self) -> None:
+        import llama_cpp
+
+        if self.ctx:
+            llama_cpp.llama_batch_free(self.batch)
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+
+
+def _longest(req: Any) -> int:
+    return len(req.prompt_ids) + req.seq.params.max_new_tokens
 
 
 class LlamaCppEngine(ScheduledEngine):
     kind = "llamacpp"
 
-    def __init__(self, llm: Any, name: str, template: str, max_queue: int) -> None:
+    def __init__(self, llm: Any, name: str, template: str, settings: LoadSettings) -> None:
+        import llama_cpp
+
         self.llm = llm
         self.name = name
-        self.context_length = llm.n_ctx()
+        self.context_length = settings.context_length or llama_cpp.llama_model_n_ctx_train(llm.model)
+        self.max_batch = settings.max_concurrency
+        self.kv_tokens = kv_capacity(llm, self.context_length, settings.kv_cache_gib, self.max_batch)
+        log.info(
+            "llama.cpp: a KV cache of %d tokens (%.2f GiB, see --kv-cache-gib) for up to %d requests "
+            "at a time of up to %d tokens each",
+            self.kv_tokens,
+            self.kv_tokens * kv_bytes_per_token(llm) / 2**30,
+            self.max_batch,
+            self.context_length,
+        )
         self.decoder = _Decoder(llm)
         self.chat_template = template
-        self.max_queue = max_queue
+        self.max_queue = settings.max_queue
         meta = llm.metadata
         eos = {llm.token_eos()}
         for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
@@ -110,12 +257,9 @@ class LlamaCppEngine(ScheduledEngine):
             raise LlmhostError(f"the llama.cpp engine is not installed: {INSTALL}")
         from llama_cpp import Llama
 
-        llm = Llama(
-            model_path=str(gguf),
-            n_ctx=settings.context_length or 0,  # 0: the model's own window
-            n_threads=physical_cores(),
-            verbose=False,
-        )
+        # this object reads the model, its tokenizer and metadata; decoding happens in the
+        # runner's own multi-sequence context, so its own context is kept minimal
+        llm = Llama(model_path=str(gguf), n_ctx=64, n_batch=64, n_threads=physical_cores(), verbose=False)
         template = llm.metadata.get("tokenizer.chat_template")
         if settings.chat_template is not None:
             try:
@@ -124,7 +268,7 @@ class LlamaCppEngine(ScheduledEngine):
                 raise LlmhostError(
                     f"cannot read --chat-template {settings.chat_template}: {err.strerror}"
                 ) from None
-        return cls(llm, name, template, settings.max_queue)
+        return cls(llm, name, template, settings)
 
     def render(self, messages: list[Message]) -> str:
         """The GGUF's template through transformers' sandboxed Jinja, as for the HF engine."""
@@ -155,4 +299,4 @@ class LlamaCppEngine(ScheduledEngine):
         return self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
 
     def runner(self) -> LlamaCppRunner:
-        return LlamaCppRunner(self.llm)
+        return LlamaCppRunner(self.llm, self.context_length, self.kv_tokens, self.max_batch, physical_cores())

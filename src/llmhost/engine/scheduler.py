@@ -77,6 +77,9 @@ class BatchRunner(Protocol):
     def drop(self, keep: list[int]) -> None:
         """Keep only these rows of the running batch."""
 
+    def has_room(self, req: Request) -> bool:
+        """Whether `req` can join the running batch now (a fixed-size KV cache may be full)."""
+
 
 class Scheduler:
     def __init__(self, runner: BatchRunner, max_queue: int = 64) -> None:
@@ -130,6 +133,8 @@ class Scheduler:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if (self._thread is None or not self._thread.is_alive()) and hasattr(self.runner, "close"):
+            self.runner.close()  # native memory (llama.cpp's context), once nothing decodes
 
     def _enqueue(
         self,
@@ -200,6 +205,10 @@ class Scheduler:
             if req.cancel.is_set():
                 req.deliver(req.seq.finish("cancelled"))
                 continue
+            if self._active and not self.runner.has_room(req):
+                with self._cv:
+                    self._pending.appendleft(req)  # first in line once running requests finish
+                return
             try:
                 logits = self.runner.prefill(req)
                 req.emit(sample_next(logits, req.seq.params, req.generator, self._seen(req)))

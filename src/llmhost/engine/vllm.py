@@ -85,10 +85,12 @@ def server_args(
     return args + shlex.split(settings.vllm_args or "")
 
 
-def child_env(key: str, install: VllmInstall) -> dict[str, str]:
+def child_env(key: str, install: VllmInstall, settings: LoadSettings) -> dict[str, str]:
     env = {**os.environ, "VLLM_API_KEY": key, "HF_HUB_OFFLINE": "1"}  # the model is a local folder
     if install.cpu:
         # else vLLM reserves most of a NUMA node's memory for its KV cache, and fails on a PC
+        if settings.kv_cache_gib is not None:
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(settings.kv_cache_gib)))  # whole GiB only
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     return env
 
@@ -112,7 +114,7 @@ class VLLMEngine(OpenAIEngine):
         cmd = [str(install.python), "-I", "-u", str(CHILD), str(os.getpid())]
         cmd += server_args(folder, name, port, settings, install)
         logfile = llmhost_home() / "logs" / f"vllm-{name.replace('/', '_')}-{port}.log"
-        child = Child("vLLM server", cmd, child_env(key, install), logfile, group=True)
+        child = Child("vLLM server", cmd, child_env(key, install, settings), logfile, group=True)
         log.info("starting vLLM %s for %s (log: %s)", install.version, name, logfile)
         try:
             wait_http(f"http://127.0.0.1:{port}/health", START_TIMEOUT_S, child)
