@@ -28,7 +28,7 @@ from pathlib import Path
 import isolated  # bench/isolated.py: the script's folder is on sys.path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from servers import ServerProcess  # noqa: E402  (the tests' subprocess helper)
+from servers import ServerProcess  # the tests' subprocess helper
 
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
 MODEL = "smollm2-135m-instruct"
@@ -180,12 +180,10 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows = [row for engine in a.engines.split(",") for row in block(engine, a)]
     by_name = {name: r for name, _, r in rows}
-    print(
-        f"embedded model, greedy, {a.tokens} tokens; {a.clients} concurrent clients; {a.rounds} rounds (median)"
-    )
-    print(
-        f"{'run':<32}{'decode tok/s':>13}{'ratio':>7}{'TTFT s':>8}{'agg tok/s @' + str(a.clients):>15}{'ratio':>7}"
-    )
+    setup = f"{a.tokens} tokens; {a.clients} concurrent clients; {a.rounds} rounds (median)"
+    print(f"embedded model, greedy, {setup}")
+    agg = f"agg tok/s @{a.clients}"
+    print(f"{'run':<32}{'decode tok/s':>13}{'ratio':>7}{'TTFT s':>8}{agg:>15}{'ratio':>7}")
     for name, base, r in rows:
         b = by_name[base]
         print(

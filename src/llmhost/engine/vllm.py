@@ -18,13 +18,9 @@ import secrets
 import shlex
 import subprocess
 import threading
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from llmhost.config import LoadSettings, llmhost_home
-from llmhost.engine.context import Message
-from llmhost.engine.params import GenerationParams
-from llmhost.engine.types import Chunk
 from llmhost.engine.upstream import OpenAIEngine, UpstreamError
 from llmhost.errors import InvalidRequestError
 from llmhost.installs import VLLM_INSTALL, VllmInstall, find_vllm
@@ -147,47 +143,17 @@ class VLLMEngine(OpenAIEngine):
     def problem(self) -> str | None:
         return self._death
 
-    def _check(self) -> None:
+    def check(self) -> None:
         if self._death is not None:
             raise UpstreamError(self._death, 503)
 
-    def stream(
-        self,
-        messages: list[Message] | None = None,
-        params: GenerationParams | None = None,
-        *,
-        prompt: str | None = None,
-        cancel: threading.Event | None = None,
-    ) -> Iterator[Chunk]:
-        self._check()
-        try:
-            return super().stream(messages, params, prompt=prompt, cancel=cancel)
-        except UpstreamError:
-            self._died_meanwhile()
-            raise
-
-    async def astream(
-        self,
-        messages: list[Message] | None = None,
-        params: GenerationParams | None = None,
-        *,
-        prompt: str | None = None,
-        cancel: threading.Event | None = None,
-    ) -> AsyncIterator[Chunk]:
-        self._check()
-        try:
-            return await super().astream(messages, params, prompt=prompt, cancel=cancel)
-        except UpstreamError:
-            self._died_meanwhile()
-            raise
-
-    def _died_meanwhile(self) -> None:
+    def unreachable(self) -> None:
         """A refused connection while the child is exiting: answer with the watcher's reason."""
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.child.proc.wait(2)
         if self.child.proc.poll() is not None:
             self._watched.wait(5)
-            self._check()
+            self.check()
 
     def close(self) -> None:
         self._closing = True
