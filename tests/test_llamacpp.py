@@ -156,8 +156,9 @@ def test_kv_budget_decides_how_many_run_together_and_the_rest_queue(cpp) -> None
 
     per_token = kv_bytes_per_token(cpp.llm)
     assert per_token == 30 * 2 * 3 * 64 * 2  # SmolLM2-135M: 30 layers, 3 KV heads of 64, f16
-    assert kv_capacity(cpp.llm, 8192, None, 8) == 2**30 // per_token  # 1 GiB by default
-    assert kv_capacity(cpp.llm, 2048, None, 8) == 2048 * 8  # no more than 8 full windows
+    assert kv_capacity(cpp.llm, 8192, None, 8) == 8192  # by default one window, as llama.cpp alone
+    assert kv_capacity(cpp.llm, 8192, 1, 8) == 2**30 // per_token  # what 1 GiB buys
+    assert kv_capacity(cpp.llm, 2048, 1, 8) == 2048 * 8  # no more than 8 full windows
     assert kv_capacity(cpp.llm, 8192, 0.001, 8) == 8192  # always one full window
     # a cache of 2 windows of 512: two requests of 400 fit at their longest; the third waits
     small = LoadSettings(

@@ -114,7 +114,7 @@ def test_a_dead_vllm_child_gives_503_and_a_logged_reason(tp2, tp_model) -> None:
         body = {"model": tp_model.name, "messages": PROMPTS[0], "max_tokens": 8}
         r = http.post("/v1/chat/completions", json=body)
         assert r.status_code == 503, r.text
-        assert f"vLLM server for {tp_model.name} stopped (exit code" in r.json()["error"]["message"]
+        assert f"vLLM server for {tp_model.name} stopped (exit code -9)" in r.json()["error"]["message"]
         health = http.get("/health")
         assert health.status_code == 503 and tp_model.name in health.json()["problems"]
     assert "stopped (exit code" in tp2.log and "restart llmhost" in tp2.log

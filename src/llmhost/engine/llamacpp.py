@@ -53,9 +53,6 @@ class _Decoder:
         return data.decode("utf-8", errors="replace")
 
 
-DEFAULT_KV_GIB = 1.0
-
-
 def kv_bytes_per_token(llm: Any) -> int:
     """f16 keys and values of every layer, for one token."""
     import llama_cpp
@@ -66,10 +63,12 @@ def kv_bytes_per_token(llm: Any) -> int:
 
 
 def kv_capacity(llm: Any, window: int, kv_gib: float | None, most: int) -> int:
-    """Tokens the shared KV cache holds: what `kv_gib` buys, but at least one request's window and
-    at most `most` full windows."""
-    budget = int((kv_gib or DEFAULT_KV_GIB) * 2**30 // kv_bytes_per_token(llm))
-    return max(window, min(budget, window * most))
+    """Tokens the shared KV cache holds. By default one full window, the memory llama.cpp alone
+    would take (typical requests of a few hundred tokens still run many at a time); with
+    `kv_gib`, what that buys, but at least one window and at most `most` full windows."""
+    if kv_gib is None:
+        return window
+    return max(window, min(int(kv_gib * 2**30 // kv_bytes_per_token(llm)), window * most))
 
 
 class LlamaCppRunner:
@@ -268,7 +267,9 @@ class LlamaCppEngine(ScheduledEngine):
                 raise LlmhostError(
                     f"cannot read --chat-template {settings.chat_template}: {err.strerror}"
                 ) from None
-        return cls(llm, name, template, settings)
+        engine = cls(llm, name, template, settings)
+        _ = engine.scheduler  # the KV cache now: not enough memory is a load error, not a request's
+        return engine
 
     def render(self, messages: list[Message]) -> str:
         """The GGUF's template through transformers' sandboxed Jinja, as for the HF engine."""

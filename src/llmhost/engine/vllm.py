@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
 import shlex
 import subprocess
@@ -132,7 +133,11 @@ class VLLMEngine(OpenAIEngine):
         self._watched.set()
 
     def _report_death(self, code: int) -> None:
-        last = " | ".join(self.child.last_lines(4))
+        lines = self.child.last_lines(12)
+        for line in lines:  # the wrapper ends its group with SIGKILL; the server's own code is here
+            if m := re.search(r"llmhost-vllm: the vLLM server exited with code (-?\d+)", line):
+                code = int(m.group(1))
+        last = " | ".join(line for line in lines[-5:] if not line.startswith("llmhost-vllm:"))
         self._death = (
             f"the vLLM server for {self.name} stopped (exit code {code}); its log: "
             f"{self.child.log_path}; restart llmhost to start it again"
