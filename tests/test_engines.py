@@ -186,6 +186,7 @@ def test_auto_runs_gguf_on_llamacpp_when_installed(monkeypatch, caplog, embedded
     assert choose_engine(None, auto) == choose_engine(str(embedded_gguf()[0]), auto) == gguf
     assert ("llmhost[llamacpp]" in caplog.text) != installed  # the hint, only when it helps
     assert choose_engine(str(embedded_dir), auto) == "transformers"  # an HF folder
+    assert choose_engine(None, auto, adapter=True) == "transformers"  # LoRA adapters merge in torch
     assert choose_engine(None, LoadSettings(device="cuda")) == "transformers"
     assert choose_engine(None, LoadSettings(upstream="http://127.0.0.1:9/v1")) == "openai"
     assert choose_engine(None, LoadSettings(engine="vllm")) == "vllm"  # only when asked for

@@ -111,6 +111,7 @@ def test_a_dead_vllm_child_gives_503_and_a_logged_reason(tp2, tp_model) -> None:
     # the child's wrapper ends the rest of vLLM's process tree (engine core, TP workers)
     assert wait_for(lambda: not _alive(children), 30)
     with tp2.http(headers={"Authorization": f"Bearer {KEY}"}) as http:
+        assert wait_for(lambda: http.get("/health").status_code == 503, 10)  # llmhost has reaped it
         body = {"model": tp_model.name, "messages": PROMPTS[0], "max_tokens": 8}
         r = http.post("/v1/chat/completions", json=body)
         assert r.status_code == 503, r.text

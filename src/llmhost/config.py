@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from llmhost.errors import LlmhostError
+
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -100,6 +102,15 @@ class LoadSettings(BaseSettings):
         description="More vLLM server flags, one shell-quoted string, e.g. "
         "'--distributed-executor-backend ray --max-num-seqs 64'.",
     )
+
+    def read_chat_template(self) -> str | None:
+        """The --chat-template file's text (None when not given); unreadable is a clear error."""
+        if self.chat_template is None:
+            return None
+        try:
+            return Path(self.chat_template).read_text(encoding="utf-8")
+        except OSError as err:
+            raise LlmhostError(f"cannot read --chat-template {self.chat_template}: {err.strerror}") from None
 
 
 # vLLM settings that mean nothing to other engines (--vllm-python is only a location: an

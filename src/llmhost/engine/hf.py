@@ -56,14 +56,7 @@ class TransformersEngine(ScheduledEngine):
                 f"{path} holds no .safetensors weights; llmhost does not load pickle (.bin) "
                 "weights: convert them to safetensors or use a safetensors/GGUF release"
             )
-        template = None
-        if settings.chat_template is not None:
-            try:
-                template = Path(settings.chat_template).read_text(encoding="utf-8")
-            except OSError as err:
-                raise LlmhostError(
-                    f"cannot read --chat-template {settings.chat_template}: {err.strerror}"
-                ) from None
+        template = settings.read_chat_template()
         device = pick_device(settings.device)
         dtype = getattr(torch, pick_dtype(settings.dtype, device))
         remote = settings.trust_remote_code

@@ -259,14 +259,7 @@ class LlamaCppEngine(ScheduledEngine):
         # this object reads the model, its tokenizer and metadata; decoding happens in the
         # runner's own multi-sequence context, so its own context is kept minimal
         llm = Llama(model_path=str(gguf), n_ctx=64, n_batch=64, n_threads=physical_cores(), verbose=False)
-        template = llm.metadata.get("tokenizer.chat_template")
-        if settings.chat_template is not None:
-            try:
-                template = Path(settings.chat_template).read_text(encoding="utf-8")
-            except OSError as err:
-                raise LlmhostError(
-                    f"cannot read --chat-template {settings.chat_template}: {err.strerror}"
-                ) from None
+        template = settings.read_chat_template() or llm.metadata.get("tokenizer.chat_template")
         engine = cls(llm, name, template, settings)
         _ = engine.scheduler  # the KV cache now: not enough memory is a load error, not a request's
         return engine

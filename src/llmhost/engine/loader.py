@@ -79,7 +79,8 @@ def load(ref: str | None = None, settings: LoadSettings | None = None) -> Engine
     """Load a model: the embedded default (no ref), a store name, a local HF folder or a local
     .gguf file. A fine-tuned store model loads its base and merges its LoRA adapter."""
     settings = settings or LoadSettings()
-    engine = choose_engine(ref, settings)
+    adapter = stored_adapter(ref)
+    engine = choose_engine(ref, settings, adapter is not None)
     if engine == "openai":
         from llmhost.engine.upstream import OpenAIEngine
 
@@ -89,7 +90,6 @@ def load(ref: str | None = None, settings: LoadSettings | None = None) -> Engine
 
         gguf, name = gguf_file(ref)
         return LlamaCppEngine.load(gguf, settings, name)
-    adapter = stored_adapter(ref)
     if engine == "vllm":
         from llmhost.engine.vllm import VLLMEngine
 
@@ -109,7 +109,7 @@ def load(ref: str | None = None, settings: LoadSettings | None = None) -> Engine
     return TransformersEngine.load(path, settings, name)
 
 
-def choose_engine(ref: str | None, settings: LoadSettings) -> str:
+def choose_engine(ref: str | None, settings: LoadSettings, adapter: bool = False) -> str:
     """The engine `auto` means for `ref`: openai with --upstream, llama.cpp for GGUF models when
     it is installed (fine-tuned adapters and explicit GPU devices stay on transformers), else
     transformers. vLLM only when asked for."""
@@ -122,7 +122,7 @@ def choose_engine(ref: str | None, settings: LoadSettings) -> str:
         return settings.engine
     if settings.upstream:
         return "openai"
-    if settings.device not in ("auto", "cpu") or stored_adapter(ref) is not None or not is_gguf(ref):
+    if settings.device not in ("auto", "cpu") or adapter or not is_gguf(ref):
         return "transformers"
     from llmhost.engine.llamacpp import INSTALL, available
 

@@ -11,13 +11,11 @@ when llmhost stops or dies, the child's whole process tree goes with it (see vll
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
 import secrets
 import shlex
-import subprocess
 import threading
 from pathlib import Path
 
@@ -98,9 +96,7 @@ class VLLMEngine(OpenAIEngine):
     kind = "vllm"
 
     child: Child
-    _watched: threading.Event
     _closing = False
-    _death: str | None = None
 
     @classmethod
     def start(cls, folder: Path, name: str, settings: LoadSettings) -> VLLMEngine:
@@ -121,44 +117,37 @@ class VLLMEngine(OpenAIEngine):
             child.stop()
             raise
         engine.child = child
-        engine._watched = threading.Event()
         threading.Thread(target=engine._watch, name="vllm-watch", daemon=True).start()
         return engine
 
     def _watch(self) -> None:
-        code = self.child.proc.wait()
-        if self._closing:
-            return
-        self._report_death(code)
-        self._watched.set()
-
-    def _report_death(self, code: int) -> None:
-        lines = self.child.last_lines(12)
-        for line in lines:  # the wrapper ends its group with SIGKILL; the server's own code is here
-            if m := re.search(r"llmhost-vllm: the vLLM server exited with code (-?\d+)", line):
-                code = int(m.group(1))
-        last = " | ".join(line for line in lines[-5:] if not line.startswith("llmhost-vllm:"))
-        self._death = (
-            f"the vLLM server for {self.name} stopped (exit code {code}); its log: "
-            f"{self.child.log_path}; restart llmhost to start it again"
-        )
-        log.error("%s. Its last output: %s", self._death, last)
+        """Log why the child died; requests learn it from `problem` without waiting."""
+        self.child.proc.wait()
+        if self.problem is not None:
+            last = " | ".join(ln for ln in self.child.last_lines(6) if not ln.startswith("llmhost-vllm:"))
+            log.error("%s. Its last output: %s", self.problem, last)
 
     @property
     def problem(self) -> str | None:
-        return self._death
+        """Set once the child has exited (and llmhost is not the one stopping it). Never blocks:
+        requests and /health ask it from the event loop."""
+        code = self.child.proc.poll()
+        if code is None or self._closing:
+            return None
+        for line in list(self.child.tail):  # the wrapper ends its group with SIGKILL; the server's code
+            if m := re.search(r"llmhost-vllm: the vLLM server exited with code (-?\d+)", line):
+                code = int(m.group(1))
+        return (
+            f"the vLLM server for {self.name} stopped (exit code {code}); its log: "
+            f"{self.child.log_path}; restart llmhost to start it again"
+        )
 
     def check(self) -> None:
-        if self._death is not None:
-            raise UpstreamError(self._death, 503)
+        if (problem := self.problem) is not None:
+            raise UpstreamError(problem, 503)
 
     def unreachable(self) -> None:
-        """A refused connection while the child is exiting: answer with the watcher's reason."""
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.child.proc.wait(2)
-        if self.child.proc.poll() is not None:
-            self._watched.wait(5)
-            self.check()
+        self.check()  # a refused connection from a child that died says why
 
     def close(self) -> None:
         self._closing = True
