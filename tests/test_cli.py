@@ -74,6 +74,13 @@ def test_generate_reads_stdin_and_raw_mode(tiny_dir):
         (["generate", "no/such/model", "hi"], 1, "error: no model 'no/such/model'"),
         (["generate", "a", "b", "c"], 2, "at most two arguments"),
         (["generate", "   "], 2, "the prompt is empty"),
+        (["generate", "hi", "--kv-cache-gib", "0"], 2, "--kv-cache-gib: Input should be greater than 0"),
+        (["generate", "hi", "--engine", "vllm", "--vllm-args", "--max-num-seqs '4"], 2, "check its quotes"),
+        (
+            ["generate", "hi", "--engine", "tpu"],
+            2,
+            "--engine: Input should be 'auto', 'transformers', 'llamacpp'",
+        ),
         (["web", "--host", "0.0.0.0"], 2, "puts the chat page on the network with no login"),
         (["web", "--server", "ftp://example"], 2, "invalid option --server: must be an http(s) URL"),
         (["web", "some-model", "--server", "http://127.0.0.1:9/v1"], 2, "not both"),

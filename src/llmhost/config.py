@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shlex
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llmhost.errors import LlmhostError
@@ -102,6 +103,16 @@ class LoadSettings(BaseSettings):
         description="More vLLM server flags, one shell-quoted string, e.g. "
         "'--distributed-executor-backend ray --max-num-seqs 64'.",
     )
+
+    @field_validator("vllm_args")
+    @classmethod
+    def _splittable(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                shlex.split(value)
+            except ValueError as err:  # e.g. an unclosed quote
+                raise ValueError(f"cannot split it like a shell would ({err}): check its quotes") from None
+        return value
 
     def read_chat_template(self) -> str | None:
         """The --chat-template file's text (None when not given); unreadable is a clear error."""

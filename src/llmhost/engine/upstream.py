@@ -89,6 +89,15 @@ class OpenAIEngine(Engine):
             body["prompt"] = prompt
         return body
 
+    def _begin(
+        self, client: Any, messages: list[Message] | None, prompt: str | None, params: GenerationParams | None
+    ) -> tuple[Any, dict, float]:
+        """What both stream() and astream() send: the client's create method and the body."""
+        self.check()
+        body = self._request(messages, prompt, params or GenerationParams())
+        api = client.chat.completions if "messages" in body else client.completions
+        return api.create, body, time.perf_counter()
+
     def stream(
         self,
         messages: list[Message] | None = None,
@@ -97,12 +106,9 @@ class OpenAIEngine(Engine):
         prompt: str | None = None,
         cancel: threading.Event | None = None,
     ) -> Iterator[Chunk]:
-        self.check()
-        body = self._request(messages, prompt, params or GenerationParams())
-        start = time.perf_counter()
-        api = self._sync.chat.completions if "messages" in body else self._sync.completions
+        create, body, start = self._begin(self._sync, messages, prompt, params)
         with _errors(self.base_url, self.unreachable):
-            raw = api.create(**body)  # errors raise here, before any chunk
+            raw = create(**body)  # errors raise here, before any chunk
         return self._sync_chunks(raw, start, cancel)
 
     def _sync_chunks(self, raw: Any, start: float, cancel: threading.Event | None) -> Iterator[Chunk]:
@@ -129,12 +135,9 @@ class OpenAIEngine(Engine):
         prompt: str | None = None,
         cancel: threading.Event | None = None,
     ) -> AsyncIterator[Chunk]:
-        self.check()
-        body = self._request(messages, prompt, params or GenerationParams())
-        start = time.perf_counter()
-        api = self._async.chat.completions if "messages" in body else self._async.completions
+        create, body, start = self._begin(self._async, messages, prompt, params)
         with _errors(self.base_url, self.unreachable):
-            raw = await api.create(**body)
+            raw = await create(**body)
         return self._async_chunks(raw, start, cancel)
 
     async def _async_chunks(
