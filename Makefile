@@ -57,8 +57,12 @@ browser:
 # (CI sets LLMHOST_REQUIRE_ENGINES=1, which makes a missing engine a failure instead).
 test: $(TSTAMP) browser
 	@$(MAKE) -s vllm || echo "warning: could not install vLLM; the vLLM engine tests will be skipped"
-	$(BIN)/ruff check src tests bench
+	@$(MAKE) -s lint
 	$(BIN)/python -m pytest
+
+lint: $(TSTAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 bench: $(STAMP)
 	$(BIN)/python bench/decode.py

@@ -23,12 +23,9 @@ import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import isolated  # bench/isolated.py: the script's folder is on sys.path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from servers import ServerProcess  # the tests' subprocess helper
+from llmhost.procs import ServerProcess
 
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
 MODEL = "smollm2-135m-instruct"
@@ -61,7 +58,7 @@ def native(engine, tokens: int, clients: int) -> dict:
     """The binding's own generate loop, no llmhost on top; one sequence at a time."""
     from llama_cpp import Llama
 
-    from llmhost.engine.llamacpp import physical_cores
+    from llmhost.engine.backends.llamacpp import physical_cores
     from llmhost.store.embedded import embedded_gguf
 
     llm = Llama(model_path=str(embedded_gguf()[0]), n_ctx=2048, n_threads=physical_cores(), verbose=False)
@@ -178,19 +175,30 @@ def main() -> None:
         isolated.report(in_process(a.child, a.tokens, a.clients))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    rows = [row for engine in a.engines.split(",") for row in block(engine, a)]
-    by_name = {name: r for name, _, r in rows}
+    isolated.use_repo_vllm()
     setup = f"{a.tokens} tokens; {a.clients} concurrent clients; {a.rounds} rounds (median)"
     print(f"embedded model, greedy, {setup}")
     agg = f"agg tok/s @{a.clients}"
-    print(f"{'run':<32}{'decode tok/s':>13}{'ratio':>7}{'TTFT s':>8}{agg:>15}{'ratio':>7}")
-    for name, base, r in rows:
-        b = by_name[base]
-        print(
-            f"{name:<32}{r['tps']:>13.1f}{r['tps'] / b['tps']:>7.2f}{r['ttft']:>8.3f}"
-            f"{r['agg']:>15.1f}{r['agg'] / b['agg']:>7.2f}"
-        )
+    print(f"{'run':<32}{'decode tok/s':>13}{'ratio':>7}{'TTFT s':>8}{agg:>15}{'ratio':>7}", flush=True)
+    failed = []
+    for engine in a.engines.split(","):  # each engine's rows as soon as they are measured
+        try:
+            rows = block(engine, a)
+        except Exception as err:  # one engine failing must not lose the others' numbers
+            print(f"{engine:<32}failed: {str(err).splitlines()[0]}", flush=True)
+            failed.append(engine)
+            continue
+        by_name = {name: r for name, _, r in rows}
+        for name, base, r in rows:
+            b = by_name[base]
+            print(
+                f"{name:<32}{r['tps']:>13.1f}{r['tps'] / b['tps']:>7.2f}{r['ttft']:>8.3f}"
+                f"{r['agg']:>15.1f}{r['agg'] / b['agg']:>7.2f}",
+                flush=True,
+            )
     print("ratio: against the first row of the same engine (the engine used directly)")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

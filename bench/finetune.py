@@ -57,10 +57,10 @@ def run_trainer(data: Path) -> dict:
         TrainingArguments,
     )
 
-    from llmhost.engine.loader import resolve
+    from llmhost.engine.ref import resolve_ref
     from llmhost.finetune.data import encode, read_jsonl
 
-    path, _ = resolve(None)
+    path = resolve_ref(None).hf_folder()
     tok = AutoTokenizer.from_pretrained(str(path))
     rows = [
         dict(zip(("input_ids", "labels"), encode(tok, ex.messages), strict=True))

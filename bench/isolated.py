@@ -7,6 +7,17 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def use_repo_vllm() -> None:
+    """`make test` builds vLLM's own virtualenv in the checkout (.venv-vllm): benches use it as
+    the tests do, unless LLMHOST_VLLM_PYTHON names another."""
+    python = REPO / ".venv-vllm" / "bin" / "python"
+    if python.exists():
+        os.environ.setdefault("LLMHOST_VLLM_PYTHON", str(python))
 
 
 def report(result: dict) -> None:

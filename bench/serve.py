@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import threading
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from servers import ServerProcess
+from llmhost.procs import ServerProcess
 
 TOPICS = [
     "a dragon who learns to cook",

@@ -39,10 +39,9 @@ def home() -> Path:
 @pytest.fixture(scope="session")
 def embedded_dir(home: Path) -> Path:
     """The embedded model converted to an HF folder (once per test home)."""
-    from llmhost.engine import resolve
+    from llmhost.engine import resolve_ref
 
-    path, _ = resolve(None)
-    return path
+    return resolve_ref(None).hf_folder()
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ VLLM_FLAGS = ("--engine", "vllm", "--dtype", "float32")
 def missing(kind: str) -> str | None:
     """Why `kind` cannot run here, or None."""
     if kind == "llamacpp":
-        from llmhost.engine.llamacpp import INSTALL, available
+        from llmhost.engine.backends.llamacpp import INSTALL, available
 
         return None if available() else f"llama-cpp-python is not installed: {INSTALL}"
     if kind == "vllm":

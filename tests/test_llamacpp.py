@@ -9,7 +9,7 @@ import pytest
 
 from llmhost.config import LoadSettings
 from llmhost.engine import load
-from llmhost.engine.llamacpp import INSTALL, available
+from llmhost.engine.backends.llamacpp import INSTALL, available
 from llmhost.engine.params import GenerationParams
 from servers import wait_for
 
@@ -32,7 +32,7 @@ def test_greedy_equals_the_bindings_own_sampler(cpp) -> None:
     transformers model: this 135M model is that sensitive.)"""
     from llama_cpp import Llama
 
-    from llmhost.engine.llamacpp import physical_cores
+    from llmhost.engine.backends.llamacpp import physical_cores
     from llmhost.store.embedded import embedded_gguf
 
     result = cpp.generate(QUESTION, GenerationParams(temperature=0, max_new_tokens=20))
@@ -111,7 +111,7 @@ def test_logits_do_not_depend_on_other_sequences_in_the_cache(cpp) -> None:
     finished sequence's cells mid-batch shifted them by ~1.)"""
     from types import SimpleNamespace
 
-    from llmhost.engine.llamacpp import LlamaCppRunner, physical_cores
+    from llmhost.engine.backends.llamacpp import LlamaCppRunner, physical_cores
 
     def request(text: str, budget: int = 64) -> SimpleNamespace:
         ids = cpp.encode_chat([{"role": "user", "content": text}])
@@ -152,7 +152,7 @@ def test_logits_do_not_depend_on_other_sequences_in_the_cache(cpp) -> None:
 
 
 def test_kv_budget_decides_how_many_run_together_and_the_rest_queue(cpp) -> None:
-    from llmhost.engine.llamacpp import kv_bytes_per_token, kv_capacity
+    from llmhost.engine.backends.llamacpp import kv_bytes_per_token, kv_capacity
 
     per_token = kv_bytes_per_token(cpp.llm)
     assert per_token == 30 * 2 * 3 * 64 * 2  # SmolLM2-135M: 30 layers, 3 KV heads of 64, f16

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmhost.engine.types import Chunk, Result
+from llmhost.engine.chunks import Chunk, Result
 from llmhost.errors import InvalidRequestError
 from llmhost.server.mapping import ObjectBuilder, penalty_from_openai, to_params, to_prompt
 from llmhost.server.protocol import ChatCompletionRequest, CompletionRequest

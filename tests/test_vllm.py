@@ -137,7 +137,7 @@ def test_llmhost_stopping_or_dying_leaves_no_vllm_process(embedded_dir) -> None:
 
 def test_server_args_map_llmhost_settings_and_pass_extra_flags_last(tmp_path) -> None:
     from llmhost.config import LoadSettings
-    from llmhost.engine.vllm import server_args
+    from llmhost.engine.backends.vllm import server_args
     from llmhost.installs import VllmInstall
 
     settings = LoadSettings(

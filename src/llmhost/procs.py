@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -138,3 +139,60 @@ def wait_http(url: str, timeout: float, child: Child, headers: dict[str, str] | 
                 return
         time.sleep(0.2)
     raise child.failure(f"did not answer {url} within {timeout:g} s")
+
+
+class ServerProcess:
+    """`llmhost serve` as a real subprocess on a free loopback port, ready once it says where it
+    serves (its own log line); for tests, benchmarks and scripts that drive a server."""
+
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        timeout: float = 180,
+        drop_env: tuple[str, ...] = (),
+    ) -> None:
+        cmd = [sys.executable, "-u", "-m", "llmhost", "serve", "--port", "0", *args]
+        environ = {k: v for k, v in os.environ.items() if k not in drop_env}
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**environ, **(env or {})}
+        )
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self.url = ""
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(timeout) or not self.url:
+            self.stop()
+            raise ChildFailed("llmhost serve did not start:\n" + "".join(self.lines))
+
+    def _read(self) -> None:
+        assert self.proc.stdout
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            m = re.search(r"llmhost: serving on (http://\S+)", line)
+            if m:
+                self.url = m.group(1)
+                self._ready.set()
+        self._ready.set()
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def client(self, key: str | None = "none") -> Any:
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+    def http(self, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=120, **kw)
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode

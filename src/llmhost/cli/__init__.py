@@ -117,14 +117,15 @@ def serve(
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
     from llmhost.cli.common import console
+    from llmhost.engine.loader import uses_upstream
     from llmhost.errors import InvalidRequestError
     from llmhost.server.manager import ModelManager
     from llmhost.server.run import check_exposure
     from llmhost.server.run import serve as run_server
 
     warning = check_exposure(server)
-    if not models and (load.engine == "openai" or (load.engine == "auto" and load.upstream)):
-        from llmhost.engine.upstream import available
+    if not models and uses_upstream(load):
+        from llmhost.engine.backends.openai import available
 
         models = available(load.upstream, load.upstream_key) if load.upstream else []  # serve them all
     engines = [load_model(ref, load) for ref in (models or [None])]

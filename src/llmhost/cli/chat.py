@@ -10,7 +10,7 @@ from typing import TextIO
 
 from llmhost.cli.common import console
 from llmhost.engine import Engine, GenerationParams
-from llmhost.engine.types import Chunk
+from llmhost.engine.chunks import Chunk
 from llmhost.errors import LlmhostError
 
 HELP = """commands:

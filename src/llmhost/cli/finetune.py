@@ -67,6 +67,7 @@ def run(base: str | None, settings: FinetuneSettings) -> None:
 
     from transformers.utils import logging as hf_logging
 
+    from llmhost.engine.ref import resolve_ref
     from llmhost.finetune.dist import Dist
     from llmhost.finetune.trainer import prepare, register, train
 
@@ -78,7 +79,7 @@ def run(base: str | None, settings: FinetuneSettings) -> None:
 
     dist = Dist()  # several processes under torchrun / accelerate launch; else a no-op
     progress = RichTrainProgress() if dist.is_main else Quiet()
-    plan = prepare(base, settings, progress, dist)
+    plan = prepare(resolve_ref(base), settings, progress, dist)
     try:
         model, summary = train(plan, progress, dist)
     finally:
@@ -108,8 +109,10 @@ class Quiet:
 
 
 def run_merge(name: str, out: str, overwrite: bool) -> None:
+    from llmhost.engine.ref import resolve_ref
     from llmhost.finetune.merge import merge
 
+    adapter = resolve_ref(name)
     with console.status(f"Merging {name} into its base…"):
-        stored = merge(name, out, overwrite)
+        stored = merge(adapter, out, overwrite)
     console.print(f"[green]✓[/green] {stored.name}: a standalone model in {stored.folder}")

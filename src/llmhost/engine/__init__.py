@@ -1,22 +1,41 @@
 """The generation engine: `load()` a model, then `stream_generate()` / `generate()` from it.
 
 Nothing here imports a web or CLI framework; torch and transformers load lazily.
+
+The life of a request, file by file (a chat request to `llmhost serve` on a local engine):
+
+1. `server/app.py` maps the OpenAI body to messages and `GenerationParams` (`params.py`) and
+   calls `Engine.astream()` (`base.py`) on the engine `load()` (`loader.py`) made at start from a
+   `ModelRef` (`ref.py`: what the user typed, resolved once) on one of `backends/`.
+2. `local.py` (`LocalEngine`): the request rules and the system prompt (`context.py`), the chat
+   template (`template.py`), tokenizing (the backend), fitting the window (`context.py`); it
+   creates the request's `SequenceState` (`sequence.py`) and submits it.
+3. `scheduler.py`: one inference thread owns the model; it admits the request, has the
+   backend's `BatchRunner` prefill it, then steps it with every running request in one batch.
+4. `sampling.py` picks each next token from the runner's logits.
+5. `sequence.py` turns the token into text (`text.py`: UTF-8-safe detokenizing, stop strings)
+   and a typed `Chunk` (`chunks.py`), the last one with finish reason and timings.
+6. The chunk travels back to the caller's iterator; `server/mapping.py` makes it an OpenAI
+   chunk. The remote backends (vllm, openai) skip 2-5: their server does them, and
+   `openai_stream.py` reads its chunks back.
 """
 
 from llmhost.engine.base import Engine, generate, stream_generate
-from llmhost.engine.loader import load, resolve
+from llmhost.engine.chunks import Chunk, Result, collect
+from llmhost.engine.loader import load
 from llmhost.engine.params import GenerationParams, make_params
-from llmhost.engine.types import Chunk, Result, collect
+from llmhost.engine.ref import ModelRef, resolve_ref
 
 __all__ = [
     "Chunk",
     "Engine",
     "GenerationParams",
+    "ModelRef",
     "Result",
     "collect",
     "generate",
     "load",
     "make_params",
-    "resolve",
+    "resolve_ref",
     "stream_generate",
 ]

@@ -6,9 +6,9 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
 
+from llmhost.engine.chunks import Chunk, Result, collect
 from llmhost.engine.context import Message
 from llmhost.engine.params import GenerationParams
-from llmhost.engine.types import Chunk, Result, collect
 
 
 class Engine(ABC):

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from llmhost.errors import ContextOverflowError, InvalidRequestError
+
+if TYPE_CHECKING:
+    from llmhost.engine.params import GenerationParams
 
 Message = dict[str, str]
 ROLES = frozenset({"system", "user", "assistant"})
@@ -25,6 +29,21 @@ def validate_messages(messages: list[Message]) -> None:
             )
     if messages[-1]["role"] != "user":
         raise InvalidRequestError("the last message must come from the user", param="messages")
+
+
+def request_messages(
+    messages: list[Message] | None, prompt: str | None, params: GenerationParams
+) -> list[Message] | None:
+    """The rules of a request, for every engine: messages or a prompt, not both; valid messages;
+    the params' system prompt first unless the conversation has its own. None for a prompt."""
+    if (messages is None) == (prompt is None):
+        raise InvalidRequestError("give either messages or a prompt")
+    if messages is None:
+        return None
+    validate_messages(messages)
+    if params.system is not None and messages[0]["role"] != "system":
+        return [{"role": "system", "content": params.system}, *messages]
+    return messages
 
 
 def fit_messages(

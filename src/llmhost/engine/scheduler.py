@@ -19,9 +19,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from llmhost.engine.chunks import Chunk
 from llmhost.engine.sampling import sample_next
 from llmhost.engine.sequence import SequenceState
-from llmhost.engine.types import Chunk
 from llmhost.errors import LlmhostError
 
 log = logging.getLogger(__name__)

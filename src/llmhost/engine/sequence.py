@@ -9,9 +9,9 @@ from __future__ import annotations
 import time
 from collections.abc import Collection
 
+from llmhost.engine.chunks import Chunk, FinishReason, decode_rate
 from llmhost.engine.params import GenerationParams
 from llmhost.engine.text import Decoder, IncrementalDetokenizer, StopMatcher
-from llmhost.engine.types import Chunk, FinishReason
 
 
 class SequenceState:
@@ -69,9 +69,6 @@ class SequenceState:
         self.finished = True
         n = len(self.generated)
         ttft = None if self._first is None else self._first - self._started
-        tps = None
-        if self._first is not None and n > 1 and self._last > self._first:
-            tps = (n - 1) / (self._last - self._first)
         return Chunk(
             text=text,
             token_ids=ids,
@@ -79,6 +76,6 @@ class SequenceState:
             completion_tokens=n,
             finish_reason=reason,
             ttft_s=ttft,
-            decode_tps=tps,
+            decode_tps=decode_rate(n, self._first, self._last),
             dropped_turns=self._dropped,
         )

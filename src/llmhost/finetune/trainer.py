@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from llmhost.config import llmhost_home
+from llmhost.engine.ref import ModelRef
 from llmhost.errors import InvalidRequestError, LlmhostError
 from llmhost.finetune import checkpoints
 from llmhost.finetune.data import IGNORE, Preflight, Tokenized, read_jsonl, tokenize
 from llmhost.finetune.dist import Dist
 from llmhost.finetune.settings import FinetuneSettings
-from llmhost.store.local import Store, StoredModel, describe_files
+from llmhost.store.local import Store, StoredModel
 from llmhost.store.names import check_name, folder_name
 
 
@@ -68,12 +69,15 @@ class Plan:
         return math.ceil(self.total_micro / self.settings.grad_accum)
 
 
-def prepare(base: str | None, s: FinetuneSettings, progress: Progress, dist: Dist | None = None) -> Plan:
+def prepare(base: ModelRef, s: FinetuneSettings, progress: Progress, dist: Dist | None = None) -> Plan:
     """Everything before the model loads: names, data preflight, tokenization, the run folder."""
     from transformers import AutoTokenizer
 
-    from llmhost.engine.loader import resolve
-
+    if base.is_adapter:
+        raise InvalidRequestError(
+            f"{base.name} is a LoRA adapter: fine-tune its base, or `llmhost merge` it first and "
+            "fine-tune that"
+        )
     check_name(s.name)
     if Store().get(s.name) and not s.overwrite:
         raise InvalidRequestError(
@@ -84,12 +88,8 @@ def prepare(base: str | None, s: FinetuneSettings, progress: Progress, dist: Dis
     train.check(s.strict)
     if evaluation:
         evaluation.check(s.strict)
-    base_ref = (
-        str(Path(base).expanduser().resolve())
-        if base and Path(base).expanduser().exists()
-        else (base or "default")
-    )
-    base_path, _ = resolve(None if base_ref == "default" else base_ref)
+    base_ref = base.key
+    base_path = base.hf_folder()
     tokenizer = AutoTokenizer.from_pretrained(str(base_path))
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequestError(f"the base model {base_ref} has no chat template to format the data with")
@@ -321,15 +321,12 @@ def _step(params: list[Any], optimizer: Any, scheduler: Any) -> None:
 def register(model: Any, plan: Plan, summary: Summary) -> StoredModel:
     """Put the adapter in the store as NAME: a reference to the base plus the LoRA weights."""
     s = plan.settings
-    store = Store()
-    with store.lock(s.name):
-        staging = store.staging(s.name)
-        shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(str(staging), safe_serialization=True)
-        (staging / "README.md").unlink(missing_ok=True)
-        result = StoredModel(
-            name=s.name, folder=staging, format="lora", source="finetune", repo=None, revision=None,
-            files=describe_files(staging), created=time.time(), catalog=None,
+    with Store().write(s.name) as w:
+        model.save_pretrained(str(w.staging), safe_serialization=True)
+        (w.staging / "README.md").unlink(missing_ok=True)
+        stored = w.commit(
+            "lora",
+            "finetune",
             extra={
                 "base": plan.base_ref,
                 "settings": s.model_dump(mode="json"),
@@ -337,7 +334,6 @@ def register(model: Any, plan: Plan, summary: Summary) -> StoredModel:
                 "eval_losses": summary.eval_losses,
                 "steps": summary.steps,
             },
-        )  # fmt: skip
-        stored = store.commit(result, staging)
+        )
     shutil.rmtree(plan.run_dir, ignore_errors=True)  # the checkpoints served their purpose
     return stored

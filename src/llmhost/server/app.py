@@ -19,8 +19,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llmhost import __version__
+from llmhost.engine.chunks import Chunk, collect
 from llmhost.engine.params import format_validation_error
-from llmhost.engine.types import Chunk, collect
 from llmhost.errors import LlmhostError
 from llmhost.server import mapping
 from llmhost.server.manager import ModelManager

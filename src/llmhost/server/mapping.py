@@ -6,8 +6,8 @@ import time
 import uuid
 from typing import Any
 
+from llmhost.engine.chunks import Chunk, FinishReason, Result
 from llmhost.engine.params import GenerationParams, make_params
-from llmhost.engine.types import Chunk, FinishReason, Result
 from llmhost.errors import InvalidRequestError
 from llmhost.server.protocol import ChatCompletionRequest, CompletionRequest
 

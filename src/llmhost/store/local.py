@@ -122,31 +122,67 @@ class Store:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def commit(self, model: StoredModel, staging: Path) -> StoredModel:
-        """Write the manifest into `staging`, then move it into place in one rename."""
-        manifest = staging / MANIFEST
-        tmp = manifest.with_suffix(".tmp")
-        tmp.write_text(json.dumps(model.to_json(), indent=2, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, manifest)
-        target = self.folder(model.name)
-        old = None
-        if target.exists():  # an update: swap, then delete the old copy
-            old = self.root / ".trash" / f"{target.name}-{os.getpid()}-{time.time_ns()}"
-            old.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(target, old)
-        os.replace(staging, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return _read(target)  # type: ignore[return-value]
+    @contextlib.contextmanager
+    def write(self, name: str, *, resume: bool = False) -> Iterator[StoreWrite]:
+        """The one way into the store: lock the name, assemble the model in its staging folder,
+        then `commit()` it in one rename. Without a commit the staging folder is removed, unless
+        `resume` keeps it for the next run (a pull continues where it stopped)."""
+        with self.lock(name):
+            staging = self.staging(name)
+            if not resume:
+                shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True, exist_ok=True)
+            writer = StoreWrite(self, name, staging)
+            try:
+                yield writer
+            finally:
+                if writer.stored is None and not resume:
+                    shutil.rmtree(staging, ignore_errors=True)
 
     def remove(self, name: str) -> StoredModel:
         model = self.require(name)
         with self.lock(name):
-            trash = self.root / ".trash" / f"{model.folder.name}-{os.getpid()}-{time.time_ns()}"
-            trash.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(model.folder, trash)  # gone from the store at once, even if deleting is slow
-            shutil.rmtree(trash, ignore_errors=True)
+            self._discard(model.folder)
         return model
+
+    def _discard(self, folder: Path) -> None:
+        shutil.rmtree(self._to_trash(folder), ignore_errors=True)
+
+    def _to_trash(self, folder: Path) -> Path:
+        """Gone from the store at once (one rename into .trash), even when deleting is slow."""
+        trash = self.root / ".trash" / f"{folder.name}-{os.getpid()}-{time.time_ns()}"
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(folder, trash)
+        return trash
+
+
+class StoreWrite:
+    """A model being written under the store's lock (see `Store.write`)."""
+
+    def __init__(self, store: Store, name: str, staging: Path) -> None:
+        self.store = store
+        self.name = name
+        self.staging = staging
+        self.stored: StoredModel | None = None
+
+    def commit(self, fmt: str, source: str, **record: Any) -> StoredModel:
+        """Write the manifest (files listed from the staging folder unless given), then move the
+        folder into place in one rename; an existing model of the name is replaced."""
+        record.setdefault("files", describe_files(self.staging))
+        record.setdefault("created", time.time())
+        model = StoredModel(name=self.name, folder=self.staging, format=fmt, source=source, **record)
+        manifest = self.staging / MANIFEST
+        tmp = manifest.with_suffix(".tmp")
+        tmp.write_text(json.dumps(model.to_json(), indent=2, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, manifest)
+        target = self.store.folder(self.name)
+        old = self.store._to_trash(target) if target.exists() else None  # an update: swap, then delete
+        os.replace(self.staging, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self.stored = _read(target)
+        assert self.stored is not None
+        return self.stored
 
 
 def read_manifest(folder: Path) -> StoredModel | None:
@@ -194,26 +230,20 @@ def import_path(store: Store, path: Path, name: str | None = None) -> StoredMode
     else:
         raise InvalidRequestError(f"{path} does not exist")
     name = check_name(name or (path.stem if fmt == "gguf" else path.name).lower())
-    with store.lock(name):
+    with store.write(name) as w:
         if store.get(name):
             raise InvalidRequestError(
                 f"the store already has {name!r}; pick another --name or `llmhost rm {name}`"
             )
-        staging = store.staging(name)
-        shutil.rmtree(staging, ignore_errors=True)
         base = path.parent if fmt == "gguf" else path
         for src in files:
-            dst = staging / src.relative_to(base)
+            dst = w.staging / src.relative_to(base)
             dst.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(src, dst)
             except OSError:
                 shutil.copy2(src, dst)
-        model = StoredModel(
-            name=name, folder=staging, format=fmt, source="import", repo=str(path),
-            files=describe_files(staging), created=time.time(),
-        )  # fmt: skip
-        return store.commit(model, staging)
+        return w.commit(fmt, "import", repo=str(path))
 
 
 def _skipped(rel: Path) -> bool:

@@ -7,7 +7,6 @@ import errno
 import fnmatch
 import hashlib
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,43 +119,36 @@ def pull(
 ) -> StoredModel:
     """Fetch, verify and store. An interruption leaves the staging folder to resume from; a
     failed check or a full disk leaves nothing new in the store."""
-    with store.lock(p.name):
+    with store.write(p.name, resume=True) as w:
         commit, files = hub.resolve(p.repo, p.revision)
         chosen = select_files(files, p.include)
-        staging = store.staging(p.name)
-        staging.mkdir(parents=True, exist_ok=True)
-        _check_space(staging, chosen)
+        _check_space(w.staging, chosen)
         if on_total:
             on_total(chosen)
         try:
             for f in chosen:
-                _fetch_verified(hub, p, commit, f, staging, progress)
+                _fetch_verified(hub, p, commit, f, w.staging, progress)
         except OSError as err:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                shutil.rmtree(staging, ignore_errors=True)
+                shutil.rmtree(w.staging, ignore_errors=True)
                 raise DiskFullError(
                     f"the disk holding {store.root} is full; the partial download was removed and the "
                     "store is unchanged. Free some space and pull again"
                 ) from None
             raise
         for bookkeeping in (".cache", ".parts"):  # hub clients' and llmhost's partial files
-            shutil.rmtree(staging / bookkeeping, ignore_errors=True)
-        fmt = "gguf" if all(f.path.endswith(".gguf") for f in chosen) else "hf"
-        model = StoredModel(
-            name=p.name,
-            folder=staging,
-            format=fmt,
-            source=p.source,
+            shutil.rmtree(w.staging / bookkeeping, ignore_errors=True)
+        return w.commit(
+            "gguf" if all(f.path.endswith(".gguf") for f in chosen) else "hf",
+            p.source,
             repo=p.repo,
             revision=commit,
             files=tuple(
-                StoredFile(f.path, f.size or (staging / f.path).stat().st_size, f.sha256) for f in chosen
+                StoredFile(f.path, f.size or (w.staging / f.path).stat().st_size, f.sha256) for f in chosen
             ),
-            created=time.time(),
             catalog=p.entry.name if p.entry else None,
             extra={"requested_revision": p.revision, "endpoint": hub.endpoint},
         )
-        return store.commit(model, staging)
 
 
 def _fetch_verified(

@@ -9,6 +9,8 @@ from typing import Any
 
 import openai
 
+from llmhost.engine.openai_stream import StreamReader
+
 
 @dataclass(frozen=True)
 class ChatRequest:
@@ -64,36 +66,20 @@ class ReplyStream:
     _start: float = field(default_factory=time.perf_counter)
 
     def __iter__(self) -> Iterator[str]:
-        first_at: float | None = None
-        pieces = 0
-        usage_seen = False
+        reader = StreamReader(self._start)
         for chunk in self._stream:
-            extension = (chunk.model_extra or {}).get("llmhost") or {}
-            if extension.get("dropped_turns"):
-                self.stats.dropped_turns = int(extension["dropped_turns"])
-            if chunk.usage is not None:
-                usage_seen = True
-                self.stats.completion_tokens = chunk.usage.completion_tokens
-                self.stats.prompt_tokens = chunk.usage.prompt_tokens
-            for choice in chunk.choices:
-                if choice.finish_reason:
-                    self.stats.finish_reason = choice.finish_reason
-                text = choice.delta.content or ""
-                if text:
-                    if first_at is None:
-                        first_at = time.perf_counter()
-                        self.stats.ttft_s = first_at - self._start
-                    pieces += 1
-                    if not usage_seen:  # until usage arrives (never, if stopped): one piece ≈ one token
-                        self.stats.completion_tokens = pieces
-                    yield text
-        self._finish(first_at)
-
-    def _finish(self, first_at: float | None) -> None:
-        elapsed = time.perf_counter() - first_at if first_at is not None else 0.0
-        if elapsed > 0 and (self.stats.completion_tokens or 0) > 1:
-            # the first token's time is the TTFT; the rate covers the tokens after it
-            self.stats.tokens_per_s = (self.stats.completion_tokens - 1) / elapsed
+            text = reader.read(chunk)
+            self.stats.dropped_turns = int(reader.extension.get("dropped_turns") or 0)
+            self.stats.finish_reason = reader.finish_reason
+            self.stats.prompt_tokens = reader.prompt_tokens
+            # until usage arrives (never, if stopped): one piece ≈ one token
+            self.stats.completion_tokens = (
+                reader.tokens if reader.pieces or reader.usage_tokens is not None else None
+            )
+            self.stats.ttft_s = reader.ttft_s
+            if text:
+                yield text
+        self.stats.tokens_per_s = reader.decode_tps()
 
     def close(self) -> None:
         self._stream.close()

@@ -1,4 +1,4 @@
-"""The transformers engine: a Hugging Face folder on CPU or GPU, one decode loop for every caller."""
+"""`--engine transformers`: a Hugging Face folder on CPU or GPU, one decode loop for every caller."""
 
 from __future__ import annotations
 
@@ -8,11 +8,21 @@ from typing import Any
 
 from llmhost.config import LoadSettings
 from llmhost.engine.context import Message
-from llmhost.engine.scheduled import ScheduledEngine
-from llmhost.errors import ChatTemplateError, LlmhostError
+from llmhost.engine.local import LocalEngine
+from llmhost.engine.ref import ModelRef
+from llmhost.engine.template import ChatTemplate
+from llmhost.errors import LlmhostError
 
 
-class TransformersEngine(ScheduledEngine):
+def load(ref: ModelRef, settings: LoadSettings) -> TransformersEngine:
+    """A Hugging Face folder (GGUF models converted once); an adapter is merged into its base."""
+    if ref.is_adapter:
+        assert ref.base is not None
+        return TransformersEngine.load(ref.base.hf_folder(), settings, ref.name, adapter=ref.path, ref=ref)
+    return TransformersEngine.load(ref.hf_folder(), settings, ref.name, ref=ref)
+
+
+class TransformersEngine(LocalEngine):
     kind = "transformers"
 
     def __init__(
@@ -29,7 +39,9 @@ class TransformersEngine(ScheduledEngine):
         self.tokenizer = tokenizer
         self.name = name
         self.context_length = context_length
-        self.chat_template = chat_template
+        self.template = ChatTemplate(
+            chat_template or getattr(tokenizer, "chat_template", None), name, tokenizer.special_tokens_map
+        )
         self.device = model.device
         self.eos_ids = _eos_ids(model, tokenizer)
         self._cache_kw = _cache_kwarg(model)
@@ -38,7 +50,12 @@ class TransformersEngine(ScheduledEngine):
 
     @classmethod
     def load(
-        cls, path: Path, settings: LoadSettings, name: str, adapter: Path | None = None
+        cls,
+        path: Path,
+        settings: LoadSettings,
+        name: str,
+        adapter: Path | None = None,
+        ref: ModelRef | None = None,
     ) -> TransformersEngine:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -49,7 +66,7 @@ class TransformersEngine(ScheduledEngine):
         if config.get("auto_map") and not settings.trust_remote_code:
             raise LlmhostError(
                 f"the model in {path} ships its own Python code (auto_map in config.json); "
-                "pass --trust-remote-code only if you trust its author" + _successor_hint(path)
+                "pass --trust-remote-code only if you trust its author" + _successor_hint(ref)
             )
         if not any(path.glob("*.safetensors")):
             raise LlmhostError(
@@ -77,22 +94,6 @@ class TransformersEngine(ScheduledEngine):
 
     # -- prompt preparation ---------------------------------------------------------------
 
-    def render(self, messages: list[Message]) -> str:
-        """The chat template applied by transformers' sandboxed Jinja environment."""
-        from jinja2 import TemplateError
-
-        if self.chat_template is None and not getattr(self.tokenizer, "chat_template", None):
-            raise ChatTemplateError(
-                f"the model {self.name} has no chat template: pass --chat-template FILE "
-                "(a Jinja file), or send a plain prompt instead of messages"
-            )
-        try:
-            return self.tokenizer.apply_chat_template(
-                messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
-            )
-        except TemplateError as err:
-            raise ChatTemplateError(f"the chat template refused these messages: {err}") from None
-
     def encode_chat(self, messages: list[Message]) -> list[int]:
         # templates write their own special tokens (BOS included), so none are added here
         return self.tokenizer(self.render(messages), add_special_tokens=False)["input_ids"]
@@ -104,11 +105,11 @@ class TransformersEngine(ScheduledEngine):
     def encode_text(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt)["input_ids"]
 
-    def runner(self) -> HFBatchRunner:
-        return HFBatchRunner(self.model, self._cache_kw, self.max_batch)
+    def runner(self) -> TransformersRunner:
+        return TransformersRunner(self.model, self._cache_kw, self.max_batch)
 
 
-class HFBatchRunner:
+class TransformersRunner:
     """Batched decoding for transformers models with a plain (full-attention) dynamic KV cache.
 
     Rows are left-padded to a common length; the attention mask hides the padding and each row
@@ -203,12 +204,11 @@ def _batchable(model: Any) -> bool:
     return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
-def _successor_hint(path: Path) -> str:
+def _successor_hint(ref: ModelRef | None) -> str:
     """For a catalog model pulled into the store: its successor that needs no remote code."""
     from llmhost.store.catalog import find
-    from llmhost.store.local import read_manifest
 
-    stored = read_manifest(path)
+    stored = ref.record if ref is not None else None
     entry = find(stored.catalog) if stored and stored.catalog else None
     if entry and entry.successor:
         return f", or use its successor {entry.successor} (llmhost pull {entry.successor})"

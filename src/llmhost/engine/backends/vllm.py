@@ -20,7 +20,8 @@ import threading
 from pathlib import Path
 
 from llmhost.config import LoadSettings, llmhost_home
-from llmhost.engine.upstream import OpenAIEngine, UpstreamError
+from llmhost.engine.backends.openai import OpenAIEngine, UpstreamError
+from llmhost.engine.ref import ModelRef
 from llmhost.errors import InvalidRequestError
 from llmhost.installs import VLLM_INSTALL, VllmInstall, find_vllm
 from llmhost.procs import Child, free_port, wait_http
@@ -90,6 +91,16 @@ def child_env(key: str, install: VllmInstall, settings: LoadSettings) -> dict[st
     return env
 
 
+def load(ref: ModelRef, settings: LoadSettings) -> VLLMEngine:
+    """vLLM serves a Hugging Face folder (GGUF models converted once); adapters must be merged."""
+    if ref.is_adapter:
+        raise InvalidRequestError(
+            f"{ref.name} is a LoRA adapter: `llmhost merge {ref.name} NAME` makes a standalone model "
+            "vLLM can serve"
+        )
+    return VLLMEngine.start(ref.hf_folder(), ref.name, settings)
+
+
 class VLLMEngine(OpenAIEngine):
     """The openai engine, pointed at a vLLM server it owns."""
 
@@ -103,7 +114,8 @@ class VLLMEngine(OpenAIEngine):
         check_parallel(folder, name, settings.tensor_parallel_size)
         install = locate(settings)
         port, key = free_port(), secrets.token_urlsafe(24)
-        # -I: the script's folder must not go on sys.path (it holds a types.py that shadows the stdlib)
+        # -I: the script's folder must not go on sys.path: its neighbours are named vllm.py,
+        # openai.py and transformers.py, which would shadow the real packages in vLLM's Python
         cmd = [str(install.python), "-I", "-u", str(CHILD), str(os.getpid())]
         cmd += server_args(folder, name, port, settings, install)
         logfile = llmhost_home() / "logs" / f"vllm-{name.replace('/', '_')}-{port}.log"

@@ -57,6 +57,13 @@ class Result:
         }
 
 
+def decode_rate(tokens: int, first: float | None, last: float) -> float | None:
+    """Decode tokens/s: the first token's time is the TTFT, the rate covers the tokens after it."""
+    if first is None or tokens <= 1 or last <= first:
+        return None
+    return (tokens - 1) / (last - first)
+
+
 def collect(chunks: object) -> Result:
     """Join a chunk stream into a Result: `generate()` is exactly this over `stream()`."""
     parts: list[str] = []

@@ -12,10 +12,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+from llmhost.config import LoadSettings
 from llmhost.engine.base import Engine
-from llmhost.engine.context import Message, validate_messages
+from llmhost.engine.chunks import Chunk, FinishReason
+from llmhost.engine.context import Message, request_messages
+from llmhost.engine.openai_stream import StreamReader
 from llmhost.engine.params import GenerationParams
-from llmhost.engine.types import Chunk, FinishReason
 from llmhost.errors import InvalidRequestError, LlmhostError, ModelNotFoundError
 
 
@@ -25,6 +27,12 @@ class UpstreamError(LlmhostError):
     def __init__(self, message: str, status: int = 502) -> None:
         super().__init__(message)
         self.status = status
+
+
+def load(name: str | None, settings: LoadSettings) -> OpenAIEngine:
+    """The model `name` at --upstream (its first model when None). Here the reference is a name
+    on the upstream, not a local model: it is never resolved against the store."""
+    return OpenAIEngine.connect(settings.upstream, settings.upstream_key, name)
 
 
 class OpenAIEngine(Engine):
@@ -59,8 +67,7 @@ class OpenAIEngine(Engine):
     # -- requests --------------------------------------------------------------------------
 
     def _request(self, messages: list[Message] | None, prompt: str | None, params: GenerationParams) -> dict:
-        if (messages is None) == (prompt is None):
-            raise InvalidRequestError("give either messages or a prompt")
+        messages = request_messages(messages, prompt, params)
         body: dict[str, Any] = {
             "model": self.name,
             "max_tokens": params.max_new_tokens,
@@ -81,9 +88,6 @@ class OpenAIEngine(Engine):
         if extra:
             body["extra_body"] = extra
         if messages is not None:
-            validate_messages(messages)
-            if params.system is not None and messages[0]["role"] != "system":
-                messages = [{"role": "system", "content": params.system}, *messages]
             body["messages"] = list(messages)
         else:
             body["prompt"] = prompt
@@ -176,42 +180,24 @@ class _ChunkState:
     """Upstream chunks → llmhost chunks; the last one carries usage and timings."""
 
     def __init__(self, start: float) -> None:
-        self.start = start
-        self.first: float | None = None
-        self.pieces = 0
-        self.prompt_tokens = 0
-        self.completion_tokens: int | None = None
-        self.reason: FinishReason | None = None
+        self.reader = StreamReader(start)
 
     def add(self, item: Any) -> Chunk | None:
-        if getattr(item, "usage", None) is not None:
-            self.prompt_tokens = item.usage.prompt_tokens
-            self.completion_tokens = item.usage.completion_tokens
-        text = ""
-        for choice in item.choices or []:
-            delta = getattr(choice, "delta", None)
-            text += (delta.content if delta is not None else getattr(choice, "text", "")) or ""
-            if choice.finish_reason:
-                self.reason = "length" if choice.finish_reason == "length" else "stop"
-        if not text:
-            return None
-        if self.first is None:
-            self.first = time.perf_counter()
-        self.pieces += 1
-        return Chunk(text=text, completion_tokens=self.pieces)
+        text = self.reader.read(item)
+        return Chunk(text=text, completion_tokens=self.reader.pieces) if text else None
 
     def finish(self, reason: FinishReason | None = None) -> Chunk:
-        done = self.completion_tokens if self.completion_tokens is not None else self.pieces
-        ttft = (self.first - self.start) if self.first is not None else None
-        elapsed = time.perf_counter() - self.first if self.first is not None else 0.0
-        tps = (done - 1) / elapsed if elapsed > 0 and done > 1 else None
+        r = self.reader
+        upstream: FinishReason | None = None
+        if r.finish_reason is not None:
+            upstream = "length" if r.finish_reason == "length" else "stop"
         return Chunk(
             text="",
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=done,
-            finish_reason=reason or self.reason or "stop",
-            ttft_s=ttft,
-            decode_tps=tps,
+            prompt_tokens=r.prompt_tokens or 0,
+            completion_tokens=r.tokens,
+            finish_reason=reason or upstream or "stop",
+            ttft_s=r.ttft_s,
+            decode_tps=r.decode_tps(),
         )
 
 

@@ -1,4 +1,4 @@
-"""The llama.cpp engine (`pip install llmhost[llamacpp]`): a GGUF file run by llama-cpp-python on
+"""`--engine llamacpp` (`pip install llmhost[llamacpp]`): a GGUF file run by llama-cpp-python on
 the CPU, with llama.cpp's quantized kernels and none of the conversion to float32.
 
 It plugs into the same scheduler as the transformers engine: llama.cpp evaluates tokens and
@@ -19,8 +19,10 @@ from typing import Any
 
 from llmhost.config import LoadSettings
 from llmhost.engine.context import Message
-from llmhost.engine.scheduled import ScheduledEngine
-from llmhost.errors import ChatTemplateError, LlmhostError
+from llmhost.engine.local import LocalEngine
+from llmhost.engine.ref import ModelRef
+from llmhost.engine.template import ChatTemplate
+from llmhost.errors import LlmhostError
 
 log = logging.getLogger("llmhost.llamacpp")
 
@@ -219,10 +221,15 @@ def _longest(req: Any) -> int:
     return len(req.prompt_ids) + req.seq.params.max_new_tokens
 
 
-class LlamaCppEngine(ScheduledEngine):
+def load(ref: ModelRef, settings: LoadSettings) -> LlamaCppEngine:
+    """The GGUF file itself, read by llama.cpp (no conversion)."""
+    return LlamaCppEngine.load(ref.gguf_file(), settings, ref.name)
+
+
+class LlamaCppEngine(LocalEngine):
     kind = "llamacpp"
 
-    def __init__(self, llm: Any, name: str, template: str, settings: LoadSettings) -> None:
+    def __init__(self, llm: Any, name: str, template: str | None, settings: LoadSettings) -> None:
         import llama_cpp
 
         self.llm = llm
@@ -239,7 +246,6 @@ class LlamaCppEngine(ScheduledEngine):
             self.context_length,
         )
         self.decoder = _Decoder(llm)
-        self.chat_template = template
         self.max_queue = settings.max_queue
         meta = llm.metadata
         eos = {llm.token_eos()}
@@ -247,8 +253,9 @@ class LlamaCppEngine(ScheduledEngine):
             if key in meta:
                 eos.add(int(meta[key]))
         self.eos_ids = eos
-        self.bos = llm.detokenize([llm.token_bos()], special=True).decode("utf-8", "replace")
-        self.eos = llm.detokenize([llm.token_eos()], special=True).decode("utf-8", "replace")
+        bos = llm.detokenize([llm.token_bos()], special=True).decode("utf-8", "replace")
+        eos = llm.detokenize([llm.token_eos()], special=True).decode("utf-8", "replace")
+        self.template = ChatTemplate(template, name, {"bos_token": bos, "eos_token": eos})
 
     @classmethod
     def load(cls, gguf: Path, settings: LoadSettings, name: str) -> LlamaCppEngine:
@@ -263,28 +270,6 @@ class LlamaCppEngine(ScheduledEngine):
         engine = cls(llm, name, template, settings)
         _ = engine.scheduler  # the KV cache now: not enough memory is a load error, not a request's
         return engine
-
-    def render(self, messages: list[Message]) -> str:
-        """The GGUF's template through transformers' sandboxed Jinja, as for the HF engine."""
-        from jinja2 import TemplateError
-        from transformers.utils.chat_template_utils import render_jinja_template
-
-        if not self.chat_template:
-            raise ChatTemplateError(
-                f"the model {self.name} has no chat template: pass --chat-template FILE, "
-                "or send a plain prompt"
-            )
-        try:
-            rendered, _ = render_jinja_template(
-                conversations=[messages],
-                chat_template=self.chat_template,
-                add_generation_prompt=True,
-                bos_token=self.bos,
-                eos_token=self.eos,
-            )
-        except TemplateError as err:
-            raise ChatTemplateError(f"the chat template refused these messages: {err}") from None
-        return rendered[0]
 
     def encode_chat(self, messages: list[Message]) -> list[int]:
         return self.llm.tokenize(self.render(messages).encode("utf-8"), add_bos=False, special=True)

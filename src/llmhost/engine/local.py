@@ -1,6 +1,7 @@
-"""What every engine that samples token by token shares: prompt preparation (context policy),
-per-request state, and one scheduler thread that owns the model. An engine supplies how to
-tokenize and a `BatchRunner` (prefill, step, drop) that returns logits."""
+"""The local engines (transformers, llama.cpp): what every engine that samples token by token
+shares: prompt preparation (request rules, chat template, context policy), per-request state,
+and one scheduler thread that owns the model. A backend supplies how to tokenize and a
+`BatchRunner` (prefill, step, drop) that returns logits."""
 
 from __future__ import annotations
 
@@ -12,24 +13,31 @@ from abc import abstractmethod
 from collections.abc import AsyncIterator, Collection, Iterator
 
 from llmhost.engine.base import Engine
-from llmhost.engine.context import Message, fit_messages, validate_messages
+from llmhost.engine.chunks import Chunk
+from llmhost.engine.context import Message, fit_messages, request_messages
 from llmhost.engine.params import GenerationParams
 from llmhost.engine.scheduler import BatchRunner, Scheduler
 from llmhost.engine.sequence import SequenceState
+from llmhost.engine.template import ChatTemplate
 from llmhost.engine.text import Decoder
-from llmhost.engine.types import Chunk
-from llmhost.errors import ContextOverflowError, InvalidRequestError
+from llmhost.errors import ContextOverflowError
 
 
-class ScheduledEngine(Engine):
+class LocalEngine(Engine):
     #: Turns token ids back into text (an HF tokenizer, or an adapter with the same `decode`).
     decoder: Decoder
+    #: The chat template, rendered the same way for every backend.
+    template: ChatTemplate
     eos_ids: Collection[int]
     max_queue: int = 64
 
+    def render(self, messages: list[Message]) -> str:
+        """The chat template applied to `messages`, ready for a reply."""
+        return self.template.render(messages)
+
     @abstractmethod
     def encode_chat(self, messages: list[Message]) -> list[int]:
-        """The chat template applied to `messages`, tokenized, ready for a reply."""
+        """`render(messages)` tokenized: the template writes its own special tokens (BOS too)."""
 
     @abstractmethod
     def encode_text(self, prompt: str) -> list[int]:
@@ -43,17 +51,13 @@ class ScheduledEngine(Engine):
         self, messages: list[Message] | None, prompt: str | None, params: GenerationParams
     ) -> tuple[list[int], int]:
         """Prompt token ids and how many history messages were dropped to fit the window."""
-        if (messages is None) == (prompt is None):
-            raise InvalidRequestError("give either messages or a prompt")
-        if prompt is not None:
+        messages = request_messages(messages, prompt, params)
+        if messages is None:
+            assert prompt is not None
             ids = self.encode_text(prompt)
             if len(ids) + params.max_new_tokens > self.context_length:
                 raise ContextOverflowError(len(ids), params.max_new_tokens, self.context_length)
             return ids, 0
-        assert messages is not None
-        validate_messages(messages)
-        if params.system is not None and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": params.system}, *messages]
         _, dropped, ids = fit_messages(
             messages,
             self.encode_chat,

@@ -1,0 +1,200 @@
+"""The shape of the package: one direction of imports, no circles, backends named after their
+`--engine` values, and a model reference resolved once per load."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PACKAGE = SRC / "llmhost"
+
+# layer → the llmhost layers it may import (itself included); anything else is a violation
+ALLOWED = {
+    "cli": {"cli", "server", "web", "finetune", "engine", "store", "config", "hardware", "errors", "installs",
+            "procs"},
+    "server": {"server", "engine", "store", "config", "hardware", "errors"},
+    "web": {"web", "engine", "store", "config", "errors", "procs", "server"},
+    "finetune": {"finetune", "engine", "store", "config", "hardware", "errors"},
+    "engine": {"engine", "store", "config", "hardware", "errors", "installs", "procs"},
+    "store": {"store", "config", "hardware", "errors", "installs"},
+}  # fmt: skip
+FRAMEWORKS = ("fastapi", "starlette", "uvicorn", "streamlit", "typer", "rich")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def imports(path: Path, known: dict[str, Path]) -> set[str]:
+    """Every module `path` imports, at module level or inside functions (lazy imports count)."""
+    me = module_name(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the package, level - 1 packages up
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}".rstrip(".")
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                found.add(sub if sub in known else base)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {m: {i for i in imports(p, known) if i in known and i != m} for m, p in known.items()}
+
+
+def test_no_import_circles() -> None:
+    g = graph()
+    # a package importing its own submodules (re-exports) is not a circle with them
+    edges = {m: {i for i in deps if not i.startswith(m + ".")} for m, deps in g.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def visit(m: str) -> None:  # Tarjan's strongly connected components
+        index[m] = low[m] = len(index)
+        stack.append(m)
+        for n in edges[m]:
+            if n not in index:
+                visit(n)
+                low[m] = min(low[m], low[n])
+            elif n in stack:
+                low[m] = min(low[m], index[n])
+        if low[m] == index[m]:
+            component = []
+            while True:
+                n = stack.pop()
+                component.append(n)
+                if n == m:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for m in sorted(edges):
+        if m not in index:
+            visit(m)
+    assert circles == []
+
+
+def test_the_graph_sees_lazy_imports() -> None:
+    # the test above would pass vacuously if imports inside functions were missed
+    assert "llmhost.engine.backends.gguf" in graph()["llmhost.engine.ref"]
+
+
+def test_imports_go_one_way() -> None:
+    wrong = []
+    for m, deps in graph().items():
+        layer = m.split(".")[1] if m.count(".") else ""
+        allowed = ALLOWED.get(layer)
+        if allowed is None:
+            continue
+        for d in deps:
+            target = d.split(".")[1] if d.count(".") else ""
+            if target and target not in allowed:
+                wrong.append(f"{m} → {d}")
+    assert wrong == []
+
+
+def test_the_engine_imports_no_framework() -> None:
+    known = modules()
+    used = {
+        (m, i)
+        for m, p in known.items()
+        if m.startswith("llmhost.engine")
+        for i in imports(p, known)
+        if i.split(".")[0] in FRAMEWORKS
+    }
+    assert used == set()
+
+
+def test_backends_are_named_after_their_engine() -> None:
+    from llmhost.config import LoadSettings
+    from llmhost.engine.backends import ENGINES
+
+    values = set(LoadSettings.model_fields["engine"].annotation.__args__) - {"auto"}
+    assert set(ENGINES) == values
+    folder = PACKAGE / "engine" / "backends"
+    assert {p.stem for p in folder.glob("*.py")} == values | {"__init__", "gguf", "vllm_child"}
+    for engine in ENGINES:
+        source = (folder / f"{engine}.py").read_text(encoding="utf-8")
+        assert "\ndef load(" in source, f"backends/{engine}.py has no load()"
+
+
+def test_no_module_shadows_the_standard_library() -> None:
+    import sys
+
+    clashes = {m for m in modules() if m.rsplit(".", 1)[-1] in sys.stdlib_module_names}
+    assert clashes == set()
+
+
+# -- one resolution per load ------------------------------------------------------------------
+
+
+@pytest.fixture
+def count_reads(monkeypatch):
+    """Counts manifest reads: every way of asking the store about a model goes through one."""
+    from llmhost.store import local
+
+    reads: list[Path] = []
+    real = local._read
+
+    def counting(folder: Path):
+        reads.append(folder)
+        return real(folder)
+
+    monkeypatch.setattr(local, "_read", counting)
+    return reads
+
+
+@pytest.fixture(scope="module")
+def stored(home: Path, embedded_dir: Path) -> dict[str, str]:
+    from llmhost.store.embedded import embedded_gguf
+    from llmhost.store.local import Store, import_path
+
+    store = Store()
+    names = {"hf": "layout-hf", "gguf": "layout-gguf", "lora": "layout-lora"}
+    for fmt, source in (("hf", embedded_dir), ("gguf", embedded_gguf()[0])):
+        if store.get(names[fmt]) is None:
+            import_path(store, source, names[fmt])
+    with store.write(names["lora"]) as w:  # only a record: enough to resolve, not to load
+        (w.staging / "adapter_config.json").write_text("{}")
+        w.commit("lora", "finetune", extra={"base": names["hf"]})
+    return names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_a_store_model_is_read_once_per_load(stored, count_reads, fmt) -> None:
+    from llmhost.config import LoadSettings
+    from llmhost.engine import load
+
+    engine = load(stored[fmt], LoadSettings(engine="auto", context_length=256))
+    try:
+        assert engine.name == stored[fmt]
+        assert len(count_reads) == 1, count_reads
+    finally:
+        engine.close()
+
+
+def test_an_adapter_reads_itself_and_its_base_once(stored, count_reads) -> None:
+    from llmhost.engine.ref import resolve_ref
+
+    ref = resolve_ref(stored["lora"])
+    assert ref.is_adapter and ref.base is not None and ref.base.name == stored["hf"]
+    assert ref.base.key == stored["hf"]
+    assert len(count_reads) == 2, count_reads

@@ -1,0 +1,211 @@
+"""The scheduler's admission, cancellation and failure paths, driven by a fake `BatchRunner`
+(no model): each row's next token is its last token + 1, so every reply is predictable."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from llmhost.engine.chunks import collect
+from llmhost.engine.params import GenerationParams
+from llmhost.engine.scheduler import QueueFullError, Scheduler
+from llmhost.engine.sequence import SequenceState
+from servers import wait_for
+
+VOCAB = 64
+EOS = 63
+
+
+class Letters:
+    """A decoder: token i is the letter chr(ord('a') + i % 26)."""
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(ord("a") + i % 26) for i in ids if not (skip_special_tokens and i == EOS))
+
+
+class FakeRunner:
+    device = "cpu"
+
+    def __init__(self, max_batch: int = 4, room: int = 10**9, step_delay: float = 0.0) -> None:
+        self.max_batch = max_batch
+        self.room = room  # tokens the "KV cache" holds
+        self.step_delay = step_delay
+        self.rows: list[int] = []  # reserved tokens per running row
+        self.staged: int | None = None
+        self.prefilled: list[list[int]] = []
+        self.fail_prefill: set[int] = set()  # first prompt token that makes prefill fail
+        self.fail_step = threading.Event()
+        self.peak_rows = 0
+        self.gate = threading.Event()
+        self.gate.set()
+
+    @staticmethod
+    def _next(token: int) -> torch.Tensor:
+        logits = torch.zeros(VOCAB)
+        logits[(token + 1) % VOCAB] = 1.0
+        return logits
+
+    def prefill(self, req) -> torch.Tensor:
+        self.gate.wait(10)
+        if req.prompt_ids[0] in self.fail_prefill:
+            raise RuntimeError("prefill exploded")
+        self.prefilled.append(list(req.prompt_ids))
+        self.staged = len(req.prompt_ids) + req.seq.params.max_new_tokens
+        return self._next(req.prompt_ids[-1])
+
+    def commit_prefill(self) -> None:
+        assert self.staged is not None
+        self.rows.append(self.staged)
+        self.staged = None
+        self.peak_rows = max(self.peak_rows, len(self.rows))
+
+    def step(self, reqs) -> torch.Tensor:
+        self.gate.wait(10)
+        time.sleep(self.step_delay)
+        if self.fail_step.is_set():
+            self.fail_step.clear()
+            raise RuntimeError("step exploded")
+        assert len(reqs) == len(self.rows)
+        return torch.stack([self._next(r.last_token) for r in reqs])
+
+    def drop(self, keep: list[int]) -> None:
+        self.staged = None
+        self.rows = [self.rows[i] for i in keep]
+
+    def has_room(self, req) -> bool:
+        return sum(self.rows) + len(req.prompt_ids) + req.seq.params.max_new_tokens <= self.room
+
+
+def seq(prompt: list[int], n: int) -> tuple[list[int], SequenceState]:
+    params = GenerationParams(temperature=0, max_new_tokens=n)
+    return prompt, SequenceState(Letters(), params, len(prompt), {EOS}, time.perf_counter())
+
+
+def expected(prompt: list[int], n: int) -> str:
+    return Letters().decode([(prompt[-1] + 1 + i) % VOCAB for i in range(n)])
+
+
+@pytest.fixture
+def make():
+    made: list[Scheduler] = []
+
+    def factory(runner: FakeRunner, max_queue: int = 64) -> Scheduler:
+        made.append(Scheduler(runner, max_queue))
+        return made[-1]
+
+    yield factory
+    for s in made:
+        s.close()
+
+
+def test_admits_up_to_max_batch_and_every_reply_is_whole(make) -> None:
+    runner = FakeRunner(max_batch=2, step_delay=0.002)
+    scheduler = make(runner)
+    prompts = [[i] for i in range(5)]
+    streams = [scheduler.submit(*seq(p, 6)) for p in prompts]
+    results = [collect(s) for s in streams]
+    assert [r.text for r in results] == [expected(p, 6) for p in prompts]
+    assert all(r.finish_reason == "length" for r in results)
+    assert scheduler.peak_batch == 2 and runner.peak_rows == 2
+    assert scheduler.running == scheduler.queued == 0
+
+
+def test_a_request_waits_while_the_cache_has_no_room(make) -> None:
+    runner = FakeRunner(max_batch=4, room=25, step_delay=0.002)
+    scheduler = make(runner)
+    big = [scheduler.submit(*seq([1] * 5, 10)) for _ in range(2)]  # 15 tokens each: one fits
+    results = [collect(s) for s in big]
+    assert [r.text for r in results] == [expected([1], 10)] * 2
+    assert runner.peak_rows == 1  # never two together in a cache of 25
+
+
+def test_a_request_cancelled_while_queued_is_never_prefilled(make) -> None:
+    runner = FakeRunner(max_batch=1)
+    scheduler = make(runner)
+    runner.gate.clear()  # hold the inference thread inside the first prefill
+    first = scheduler.submit(*seq([1], 3))
+    cancel = threading.Event()
+    queued = scheduler.submit(*seq([2], 3), cancel)
+    assert wait_for(lambda: scheduler.queued == 1)
+    cancel.set()
+    runner.gate.set()
+    assert collect(queued).finish_reason == "cancelled"
+    assert collect(first).text == expected([1], 3)
+    assert [2] not in runner.prefilled
+
+
+def test_cancelling_a_running_request_frees_its_row_within_a_step(make) -> None:
+    runner = FakeRunner(max_batch=2, step_delay=0.005)
+    scheduler = make(runner)
+    cancel = threading.Event()
+    doomed = scheduler.submit(*seq([1], 10_000), cancel)
+    other = scheduler.submit(*seq([2], 40))
+    next(doomed)
+    assert wait_for(lambda: scheduler.running == 2)
+    cancel.set()
+    last = collect(doomed)
+    assert last.finish_reason == "cancelled"
+    assert wait_for(lambda: scheduler.running <= 1, timeout=1)
+    assert collect(other).text == expected([2], 40)  # the other row was unaffected
+
+
+def test_closing_the_iterator_cancels(make) -> None:
+    runner = FakeRunner(max_batch=1, step_delay=0.005)
+    scheduler = make(runner)
+    stream = scheduler.submit(*seq([1], 10_000))
+    next(stream)
+    stream.close()
+    assert wait_for(lambda: scheduler.running == 0, timeout=2)
+    assert collect(scheduler.submit(*seq([3], 2))).text == expected([3], 2)
+
+
+def test_a_failed_prefill_fails_that_request_only(make) -> None:
+    runner = FakeRunner(max_batch=2)
+    runner.fail_prefill.add(9)
+    scheduler = make(runner)
+    bad = scheduler.submit(*seq([9], 3))
+    good = scheduler.submit(*seq([1], 3))
+    with pytest.raises(RuntimeError, match="prefill exploded"):
+        collect(bad)
+    assert collect(good).text == expected([1], 3)
+
+
+def test_a_failed_step_fails_the_batch_and_the_thread_serves_on(make) -> None:
+    runner = FakeRunner(max_batch=2, step_delay=0.005)
+    scheduler = make(runner)
+    running = [scheduler.submit(*seq([i], 1000)) for i in (1, 2)]
+    for s in running:
+        next(s)
+    runner.fail_step.set()
+    for s in running:
+        with pytest.raises(RuntimeError, match="step exploded"):
+            collect(s)
+    assert scheduler.running == 0 and runner.rows == []
+    assert collect(scheduler.submit(*seq([5], 4))).text == expected([5], 4)
+
+
+def test_a_full_queue_refuses_then_makes_room_for_callers_that_gave_up(make) -> None:
+    runner = FakeRunner(max_batch=1)
+    scheduler = make(runner, max_queue=2)
+    runner.gate.clear()
+    first = scheduler.submit(*seq([1], 2))
+    assert wait_for(lambda: scheduler.queued == 0)  # taken by the thread, held in prefill
+    cancel = threading.Event()
+    waiting = [scheduler.submit(*seq([2], 2), cancel), scheduler.submit(*seq([3], 2))]
+    with pytest.raises(QueueFullError):
+        scheduler.submit(*seq([4], 2))
+    cancel.set()  # a caller gave up: its place is free
+    late = scheduler.submit(*seq([4], 2))
+    runner.gate.set()
+    assert collect(waiting[0]).finish_reason == "cancelled"
+    assert [collect(s).text for s in (first, waiting[1], late)] == [expected([p], 2) for p in (1, 3, 4)]
+
+
+def test_end_of_sequence_finishes_with_stop(make) -> None:
+    scheduler = make(FakeRunner())
+    result = collect(scheduler.submit(*seq([EOS - 3], 100)))
+    assert result.finish_reason == "stop" and result.completion_tokens == 3
+    assert result.text == Letters().decode([EOS - 2, EOS - 1])
