@@ -146,6 +146,7 @@ def test_finetune_teaches_a_made_up_fact(ft_home: Path) -> None:
     tuned = llmhost(ft_home, "generate", "zorblax", QUESTION, "--temperature", "0", "--max-new-tokens", "16")
     assert tuned.returncode == 0, tuned.stderr
     assert "Quibbletown" in tuned.stdout
+    assert "Warning" not in tuned.stderr, tuned.stderr  # llmhost's words only, no library noise
     again = llmhost(ft_home, "finetune", "--data", str(DATA), "--name", "zorblax")
     assert again.returncode == 2 and "already has 'zorblax'" in again.stderr and "--overwrite" in again.stderr
 

@@ -209,3 +209,15 @@ def test_end_of_sequence_finishes_with_stop(make) -> None:
     result = collect(scheduler.submit(*seq([EOS - 3], 100)))
     assert result.finish_reason == "stop" and result.completion_tokens == 3
     assert result.text == Letters().decode([EOS - 2, EOS - 1])
+
+
+@pytest.mark.parametrize(("batch", "queue"), [(2, 2), (1, 0), (3, 1)])
+def test_nothing_is_refused_until_batch_plus_queue_is_exceeded(make, batch, queue) -> None:
+    runner = FakeRunner(max_batch=batch)
+    scheduler = make(runner, max_queue=queue)
+    runner.gate.clear()  # nothing finishes meanwhile; the thread may hold one in prefill
+    accepted = [scheduler.submit(*seq([i], 2)) for i in range(batch + queue)]
+    with pytest.raises(QueueFullError):
+        scheduler.submit(*seq([9], 2))
+    runner.gate.set()
+    assert [collect(s).text for s in accepted] == [expected([i], 2) for i in range(batch + queue)]

@@ -46,3 +46,7 @@ class ChatTemplateError(LlmhostError):
 
 class EmbeddedModelMissingError(LlmhostError):
     status = 500
+
+
+class DamagedModelError(LlmhostError):
+    """A model file is truncated or corrupt (an interrupted copy, a bad disk, a partial download)."""

@@ -50,8 +50,32 @@ def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", envvar="LLMHOST_VERBOSE", help="Also show the libraries' warnings (stderr)."
+        ),
+    ] = False,
 ) -> None:
     """llmhost: local chat models from one command."""
+    _library_warnings(verbose)
+
+
+def _library_warnings(verbose: bool) -> None:
+    """Warnings from torch, transformers or peft (deprecations, mostly) say nothing a user can act
+    on: they go to the log, which --verbose prints, instead of between llmhost's own lines."""
+    import logging
+
+    logging.captureWarnings(True)
+    logger = logging.getLogger("py.warnings")
+    logger.propagate = False
+    logger.handlers.clear()
+    if verbose:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("llmhost (verbose): %(message)s"))
+        logger.addHandler(handler)
+    else:
+        logger.addHandler(logging.NullHandler())
 
 
 @app.command()

@@ -35,9 +35,18 @@ class LocalEngine(Engine):
         """The chat template applied to `messages`, ready for a reply."""
         return self.template.render(messages)
 
-    @abstractmethod
     def encode_chat(self, messages: list[Message]) -> list[int]:
-        """`render(messages)` tokenized: the template writes its own special tokens (BOS too)."""
+        """`render(messages)` tokenized: the template's markup makes the control tokens (BOS
+        too, so none is added); text inside messages is only ever text."""
+        return self.template.encode(messages, self.encode_markup, self.encode_plain)
+
+    @abstractmethod
+    def encode_markup(self, text: str) -> list[int]:
+        """Template text, tokenized with its control tokens (`<|im_start|>`) as such."""
+
+    @abstractmethod
+    def encode_plain(self, text: str) -> list[int]:
+        """Text tokenized as characters only: control-token text stays text."""
 
     @abstractmethod
     def encode_text(self, prompt: str) -> list[int]:

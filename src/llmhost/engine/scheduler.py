@@ -90,6 +90,7 @@ class Scheduler:
         self._cv = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._admitting = 0  # a request taken from the line and being prefilled (holds a place)
         #: Most requests ever decoded together in one step (a gauge for tests and metrics).
         self.peak_batch = 0
         _live.add(self)
@@ -102,7 +103,7 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return len(self._active)
+        return len(self._active) + self._admitting
 
     def submit(
         self, prompt_ids: list[int], seq: SequenceState, cancel: threading.Event | None = None
@@ -154,9 +155,9 @@ class Scheduler:
         with self._cv:
             if self._closed:
                 raise QueueFullError("the model is shutting down; try again later")
-            if len(self._pending) >= self.max_queue:
+            if self._waiting(also=1) > self.max_queue:
                 self._purge_cancelled()
-            if len(self._pending) >= self.max_queue:
+            if self._waiting(also=1) > self.max_queue:
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting); retry shortly")
             self._pending.append(req)
             if self._thread is None:
@@ -164,6 +165,12 @@ class Scheduler:
                 self._thread.start()
             self._cv.notify()
         return req
+
+    def _waiting(self, also: int = 0) -> int:
+        """Requests that will wait for a slot, with `also` more: those pending beyond the batch's
+        free places (a request to an idle engine waits for nothing, even with --max-queue 0)."""
+        free = max(0, self.runner.max_batch - len(self._active) - self._admitting)
+        return max(0, len(self._pending) + also - free)
 
     def _purge_cancelled(self) -> None:
         """Free the queue slots of callers that gave up while waiting (called under the lock)."""
@@ -188,6 +195,7 @@ class Scheduler:
                 if self._closed:
                     self._fail_all(LlmhostError("the model was unloaded"))
                     return
+                self._purge_cancelled()  # callers who gave up while waiting leave the line now
             try:
                 self._admit()
                 if self._active:
@@ -202,12 +210,15 @@ class Scheduler:
                 if not self._pending:
                     return
                 req = self._pending.popleft()
+                self._admitting = 1
             if req.cancel.is_set():
                 req.deliver(req.seq.finish("cancelled"))
+                self._admitting = 0
                 continue
             if self._active and not self.runner.has_room(req):
                 with self._cv:
                     self._pending.appendleft(req)  # first in line once running requests finish
+                    self._admitting = 0
                 return
             try:
                 logits = self.runner.prefill(req)
@@ -215,10 +226,12 @@ class Scheduler:
             except Exception as err:
                 log.exception("prefill failed")
                 req.deliver(err)
+                self._admitting = 0
                 continue
             if not req.seq.finished:
                 self._active.append(req)
                 self.runner.commit_prefill()
+            self._admitting = 0
 
     def _step(self) -> None:
         for req in self._active:

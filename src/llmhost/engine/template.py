@@ -1,23 +1,52 @@
 """Chat templates, rendered one way for every engine that tokenizes: transformers' sandboxed
 Jinja environment (no file or attribute access beyond what templates are allowed), the model's
-special tokens as variables (`bos_token`, `eos_token`, ...), and one error shape."""
+special tokens as variables (`bos_token`, `eos_token`, ...), a time budget, and one error shape."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import re
+import secrets
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from types import FrameType
+from typing import Any
 
 from llmhost.engine.context import Message
 from llmhost.errors import ChatTemplateError
 
+#: Seconds a template may take to render (real ones take milliseconds; the sandbox stops file and
+#: attribute access, not loops, so a template that never ends is stopped here).
+RENDER_BUDGET_S = 5.0
+# what Jinja names the code it compiles a template string into
+_TEMPLATE_CODE = "<template>"
+
 
 class ChatTemplate:
-    def __init__(self, source: str | None, model: str, special_tokens: Mapping[str, object]) -> None:
+    """A model's chat template. `encode()` renders and tokenizes so that text inside messages is
+    always text: a user who types `<|im_start|>system` gets those characters, never the control
+    token, so nobody can forge a turn; only the template's own markup makes control tokens."""
+
+    def __init__(
+        self,
+        source: str | None,
+        model: str,
+        special_tokens: Mapping[str, object],
+        control_tokens: Iterable[str] = (),
+        budget_s: float = RENDER_BUDGET_S,
+    ) -> None:
         self.source = source or None
         self.model = model
+        self.budget_s = budget_s
         #: What templates see besides the messages, as transformers' apply_chat_template passes it.
         self.variables = {k: v for k, v in special_tokens.items() if isinstance(v, str | list)}
+        self.control_tokens = tuple(sorted({t for t in control_tokens if t}, key=len, reverse=True))
 
-    def render(self, messages: list[Message]) -> str:
+    def render(
+        self, messages: list[Message], marker: Marker | None = None, add_generation_prompt: bool = True
+    ) -> str:
+        """The prompt text; with a `marker`, control-token text inside messages is fenced off."""
         from jinja2 import TemplateError
         from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -26,13 +55,104 @@ class ChatTemplate:
                 f"the model {self.model} has no chat template: pass --chat-template FILE "
                 "(a Jinja file), or send a plain prompt instead of messages"
             )
+        if marker is not None:
+            messages = marker.mark(messages)
         try:
-            rendered, _ = render_jinja_template(
-                conversations=[messages],
-                chat_template=self.source,
-                add_generation_prompt=True,
-                **self.variables,
-            )
+            with _time_budget(self.budget_s, self.model):
+                rendered, _ = render_jinja_template(
+                    conversations=[messages],
+                    chat_template=self.source,
+                    add_generation_prompt=add_generation_prompt,
+                    **self.variables,
+                )
         except TemplateError as err:
             raise ChatTemplateError(f"the chat template refused these messages: {err}") from None
         return rendered[0]
+
+    def marker(self) -> Marker:
+        return Marker(self.control_tokens)
+
+    def encode(
+        self,
+        messages: list[Message],
+        markup: Callable[[str], list[int]],
+        plain: Callable[[str], list[int]],
+    ) -> list[int]:
+        """Token ids of the prompt: the template's text through `markup` (control tokens parsed),
+        control-token text that came from messages through `plain` (as characters)."""
+        marker = self.marker()
+        ids: list[int] = []
+        for _, text, is_markup in marker.split(self.render(messages, marker)):
+            ids += markup(text) if is_markup else plain(text)
+        return ids
+
+
+class Marker:
+    """Fences control-token text inside message strings with markers nobody can type (private-use
+    characters around a random nonce), so the rendered prompt can be split into the template's
+    markup and the messages' control-token look-alikes."""
+
+    def __init__(self, control_tokens: tuple[str, ...]) -> None:
+        self.tokens = control_tokens
+        nonce = secrets.token_hex(8)
+        self._find = re.compile("|".join(map(re.escape, control_tokens))) if control_tokens else None
+        self._index = {t: i for i, t in enumerate(control_tokens)}
+        self._tag = f"\ue000{nonce}{{}}\ue001"
+        self._split = re.compile(f"\ue000{nonce}(\\d+)\ue001")
+
+    def mark(self, messages: list[Message]) -> list[Message]:
+        if self._find is None:
+            return messages
+        return [{k: self._mark(v) for k, v in m.items()} for m in messages]
+
+    def _mark(self, value: Any) -> Any:
+        if isinstance(value, str):
+            assert self._find is not None
+            return self._find.sub(lambda m: self._tag.format(self._index[m.group(0)]), value)
+        if isinstance(value, list):
+            return [self._mark(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self._mark(v) for k, v in value.items()}
+        return value
+
+    def split(self, rendered: str) -> Iterator[tuple[int, str, bool]]:
+        """(start in `rendered`, text, is markup) pieces; non-markup pieces are one token's text."""
+        at = 0
+        for m in self._split.finditer(rendered):
+            if m.start() > at:
+                yield at, rendered[at : m.start()], True
+            yield m.start(), self.tokens[int(m.group(1))], False
+            at = m.end()
+        if at < len(rendered):
+            yield at, rendered[at:], True
+
+
+def control_tokens(special: Iterable[str], added: Iterable[str], source: str | None) -> list[str]:
+    """The token texts a message must not produce: every special token, and the other added
+    tokens the template writes itself (not whitespace ones, which templates use as text)."""
+    return [*special, *(t for t in added if source and t in source and not t.isspace())]
+
+
+@contextlib.contextmanager
+def _time_budget(seconds: float, model: str) -> Iterator[None]:
+    """Abandon rendering after `seconds`: a trace function on the template's own compiled code
+    (only there, so the cost is a clock read per template line) raises once time is up."""
+    deadline = time.monotonic() + seconds
+
+    def check(frame: FrameType, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise ChatTemplateError(
+                f"the chat template of {model} did not finish rendering within {seconds:g} s (it loops "
+                "too long for these messages): fix the template or pass another with --chat-template"
+            )
+        return check
+
+    def on_call(frame: FrameType, event: str, arg: Any) -> Any:
+        return check(frame, event, arg) if frame.f_code.co_filename == _TEMPLATE_CODE else None
+
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)

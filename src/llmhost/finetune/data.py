@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmhost.errors import InvalidRequestError
+from llmhost.engine.template import ChatTemplate
+from llmhost.errors import ChatTemplateError, InvalidRequestError
 
 REASONS = {
     "json": "invalid JSON",
@@ -169,9 +170,10 @@ def tokenize(pre: Preflight, tokenizer: Any, max_length: int) -> list[Tokenized]
     """Render each example with the model's own chat template; only reply tokens carry loss.
     Examples longer than `max_length` become `too_long` problems (never silently cut)."""
     out = []
+    template = training_template(tokenizer)
     for ex in pre.examples:
         try:
-            item = encode(tokenizer, ex.messages)
+            item = encode(tokenizer, ex.messages, template)
         except DataProblem as err:
             pre.problems.append(Problem(ex.line, err.reason, str(err)))
             continue
@@ -185,26 +187,51 @@ def tokenize(pre: Preflight, tokenizer: Any, max_length: int) -> list[Tokenized]
     return out
 
 
-def encode(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """Token ids and labels: each reply's span is found by rendering the conversation up to it."""
-    render = tokenizer.apply_chat_template
-    full = render(messages, tokenize=False)
+def training_template(tokenizer: Any) -> ChatTemplate:
+    from llmhost.engine.backends.transformers import chat_template_of
+
+    return chat_template_of(tokenizer, "the base model")
+
+
+def encode(
+    tokenizer: Any, messages: list[dict[str, str]], template: ChatTemplate | None = None
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels: each reply's span is found by rendering the conversation up to it.
+    Rendered as the server renders a chat (sandboxed, time-bounded), and control-token text in
+    the data is trained as text, exactly as it would be read at inference."""
+    template = template or training_template(tokenizer)
+    marker = template.marker()
+
+    def render(upto: list[dict[str, str]], reply_next: bool) -> str:
+        try:
+            return template.render(upto, marker, add_generation_prompt=reply_next) if upto else ""
+        except ChatTemplateError as err:
+            raise DataProblem("template", str(err)) from None
+
+    full = render(messages, False)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        through = render(messages[: i + 1], tokenize=False)
+        before = render(messages[:i], True)
+        through = render(messages[: i + 1], False)
         if not (through.startswith(before) and full.startswith(through)):
             raise DataProblem(
                 "template", "rendering the conversation turn by turn does not give a prefix of it"
             )
         spans.append((len(before), len(through)))
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = []
+    starts: list[int] = []
+    for at, text, markup in marker.split(full):
+        enc = tokenizer(
+            text, add_special_tokens=False, split_special_tokens=not markup, return_offsets_mapping=True
+        )
+        ids += enc["input_ids"]
+        starts += [at + start for start, _ in enc["offset_mapping"]]
     labels = [
         tok if any(a <= start < b for a, b in spans) else IGNORE
-        for tok, (start, _) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+        for tok, start in zip(ids, starts, strict=True)
     ]
     if all(label == IGNORE for label in labels):
         raise DataProblem("template", "no reply token was found in the rendered conversation")
-    return list(enc["input_ids"]), labels
+    return ids, labels

@@ -5,10 +5,12 @@ The event loop never waits on the model: engines hand chunks over with call_soon
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -69,6 +71,7 @@ class Api:
         self.metrics = Metrics(manager.queued, manager.running)
         self.draining = False
         self.in_flight = 0
+        self.max_body = int(settings.max_body_mib * 2**20)
 
     def check_key(self, header: str) -> None:
         if not self.keys:
@@ -92,6 +95,10 @@ class Api:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "the request body is not valid JSON", "invalid_request_error") from None
+        except RecursionError:
+            raise ApiError(
+                400, "the request body is nested too deeply to be a request", "invalid_request_error"
+            ) from None
         if not isinstance(data, dict):
             raise ApiError(400, "the request body must be a JSON object", "invalid_request_error")
         try:
@@ -116,32 +123,50 @@ class Api:
         req = await self.parse(request, ChatCompletionRequest if chat else CompletionRequest)
         engine = self.manager.get(req.model)
         params = mapping.to_params(req)
+        cancel = threading.Event()  # set when the client goes: a queued or running request ends
         if chat:
             messages = [m.model_dump(include={"role", "content"}) for m in req.messages]
-            chunks = await engine.astream(messages, params)
+            chunks = await engine.astream(messages, params, cancel=cancel)
         else:
-            chunks = await engine.astream(None, params, prompt=mapping.to_prompt(req))
-        builder = mapping.ObjectBuilder(engine.name, chat, getattr(req, "truncate_history", False))
+            chunks = await engine.astream(None, params, prompt=mapping.to_prompt(req), cancel=cancel)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        builder = mapping.ObjectBuilder(
+            engine.name, chat, getattr(req, "truncate_history", False), include_usage and req.stream
+        )
         if not req.stream:
-            got = await self._gather(request, chunks)
+            got = await self._gather(request, chunks, cancel)
             self.metrics.finished(got[-1])
             return JSONResponse(builder.whole(collect(got)))
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(
+        return _CancellingStream(
             self._sse(chunks, builder, include_usage),
+            cancel,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    async def _gather(self, request: Request, chunks: AsyncIterator[Chunk]) -> list[Chunk]:
-        """Collect a whole reply; a client that hangs up meanwhile cancels the generation."""
-        got: list[Chunk] = []
-        async with contextlib.aclosing(chunks):  # closing it cancels the request in the engine
-            async for chunk in chunks:
-                got.append(chunk)
-                if chunk.finish_reason is None and await request.is_disconnected():
-                    raise ApiError(499, "the client closed the connection", "invalid_request_error")
-        return got
+    async def _gather(
+        self, request: Request, chunks: AsyncIterator[Chunk], cancel: threading.Event
+    ) -> list[Chunk]:
+        """Collect a whole reply while watching the connection: a client that hangs up, whether
+        its request is queued or running, cancels it at once (not when the next chunk comes)."""
+
+        async def collect_all() -> list[Chunk]:
+            async with contextlib.aclosing(chunks):  # closing it cancels the request in the engine
+                return [chunk async for chunk in chunks]
+
+        work = asyncio.ensure_future(collect_all())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not work.done():
+            cancel.set()
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            raise ApiError(499, "the client closed the connection", "invalid_request_error")
+        return work.result()
 
     async def _sse(
         self, chunks: AsyncIterator[Chunk], builder: mapping.ObjectBuilder, include_usage: bool
@@ -165,6 +190,28 @@ class Api:
             )
             yield f"event: error\ndata: {json.dumps(api.body())}\n\n"
         yield "data: [DONE]\n\n"
+
+
+class _CancellingStream(StreamingResponse):
+    """A streamed reply that cancels its request however the response ends: a client that hangs
+    up before the first chunk leaves a body generator that never started, whose own cleanup
+    would never run."""
+
+    def __init__(self, content: AsyncIterator[str], cancel: threading.Event, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.cancel = cancel
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.cancel.set()  # after a finished reply this changes nothing
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _event(obj: dict[str, Any]) -> str:
@@ -198,6 +245,12 @@ class Gate:
             self._count(path, err.status)
             return await err.response()(scope, receive, send)
         status = 500
+        if scope["method"] == "POST":
+            try:
+                receive = self._limited(scope, receive)
+            except ApiError as err:
+                self._count(path, err.status)
+                return await err.response()(scope, receive, send)
 
         async def send_and_note(message: Any) -> None:
             nonlocal status
@@ -211,6 +264,33 @@ class Gate:
         finally:
             self.api.in_flight -= 1
             self._count(path, status)
+
+    def _limited(self, scope: Scope, receive: Receive) -> Receive:
+        """Refuse a body over --max-body-mib: at once when Content-Length says so, else as soon
+        as the bytes received pass it (a chunked upload), without reading the rest."""
+        limit = self.api.max_body
+        too_big = ApiError(
+            413,
+            f"the request body is larger than {limit / 2**20:g} MiB (--max-body-mib)",
+            "invalid_request_error",
+            code="request_too_large",
+            headers={"Connection": "close"},
+        )
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_big
+        seen = 0
+
+        async def counting() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise too_big
+            return message
+
+        return counting
 
     def _count(self, path: str, status: int) -> None:
         if path.startswith("/v1/"):

@@ -69,10 +69,14 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 class ObjectBuilder:
     """Builds the response objects of one request (same id and created time throughout)."""
 
-    def __init__(self, model: str, chat: bool, report_dropped: bool = False) -> None:
+    def __init__(
+        self, model: str, chat: bool, report_dropped: bool = False, include_usage: bool = False
+    ) -> None:
         self.model = model
         self.chat = chat
         self.report_dropped = report_dropped
+        # with stream_options.include_usage, OpenAI sends "usage": null on every chunk but the last
+        self._usage: dict[str, Any] = {"usage": None} if include_usage else {}
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
 
@@ -87,9 +91,9 @@ class ObjectBuilder:
                 delta["role"] = "assistant"
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             extension = self._extension(chunk.dropped_turns) if finish else {}
-            return {**self._base("chat.completion.chunk"), "choices": [choice], **extension}
+            return {**self._base("chat.completion.chunk"), "choices": [choice], **self._usage, **extension}
         choice = {"index": 0, "text": chunk.text, "logprobs": None, "finish_reason": finish}
-        return {**self._base("text_completion"), "choices": [choice]}
+        return {**self._base("text_completion"), "choices": [choice], **self._usage}
 
     def _extension(self, dropped_turns: int) -> dict[str, Any]:
         """llmhost's own facts, only for callers that asked for them (the truncation extension)."""

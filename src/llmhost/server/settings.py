@@ -26,6 +26,12 @@ class ServerSettings(BaseSettings):
     insecure_no_auth: bool = Field(
         False, description="Allow binding a non-loopback address without an API key."
     )
+    max_body_mib: float = Field(
+        32.0,
+        gt=0,
+        le=4096,
+        description="Largest request body in MiB; a larger one is answered 413 before it is read.",
+    )
     drain_timeout: float = Field(
         30.0, ge=0, le=3600, description="Seconds SIGTERM waits for requests in flight before exiting."
     )

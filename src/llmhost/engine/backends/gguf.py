@@ -20,6 +20,24 @@ COMPLETE_MARKER = "llmhost-converted.json"
 TMP_PREFIX = ".tmp-"
 
 
+class GGUFReadError(LlmhostError):
+    """The file could not be read as a GGUF model (its reference says how to mend it)."""
+
+
+def check_readable(gguf: Path) -> None:
+    """Raise GGUFReadError unless the header and every tensor's data are in the file."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(gguf))
+        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    except Exception as err:
+        raise GGUFReadError(f"{type(err).__name__}: {err}".splitlines()[0]) from None
+    size = gguf.stat().st_size
+    if end > size:
+        raise GGUFReadError(f"its tensors need {end} bytes, the file has {size}")
+
+
 def cache_key(gguf: Path, version: str | None = None) -> str:
     """Identity of a GGUF file: package version + size when embedded, else path + size + mtime."""
     st = gguf.stat()
@@ -40,8 +58,10 @@ def converted_folder(gguf: Path, cache_root: Path, key: str) -> Path:
     try:
         try:
             _convert(gguf, tmp)
-        except (ValueError, KeyError, TypeError, RuntimeError) as err:
-            raise LlmhostError(f"{gguf} could not be read as a GGUF model: {err}") from None
+        except OSError:
+            raise  # the disk (full, unreadable): not the file's fault
+        except Exception as err:  # a truncated file fails in struct, numpy, the gguf reader...
+            raise GGUFReadError(f"{type(err).__name__}: {err}".splitlines()[0]) from None
         (tmp / COMPLETE_MARKER).write_text(
             json.dumps({"source": str(gguf), "key": key, "converted_at": time.time()})
         )
@@ -60,8 +80,14 @@ def converted_folder(gguf: Path, cache_root: Path, key: str) -> Path:
 
 
 def _convert(gguf: Path, out: Path) -> None:
+    import functools
+
     import torch
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not isinstance(gguf_utils.tqdm, functools.partial):  # its progress bar is noise to a user
+        gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # float32 keeps the dequantized weights exact; load() casts to the dtype it runs in.

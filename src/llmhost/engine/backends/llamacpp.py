@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from llmhost.config import LoadSettings
-from llmhost.engine.context import Message
+from llmhost.engine.backends.gguf import GGUFReadError, check_readable
 from llmhost.engine.local import LocalEngine
 from llmhost.engine.ref import ModelRef
-from llmhost.engine.template import ChatTemplate
+from llmhost.engine.template import ChatTemplate, control_tokens
 from llmhost.errors import LlmhostError
 
 log = logging.getLogger("llmhost.llamacpp")
@@ -217,13 +217,30 @@ class LlamaCppRunner:
             self.ctx = None
 
 
+def _controls(llm: Any, template: str | None) -> list[str]:
+    """The vocabulary's control tokens, and its user-defined ones that the template writes."""
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    special, added = [], []
+    for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        attr = llama_cpp.llama_vocab_get_attr(vocab, token)
+        if attr & (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED):
+            text = llama_cpp.llama_vocab_get_text(vocab, token).decode("utf-8", "replace")
+            (special if attr & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL else added).append(text)
+    return control_tokens(special, added, template)
+
+
 def _longest(req: Any) -> int:
     return len(req.prompt_ids) + req.seq.params.max_new_tokens
 
 
 def load(ref: ModelRef, settings: LoadSettings) -> LlamaCppEngine:
     """The GGUF file itself, read by llama.cpp (no conversion)."""
-    return LlamaCppEngine.load(ref.gguf_file(), settings, ref.name)
+    try:
+        return LlamaCppEngine.load(ref.gguf_file(), settings, ref.name)
+    except GGUFReadError as err:
+        raise ref.damaged(ref.path, str(err)) from None
 
 
 class LlamaCppEngine(LocalEngine):
@@ -255,7 +272,9 @@ class LlamaCppEngine(LocalEngine):
         self.eos_ids = eos
         bos = llm.detokenize([llm.token_bos()], special=True).decode("utf-8", "replace")
         eos = llm.detokenize([llm.token_eos()], special=True).decode("utf-8", "replace")
-        self.template = ChatTemplate(template, name, {"bos_token": bos, "eos_token": eos})
+        self.template = ChatTemplate(
+            template, name, {"bos_token": bos, "eos_token": eos}, _controls(llm, template)
+        )
 
     @classmethod
     def load(cls, gguf: Path, settings: LoadSettings, name: str) -> LlamaCppEngine:
@@ -265,14 +284,24 @@ class LlamaCppEngine(LocalEngine):
 
         # this object reads the model, its tokenizer and metadata; decoding happens in the
         # runner's own multi-sequence context, so its own context is kept minimal
-        llm = Llama(model_path=str(gguf), n_ctx=64, n_batch=64, n_threads=physical_cores(), verbose=False)
+        try:
+            llm = Llama(model_path=str(gguf), n_ctx=64, n_batch=64, n_threads=physical_cores(), verbose=False)
+        except ValueError as err:  # llama.cpp says only "Failed to load model from file"
+            check_readable(gguf)  # a damaged file is GGUFReadError, which the caller words
+            raise LlmhostError(
+                f"llama.cpp could not load {gguf} ({err}); the file reads fine, so its architecture may be "
+                "newer than this llama.cpp: upgrade llama-cpp-python, or try --engine transformers"
+            ) from None
         template = settings.read_chat_template() or llm.metadata.get("tokenizer.chat_template")
         engine = cls(llm, name, template, settings)
         _ = engine.scheduler  # the KV cache now: not enough memory is a load error, not a request's
         return engine
 
-    def encode_chat(self, messages: list[Message]) -> list[int]:
-        return self.llm.tokenize(self.render(messages).encode("utf-8"), add_bos=False, special=True)
+    def encode_markup(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def encode_plain(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
     def encode_text(self, prompt: str) -> list[int]:
         return self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from llmhost.config import LoadSettings
-from llmhost.engine.context import Message
 from llmhost.engine.local import LocalEngine
 from llmhost.engine.ref import ModelRef
-from llmhost.engine.template import ChatTemplate
-from llmhost.errors import LlmhostError
+from llmhost.engine.template import ChatTemplate, control_tokens
+from llmhost.errors import DamagedModelError, LlmhostError
 
 
 def load(ref: ModelRef, settings: LoadSettings) -> TransformersEngine:
@@ -20,6 +21,16 @@ def load(ref: ModelRef, settings: LoadSettings) -> TransformersEngine:
         assert ref.base is not None
         return TransformersEngine.load(ref.base.hf_folder(), settings, ref.name, adapter=ref.path, ref=ref)
     return TransformersEngine.load(ref.hf_folder(), settings, ref.name, ref=ref)
+
+
+def chat_template_of(tokenizer: Any, name: str, override: str | None = None) -> ChatTemplate:
+    """The template a transformers tokenizer carries (or `override`), with its control tokens."""
+    source = override or getattr(tokenizer, "chat_template", None)
+    added = tokenizer.added_tokens_decoder.values()
+    controls = control_tokens(
+        [t.content for t in added if t.special], [t.content for t in added if not t.special], source
+    )
+    return ChatTemplate(source, name, tokenizer.special_tokens_map, controls)
 
 
 class TransformersEngine(LocalEngine):
@@ -39,9 +50,7 @@ class TransformersEngine(LocalEngine):
         self.tokenizer = tokenizer
         self.name = name
         self.context_length = context_length
-        self.template = ChatTemplate(
-            chat_template or getattr(tokenizer, "chat_template", None), name, tokenizer.special_tokens_map
-        )
+        self.template = chat_template_of(tokenizer, name, chat_template)
         self.device = model.device
         self.eos_ids = _eos_ids(model, tokenizer)
         self._cache_kw = _cache_kwarg(model)
@@ -77,15 +86,17 @@ class TransformersEngine(LocalEngine):
         device = pick_device(settings.device)
         dtype = getattr(torch, pick_dtype(settings.dtype, device))
         remote = settings.trust_remote_code
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=remote)
         kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": remote, "use_safetensors": True}
         if device.startswith("cuda"):
             kwargs["device_map"] = "auto" if device == "cuda" else device
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        with _load_errors(path, ref):
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=remote)
+            model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
         if adapter is not None:  # merged once: inference then runs at the base model's speed
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+            with _load_errors(adapter, ref):
+                model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         if not device.startswith("cuda"):
             model.to(device)
         model.eval()
@@ -94,9 +105,11 @@ class TransformersEngine(LocalEngine):
 
     # -- prompt preparation ---------------------------------------------------------------
 
-    def encode_chat(self, messages: list[Message]) -> list[int]:
-        # templates write their own special tokens (BOS included), so none are added here
-        return self.tokenizer(self.render(messages), add_special_tokens=False)["input_ids"]
+    def encode_markup(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_plain(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     @property
     def decoder(self) -> Any:  # the HF tokenizer decodes for the shared text code
@@ -213,6 +226,55 @@ def _successor_hint(ref: ModelRef | None) -> str:
     if entry and entry.successor:
         return f", or use its successor {entry.successor} (llmhost pull {entry.successor})"
     return ""
+
+
+# what reading a truncated or corrupt file raises, by library (safetensors, json, tokenizers)
+_DAMAGE = ("SafetensorError", "JSONDecodeError", "HeaderTooLarge", "UnicodeDecodeError")
+
+
+@contextlib.contextmanager
+def _load_errors(path: Path, ref: ModelRef | None) -> Iterator[None]:
+    """Whatever transformers or peft raise while loading → one line that says what to do."""
+    try:
+        yield
+    except LlmhostError:
+        raise
+    except MemoryError:
+        raise LlmhostError(
+            f"not enough memory to load {path}: try a smaller model or a GGUF quantization"
+        ) from None
+    except Exception as err:
+        detail = f"{type(err).__name__}: {err}".splitlines()[0]
+        damaged = type(err).__name__ in _DAMAGE or "did not match any variant" in str(err)
+        if damaged:
+            file = _unreadable_file(path) or path
+            if ref is not None:
+                raise ref.damaged(file, detail) from None
+            raise DamagedModelError(f"{file} is damaged or incomplete ({detail})") from None
+        if isinstance(err, ImportError) or "trust_remote_code" in str(err):
+            raise LlmhostError(f"cannot load {path}: {detail}") from None
+        raise LlmhostError(
+            f"transformers could not load {path} ({detail}); if the model is newer than this "
+            "transformers, upgrade it (pip install -U transformers)"
+        ) from None
+
+
+def _unreadable_file(folder: Path) -> Path | None:
+    """Which weights or JSON file of a folder cannot be read (to name it in the error)."""
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt") as f:
+                f.keys()
+        except Exception:
+            return file
+    for file in sorted(folder.glob("*.json")):
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            return file
+    return None
 
 
 def _read_config(path: Path) -> dict[str, Any]:
