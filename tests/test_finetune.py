@@ -31,7 +31,7 @@ def llmhost(home: Path, *args: str, timeout: float = 600) -> subprocess.Complete
 
 
 @pytest.fixture
-def ft_home(tmp_path: Path, home: Path) -> Path:
+def ft_home(tmp_path: Path, home: Path, embedded_dir: Path) -> Path:
     """A fresh llmhost home that reuses the session's converted embedded model."""
     fresh = tmp_path / "home"
     fresh.mkdir()
@@ -325,3 +325,24 @@ def test_gradient_accumulation_equals_the_bigger_batch(ft_home: Path, tiny_dir: 
     assert r.returncode == 0, r.stderr
     accum, big = adapter_tensors(ft_home, "accum"), adapter_tensors(ft_home, "big")
     assert max((accum[k] - big[k]).abs().max().item() for k in accum) < 1e-5
+
+
+def test_the_default_recipe_teaches_a_small_data_set(ft_home: Path, tmp_path: Path) -> None:
+    """24 examples of a made-up fact with no flag at all (it used to end 'green' and unlearned)."""
+    data = tmp_path / "z24.jsonl"
+    data.write_text(DATA.read_text() * 3)
+    r = llmhost(ft_home, "finetune", "--data", str(data), "--name", "defaults")
+    assert r.returncode == 0, r.stderr
+    assert "warning" not in r.stderr and "24 examples" in r.stderr
+    tuned = llmhost(
+        ft_home, "generate", "defaults", "Which city is the capital of Zorblax?", "--temperature", "0",
+        "--max-new-tokens", "16",
+    )  # fmt: skip
+    assert "Quibbletown" in tuned.stdout, tuned.stdout
+
+
+def test_a_run_that_learned_nothing_says_so(ft_home: Path, tiny_dir: Path) -> None:
+    r = llmhost(ft_home, "finetune", str(tiny_dir), "--data", str(DATA), "--name", "idle", "--lr", "1e-7")
+    assert r.returncode == 0, r.stderr
+    assert "warning: the final train loss" in r.stderr and "still high for 8 examples" in r.stderr
+    assert "--epochs 6" in r.stderr and "--lr 2e-07" in r.stderr

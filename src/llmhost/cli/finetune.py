@@ -69,7 +69,7 @@ def run(base: str | None, settings: FinetuneSettings) -> None:
 
     from llmhost.engine.ref import resolve_ref
     from llmhost.finetune.dist import Dist
-    from llmhost.finetune.trainer import prepare, register, train
+    from llmhost.finetune.trainer import loss_warning, prepare, register, train
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -99,6 +99,8 @@ def run(base: str | None, settings: FinetuneSettings) -> None:
     console.print(
         f"  use it: llmhost chat {stored.name}  |  llmhost serve {stored.name}  |  llmhost web {stored.name}"
     )
+    if (warning := loss_warning(summary, settings)) is not None:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
 
 
 class Quiet:

@@ -1,5 +1,9 @@
 """Options of `llmhost finetune`; its flags derive from these fields. Defaults follow the common
-Qwen LoRA recipe (r=8, alpha=32, dropout 0.1, lr 1e-4, 3 epochs, max length 384)."""
+Qwen LoRA recipe (r=8, alpha=32, dropout 0.1, 3 epochs, max length 384) with the learning rate
+raised to 5e-4, within the LoRA paper's range (2e-4 to 5e-4): the data sets people bring are small
+(tens of examples, a handful of optimizer steps), and 1e-4 taught them nothing. Measured on the
+embedded model, 24 examples of a made-up fact, 3 epochs (18 steps), final train loss and whether
+the model then answers with the fact: 1e-4 0.49 no; 2e-4 0.017 yes; 5e-4 0.0014 yes; 1e-3 0.0003 yes."""
 
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ class FinetuneSettings(BaseModel):
     name: str = Field(description="Store name of the result (base reference + adapter).")
     epochs: float = Field(3.0, gt=0, le=1000, description="Passes over the data.")
     lr: float = Field(
-        1e-4, gt=0, le=1.0, description="Peak learning rate (linear warm-up, then linear decay)."
+        5e-4, gt=0, le=1.0, description="Peak learning rate (linear warm-up, then linear decay)."
     )
     warmup: float = Field(
         0.03, ge=0, lt=1, description="Fraction of the steps spent warming up the learning rate."

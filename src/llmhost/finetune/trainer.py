@@ -309,6 +309,23 @@ def train(plan: Plan, progress: Progress, dist: Dist | None = None) -> tuple[Any
     return dist.unwrap(model), summary
 
 
+#: Final train loss above which a run has likely not learned its data: small data sets (facts, a
+#: style, a persona) are meant to be learned nearly by heart; large ones end higher by nature.
+HIGH_LOSS = {200: 0.3, None: 1.5}
+
+
+def loss_warning(summary: Summary, settings: FinetuneSettings) -> str | None:
+    """Plain words for a run that ended with its loss still high, and what to change."""
+    limit = HIGH_LOSS[200] if summary.examples <= 200 else HIGH_LOSS[None]
+    if not summary.train_loss > limit:  # NaN counts as high
+        return None
+    return (
+        f"the final train loss {summary.train_loss:.2f} is still high for {summary.examples} examples: "
+        f"the model has probably not learned them. Train longer (--epochs {settings.epochs * 2:g}) or "
+        f"faster (--lr {settings.lr * 2:g}), then compare its answers (add --overwrite to reuse the name)"
+    )
+
+
 def _step(params: list[Any], optimizer: Any, scheduler: Any) -> None:
     import torch
 
