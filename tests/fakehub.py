@@ -38,6 +38,7 @@ class FakeHub:
         self.faults = Faults()
         self.log: list[tuple[str, str, str]] = []  # (method, path, range)
         self.bytes_sent = 0
+        self.tags: set[str] = set()  # more revision names the hub knows (e.g. the tutorial's v1.1.4)
         self._dropped: set[str] = set()
         self._lock = threading.Lock()
         hub = self
@@ -113,7 +114,7 @@ class FakeHub:
         files = self._repo(h, repo)
         if files is None:
             return
-        if revision not in ("main", COMMIT):
+        if revision not in ("main", COMMIT, *self.tags):
             return self._error(h, 404, f"Invalid rev id: {revision}", "RevisionNotFound")
         siblings = []
         for name, data in files.items():
@@ -140,7 +141,7 @@ class FakeHub:
         files = self._repo(h, repo)
         if files is None:
             return
-        if revision not in ("master", COMMIT):
+        if revision not in ("master", COMMIT, *self.tags):
             return self._json(
                 h, 404, {"Code": 10010205001, "Message": f"revision {revision} not found", "Success": False}
             )

@@ -67,7 +67,7 @@ def test_catalog_has_the_tutorial_models_and_their_successors() -> None:
     ]:  # fmt: skip
         assert name in entries, name
     old = entries["qwen-1.8b-chat"]
-    assert old.remote_code and old.repos["modelscope"] == "qwen/Qwen-1_8B-Chat"
+    assert not old.remote_code and old.repos["modelscope"] == "qwen/Qwen-1_8B-Chat"  # converted, no code
     assert entries[old.successor].remote_code is False
     assert entries["smollm2-135m-instruct"].embedded
     assert find("Qwen/Qwen2.5-7B-Instruct").name == "qwen2.5-7b-instruct"
@@ -451,23 +451,28 @@ def test_gguf_pull_with_include_and_mirror_endpoint(store_home: Path) -> None:
     assert [f.path for f in model.files] == ["m-q4_1.gguf"]
 
 
-def test_tutorial_model_pull_names_its_successor(store_home: Path, tiny_dir: Path, tmp_path: Path) -> None:
+def test_remote_code_is_refused_without_the_flag_and_failing_code_is_one_line(
+    store_home: Path, tiny_dir: Path, tmp_path: Path
+) -> None:
+    """The tutorial's Qwen-1 models no longer need remote code (tests/test_qwen1.py); any other
+    model that ships its own code is refused without --trust-remote-code, and code that fails
+    under it (a missing package, an incompatible transformers) is one line, never a traceback."""
     remote = tmp_path / "remote-code-model"
     shutil.copytree(tiny_dir, remote)
     config = json.loads((remote / "config.json").read_text())
-    config["auto_map"] = {"AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
     (remote / "config.json").write_text(json.dumps(config))
-    (remote / "modeling_qwen.py").write_text("raise SystemExit('remote code must not run')\n")
+    (remote / "modeling_custom.py").write_text("import package_nobody_installed\n")
     hub = FakeHub()
-    hub.add_repo("qwen/Qwen-1_8B-Chat", remote)  # the catalog's ModelScope id
+    hub.add_repo("someone/remote-model", remote)
     try:
-        r = llmhost(store_home, "pull", "qwen-1.8b-chat", "--endpoint", hub.url)
+        r = llmhost(store_home, "pull", "someone/remote-model", "--source", "hf", "--endpoint", hub.url)
     finally:
         hub.close()
     assert r.returncode == 0, r.stderr
-    assert "--trust-remote-code" in r.stderr and "successor qwen2.5-1.5b-instruct" in r.stderr
-    model = Store(store_home / "models").get("qwen-1.8b-chat")
-    assert model.source == "modelscope" and model.catalog == "qwen-1.8b-chat"
-    r = llmhost(store_home, "generate", "qwen-1.8b-chat", "hi")
-    assert r.returncode == 1 and "ships its own Python code" in r.stderr
-    assert "or use its successor qwen2.5-1.5b-instruct" in r.stderr
+    r = llmhost(store_home, "generate", "someone/remote-model", "hi")
+    assert r.returncode == 1 and "ships its own Python code" in r.stderr and "--trust-remote-code" in r.stderr
+    r = llmhost(store_home, "generate", "someone/remote-model", "hi", "--trust-remote-code")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "package_nobody_installed" in r.stderr and "its own code" in r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error:")]) == 1

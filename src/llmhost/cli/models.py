@@ -76,7 +76,15 @@ def run_pull(ref: str, opts: PullOptions) -> StoredModel:
         f"[green]✓[/green] {model.name}: {len(model.files)} files, {human(model.size)}, "
         f"revision {model.revision}, in {model.folder}"
     )
-    if p.entry and p.entry.remote_code:
+    from llmhost.engine.backends.qwen1 import is_qwen1
+
+    if is_qwen1(model.folder):  # the first chat should not wait for this
+        from llmhost.engine.ref import resolve_ref
+
+        with console.status("Converting Qwen-1 to Qwen2 (once; no remote code needed)…"):
+            resolve_ref(model.name).hf_folder()
+        console.print(f"  {model.name} runs as Qwen2 on every engine (converted once, no remote code)")
+    elif p.entry and p.entry.remote_code:
         hint = f" Its successor {p.entry.successor} loads without it." if p.entry.successor else ""
         console.print(
             f"[yellow]note:[/yellow] {p.entry.name} runs Python code shipped with it: load it "

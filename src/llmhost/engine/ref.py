@@ -86,17 +86,28 @@ class ModelRef:
         """A loadable Hugging Face folder: GGUF models are converted once (cached on disk)."""
         if self.is_adapter:
             raise InvalidRequestError(f"{self.name} is a LoRA adapter, not a model folder: load its base")
+        if self._converted:  # one conversion check per reference, however often asked
+            return self._converted[0]
         if not self.is_gguf:
-            return self.path
-        if not self._converted:  # one conversion check per reference, however often asked
-            from llmhost.config import llmhost_home
-            from llmhost.engine.backends.gguf import GGUFReadError, cache_key, converted_folder
+            from llmhost.engine.backends import qwen1
 
-            key = cache_key(self.path, self.version)
-            try:
-                self._converted.append(converted_folder(self.path, llmhost_home() / "converted", key))
-            except GGUFReadError as err:
+            if not qwen1.is_qwen1(self.path):
+                return self.path
+            from llmhost.config import llmhost_home
+
+            try:  # the tutorial's Qwen-1 models run as Qwen2, without their remote code
+                self._converted.append(qwen1.converted_folder(self.path, llmhost_home() / "converted"))
+            except qwen1.QwenReadError as err:
                 raise self.damaged(self.path, str(err)) from None
+            return self._converted[0]
+        from llmhost.config import llmhost_home
+        from llmhost.engine.backends.gguf import GGUFReadError, cache_key, converted_folder
+
+        key = cache_key(self.path, self.version)
+        try:
+            self._converted.append(converted_folder(self.path, llmhost_home() / "converted", key))
+        except GGUFReadError as err:
+            raise self.damaged(self.path, str(err)) from None
         return self._converted[0]
 
 

@@ -121,11 +121,13 @@ def fits(entries: list[CatalogEntry], budget_gib: float, gpu: bool, context: int
 
 
 def recommend(fit_list: list[Fit], gpu: bool) -> str | None:
-    """The largest model that fits without remote code; on a CPU, at most ~3B (speed)."""
+    """The largest current model that fits (none that needs remote code or has a successor in the
+    catalog, such as the tutorial's Qwen-1); on a CPU, at most ~3B (speed)."""
     entries = catalog()
     good = [
         f for f in fit_list
-        if f.room_gib >= 0 and not entries[f.model].remote_code and (gpu or entries[f.model].params_b <= 3.5)
+        if f.room_gib >= 0 and not entries[f.model].remote_code and not entries[f.model].successor
+        and (gpu or entries[f.model].params_b <= 3.5)
     ]  # fmt: skip
     if not good:
         return None

@@ -89,7 +89,7 @@ class TransformersEngine(LocalEngine):
         kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": remote, "use_safetensors": True}
         if device.startswith("cuda"):
             kwargs["device_map"] = "auto" if device == "cuda" else device
-        with _load_errors(path, ref):
+        with _load_errors(path, ref, remote):
             tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=remote)
             model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
         if adapter is not None:  # merged once: inference then runs at the base model's speed
@@ -233,8 +233,11 @@ _DAMAGE = ("SafetensorError", "JSONDecodeError", "HeaderTooLarge", "UnicodeDecod
 
 
 @contextlib.contextmanager
-def _load_errors(path: Path, ref: ModelRef | None) -> Iterator[None]:
-    """Whatever transformers or peft raise while loading → one line that says what to do."""
+def _load_errors(path: Path, ref: ModelRef | None, remote: bool = False) -> Iterator[None]:
+    """Whatever transformers, peft or a model's own code raise while loading → one line that
+    says what to do."""
+    import transformers
+
     try:
         yield
     except LlmhostError:
@@ -243,7 +246,7 @@ def _load_errors(path: Path, ref: ModelRef | None) -> Iterator[None]:
         raise LlmhostError(
             f"not enough memory to load {path}: try a smaller model or a GGUF quantization"
         ) from None
-    except Exception as err:
+    except (Exception, SystemExit) as err:  # a model's own code may even exit
         detail = f"{type(err).__name__}: {err}".splitlines()[0]
         damaged = type(err).__name__ in _DAMAGE or "did not match any variant" in str(err)
         if damaged:
@@ -251,11 +254,15 @@ def _load_errors(path: Path, ref: ModelRef | None) -> Iterator[None]:
             if ref is not None:
                 raise ref.damaged(file, detail) from None
             raise DamagedModelError(f"{file} is damaged or incomplete ({detail})") from None
-        if isinstance(err, ImportError) or "trust_remote_code" in str(err):
-            raise LlmhostError(f"cannot load {path}: {detail}") from None
+        if remote:
+            raise LlmhostError(
+                f"the model in {path} runs its own code (--trust-remote-code), which failed under "
+                f"transformers {transformers.__version__}: {detail}. Install what it names, or use a "
+                "release of the model that transformers supports without remote code"
+            ) from None
         raise LlmhostError(
-            f"transformers could not load {path} ({detail}); if the model is newer than this "
-            "transformers, upgrade it (pip install -U transformers)"
+            f"transformers {transformers.__version__} could not load {path} ({detail}); if the model is "
+            "newer than this transformers, upgrade it (pip install -U transformers)"
         ) from None
 
 
