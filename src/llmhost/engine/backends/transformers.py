@@ -253,7 +253,9 @@ def _load_errors(path: Path, ref: ModelRef | None, remote: bool = False) -> Iter
             file = _unreadable_file(path) or path
             if ref is not None:
                 raise ref.damaged(file, detail) from None
-            raise DamagedModelError(f"{file} is damaged or incomplete ({detail})") from None
+            raise DamagedModelError(
+                f"{file} could not be read ({detail}): it is damaged or incomplete"
+            ) from None
         if remote:
             raise LlmhostError(
                 f"the model in {path} runs its own code (--trust-remote-code), which failed under "
