@@ -179,20 +179,20 @@ def main() -> None:
     setup = f"{a.tokens} tokens; {a.clients} concurrent clients; {a.rounds} rounds (median)"
     print(f"embedded model, greedy, {setup}")
     agg = f"agg tok/s @{a.clients}"
-    print(f"{'run':<32}{'decode tok/s':>13}{'ratio':>7}{'TTFT s':>8}{agg:>15}{'ratio':>7}", flush=True)
+    print(f"{'run':<36}{'decode tok/s':>13}{'ratio':>7}{'TTFT s':>8}{agg:>15}{'ratio':>7}", flush=True)
     failed = []
     for engine in a.engines.split(","):  # each engine's rows as soon as they are measured
         try:
             rows = block(engine, a)
         except Exception as err:  # one engine failing must not lose the others' numbers
-            print(f"{engine:<32}failed: {str(err).splitlines()[0]}", flush=True)
+            print(f"{engine:<36}failed: {str(err).splitlines()[0]}", flush=True)
             failed.append(engine)
             continue
         by_name = {name: r for name, _, r in rows}
         for name, base, r in rows:
             b = by_name[base]
             print(
-                f"{name:<32}{r['tps']:>13.1f}{r['tps'] / b['tps']:>7.2f}{r['ttft']:>8.3f}"
+                f"{name:<36}{r['tps']:>13.1f}{r['tps'] / b['tps']:>7.2f}{r['ttft']:>8.3f}"
                 f"{r['agg']:>15.1f}{r['agg'] / b['agg']:>7.2f}",
                 flush=True,
             )
