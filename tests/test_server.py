@@ -372,3 +372,51 @@ class TestEmbeddedServer:
         assert rest and rest[-1] == "data: [DONE]", server.log
         assert json.loads(rest[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
         assert server.proc.wait(30) == 0
+
+
+def test_the_message_shapes_real_clients_send(tiny_server, model_name):
+    """Open WebUI and LangChain send content as a list of parts; the SDK's `developer` role is
+    the system prompt; clients' harmless defaults (logprobs/store false, text format) are fine."""
+    client = tiny_server.client("sekret")
+    plain = client.chat.completions.create(
+        model=model_name,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}],
+        temperature=0,
+        max_tokens=8,
+    )
+    parts = client.chat.completions.create(
+        model=model_name,
+        messages=[
+            {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+            {"role": "user", "content": [{"type": "text", "text": t} for t in ("Hello ", "there")]},
+        ],
+        temperature=0,
+        max_tokens=8,
+        logprobs=False,
+        store=False,
+        metadata={"user": "test"},
+        response_format={"type": "text"},
+        parallel_tool_calls=True,
+    )
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    assert parts.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "fragment"),
+    [
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages.0.content",
+            "reads text only",
+        ),
+        ({"logprobs": True}, "logprobs", "logprobs"),
+        ({"response_format": {"type": "json_object"}}, "response_format.type", "response_format"),
+    ],
+)
+def test_what_cannot_be_honoured_is_a_400_naming_the_field(tiny_server, model_name, extra, param, fragment):
+    body = {"model": model_name, "messages": HELLO, **extra}
+    with tiny_server.http(headers={"Authorization": "Bearer sekret"}) as http:
+        r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and fragment in r.json()["error"]["message"]

@@ -125,7 +125,7 @@ class Api:
         params = mapping.to_params(req)
         cancel = threading.Event()  # set when the client goes: a queued or running request ends
         if chat:
-            messages = [m.model_dump(include={"role", "content"}) for m in req.messages]
+            messages = mapping.to_messages(req)
             chunks = await engine.astream(messages, params, cancel=cancel)
         else:
             chunks = await engine.astream(None, params, prompt=mapping.to_prompt(req), cancel=cancel)

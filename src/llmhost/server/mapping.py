@@ -9,7 +9,7 @@ from typing import Any
 from llmhost.engine.chunks import Chunk, FinishReason, Result
 from llmhost.engine.params import GenerationParams, make_params
 from llmhost.errors import InvalidRequestError
-from llmhost.server.protocol import ChatCompletionRequest, CompletionRequest
+from llmhost.server.protocol import ChatCompletionRequest, CompletionRequest, TextPart
 
 
 def penalty_from_openai(presence: float | None, frequency: float | None) -> float | None:
@@ -40,6 +40,25 @@ def to_params(req: ChatCompletionRequest | CompletionRequest) -> GenerationParam
     if penalty is not None:
         values["repetition_penalty"] = penalty
     return make_params(**values)
+
+
+def to_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+    """The engine's messages: text parts joined, `developer` as `system`; anything but text is a
+    400 that says so (the models llmhost serves read text only)."""
+    messages = []
+    for i, m in enumerate(req.messages):
+        content = m.content
+        if not isinstance(content, str):
+            media = [p.type for p in content if not isinstance(p, TextPart)]
+            if media:
+                raise InvalidRequestError(
+                    f"messages[{i}].content has a part of type {media[0]!r}: this model reads text only; "
+                    "send text parts",
+                    f"messages.{i}.content",
+                )
+            content = "".join(p.text for p in content if isinstance(p, TextPart))
+        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return messages
 
 
 def to_prompt(req: CompletionRequest) -> str:

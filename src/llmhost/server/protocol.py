@@ -12,14 +12,34 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class MediaPart(BaseModel):
+    """An image or audio part: understood, so that the answer can say the model reads text only."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["image_url", "input_audio", "file", "input_image"]
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str
-    name: str | None = None
+    # `developer` is OpenAI's newer name for `system` (the official SDK sends it for o-series)
+    role: Literal["system", "developer", "user", "assistant"]
+    # a string, or a list of parts as Open WebUI, LangChain and the SDK's typed messages send
+    content: str | list[TextPart | MediaPart] = Field(union_mode="left_to_right")
+    name: str | None = Field(None, max_length=256)
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"] = Field(
+        description="Only plain text is produced so far; json_object / json_schema are refused (400)."
+    )
 
 
 class _Sampling(_Strict):
@@ -37,6 +57,12 @@ class _Sampling(_Strict):
     user: str | None = Field(None, max_length=256)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # fields whose values ask for nothing llmhost lacks: accepted, so that clients sending their
+    # defaults work; values that would ask for more are refused by the types below
+    logprobs: Literal[False] | None = None
+    store: Literal[False] | None = None
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    service_tier: Literal["auto", "default"] | None = None
 
     @field_validator("stream_options")
     @classmethod
@@ -48,6 +74,8 @@ class _Sampling(_Strict):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    response_format: ResponseFormat | None = None
+    parallel_tool_calls: bool | None = None
     max_completion_tokens: int | None = Field(None, ge=1, le=131072)
     truncate_history: bool = Field(
         False,
