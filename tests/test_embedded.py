@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from llmhost.engine import GenerationParams
-from llmhost.engine.backends.gguf import COMPLETE_MARKER, cache_key, converted_folder
+from llmhost.engine.backends.gguf import cache_key, converted_folder
+from llmhost.engine.cached import COMPLETE_MARKER
 from llmhost.errors import EmbeddedModelMissingError
 from llmhost.store import embedded as embedded_mod
 

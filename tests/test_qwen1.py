@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from llmhost.engine.backends import qwen1
+from llmhost.engine.cached import COMPLETE_MARKER
 
 QWEN_TIKTOKEN_SHA256 = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
 IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
@@ -170,7 +171,7 @@ def test_conversion_is_cached_and_atomic(qwen1_dir, converted, home) -> None:
     from llmhost.engine import resolve_ref
 
     assert resolve_ref(str(qwen1_dir)).hf_folder() == converted  # the same folder, not converted again
-    assert (converted / qwen1.COMPLETE_MARKER).is_file()
+    assert (converted / COMPLETE_MARKER).is_file()
     assert not list(converted.parent.glob(".tmp-*"))
     assert not list(converted.glob("*.py"))  # no remote code comes along
 

@@ -8,16 +8,10 @@ folder and renamed into place, so an interrupted conversion never leaves a folde
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
-import time
 from pathlib import Path
 
+from llmhost.engine.cached import build_once
 from llmhost.errors import LlmhostError
-
-COMPLETE_MARKER = "llmhost-converted.json"
-TMP_PREFIX = ".tmp-"
 
 
 class GGUFReadError(LlmhostError):
@@ -48,35 +42,7 @@ def cache_key(gguf: Path, version: str | None = None) -> str:
 def converted_folder(gguf: Path, cache_root: Path, key: str) -> Path:
     """The HF folder for `gguf` under `cache_root`, converting it first if needed."""
     target = cache_root / f"{gguf.stem}-{key}"
-    if (target / COMPLETE_MARKER).is_file():
-        return target
-    cache_root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(cache_root)
-    tmp = cache_root / f"{TMP_PREFIX}{target.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()  # claimed up front, so a crash at any point leaves only this temp folder
-    try:
-        try:
-            _convert(gguf, tmp)
-        except OSError:
-            raise  # the disk (full, unreadable): not the file's fault
-        except Exception as err:  # a truncated file fails in struct, numpy, the gguf reader...
-            raise GGUFReadError(f"{type(err).__name__}: {err}".splitlines()[0]) from None
-        (tmp / COMPLETE_MARKER).write_text(
-            json.dumps({"source": str(gguf), "key": key, "converted_at": time.time()})
-        )
-        if target.exists():  # an incomplete leftover from an older llmhost, or a lost race
-            if (target / COMPLETE_MARKER).is_file():
-                return target
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except OSError:
-        if (target / COMPLETE_MARKER).is_file():  # another process finished first
-            return target
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_once(target, lambda out: _convert(gguf, out), gguf, GGUFReadError)
 
 
 def _convert(gguf: Path, out: Path) -> None:
@@ -98,21 +64,3 @@ def _convert(gguf: Path, out: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-
-
-def _remove_stale_tmp(cache_root: Path) -> None:
-    """Remove temporary folders left by conversions whose process is gone (killed, crashed)."""
-    for tmp in cache_root.glob(f"{TMP_PREFIX}*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

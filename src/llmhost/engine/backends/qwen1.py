@@ -18,16 +18,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
+from llmhost.engine.cached import build_once
 from llmhost.errors import LlmhostError
 
 ARCHITECTURE = "QWenLMHeadModel"
-COMPLETE_MARKER = "llmhost-converted.json"
 VERSION = "1"  # of the conversion: a fix to it converts again
 # Qwen-1's tokenization_qwen.py: its split pattern, and the special tokens after the 151643 ranks
 PATTERN = (
@@ -69,32 +66,7 @@ def converted_folder(source: Path, cache_root: Path) -> Path:
     """The Qwen2 folder for the Qwen-1 folder `source`, converting it first if needed (into a
     temporary folder renamed into place: an interrupted conversion never leaves one that loads)."""
     target = cache_root / f"{source.name}-qwen2-{_key(source)}"
-    if (target / COMPLETE_MARKER).is_file():
-        return target
-    cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = cache_root / f".tmp-{target.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        try:
-            convert(source, tmp)
-        except (QwenConversionError, OSError):
-            raise
-        except Exception as err:  # a truncated shard fails inside safetensors or json
-            raise QwenReadError(f"{type(err).__name__}: {err}".splitlines()[0]) from None
-        (tmp / COMPLETE_MARKER).write_text(json.dumps({"source": str(source), "converted_at": time.time()}))
-        if target.exists():
-            if (target / COMPLETE_MARKER).is_file():
-                return target
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except OSError:
-        if (target / COMPLETE_MARKER).is_file():  # another process finished first
-            return target
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_once(target, lambda out: convert(source, out), source, QwenReadError, (QwenConversionError,))
 
 
 def _key(source: Path) -> str:
