@@ -111,16 +111,22 @@ class Child:
         return ChildFailed(f"the {self.name} {what}; its last output:\n{last}\n(full log: {self.log_path})")
 
     def stop(self, timeout: float = 10) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout)
         if self.group:  # workers the child left behind
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def terminate(proc: subprocess.Popen, timeout: float) -> int:
+    """SIGTERM, then SIGKILL after `timeout` seconds; the exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -188,11 +194,4 @@ class ServerProcess:
         return httpx.Client(base_url=self.url, timeout=120, **kw)
 
     def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return terminate(self.proc, timeout)

@@ -42,6 +42,9 @@ class ChatTemplate:
         #: What templates see besides the messages, as transformers' apply_chat_template passes it.
         self.variables = {k: v for k, v in special_tokens.items() if isinstance(v, str | list)}
         self.control_tokens = tuple(sorted({t for t in control_tokens if t}, key=len, reverse=True))
+        # compiled once per model (Qwen-1 has 208 control tokens); each request only draws a nonce
+        escaped = "|".join(map(re.escape, self.control_tokens))
+        self._find = re.compile(escaped) if escaped else None
 
     def render(
         self, messages: list[Message], marker: Marker | None = None, add_generation_prompt: bool = True
@@ -70,7 +73,7 @@ class ChatTemplate:
         return rendered[0]
 
     def marker(self) -> Marker:
-        return Marker(self.control_tokens)
+        return Marker(self.control_tokens, self._find)
 
     def encode(
         self,
@@ -92,10 +95,10 @@ class Marker:
     characters around a random nonce), so the rendered prompt can be split into the template's
     markup and the messages' control-token look-alikes."""
 
-    def __init__(self, control_tokens: tuple[str, ...]) -> None:
+    def __init__(self, control_tokens: tuple[str, ...], find: re.Pattern[str] | None) -> None:
         self.tokens = control_tokens
         nonce = secrets.token_hex(8)
-        self._find = re.compile("|".join(map(re.escape, control_tokens))) if control_tokens else None
+        self._find = find  # any of the control tokens
         self._index = {t: i for i, t in enumerate(control_tokens)}
         self._tag = f"\ue000{nonce}{{}}\ue001"
         self._split = re.compile(f"\ue000{nonce}(\\d+)\ue001")

@@ -138,7 +138,7 @@ def _stop_ids() -> list[int]:
     return [SPECIAL_START + 2, SPECIAL_START + 1, SPECIAL_START]
 
 
-def _rename(name: str, tensor: Any, heads: int) -> list[tuple[str, Any]]:
+def _rename(name: str, tensor: Any) -> list[tuple[str, Any]]:
     """One Qwen-1 tensor → its Qwen2 tensor(s)."""
     if name == "transformer.wte.weight":
         return [("model.embed_tokens.weight", tensor)]
@@ -178,14 +178,13 @@ def _convert_weights(source: Path, out: Path, config: dict[str, Any]) -> None:
     shards = sorted(source.glob("*.safetensors"))
     if not shards:
         raise QwenConversionError(f"{source} holds no .safetensors weights")
-    heads = int(config["num_attention_heads"])
     index: dict[str, str] = {}
     total = 0
     for shard in shards:
         converted: dict[str, Any] = {}
         with safe_open(str(shard), "pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                for new, tensor in _rename(name, f.get_tensor(name), heads):
+                for new, tensor in _rename(name, f.get_tensor(name)):
                     converted[new] = tensor
                     total += tensor.numel() * tensor.element_size()
         save_file(converted, str(out / shard.name), metadata={"format": "pt"})
