@@ -65,12 +65,11 @@ def test_prompt_forms():
 
 def test_objects_have_openai_shape():
     chat, text = ObjectBuilder("m", chat=True), ObjectBuilder("m", chat=False)
-    first = chat.chunk(Chunk(text="He"), first=True)
+    [first] = chat.events(Chunk(text="He"))
     assert first["object"] == "chat.completion.chunk" and first["id"].startswith("chatcmpl-")
     assert first["choices"][0]["delta"] == {"content": "He", "role": "assistant"}
-    last = chat.chunk(
-        Chunk(text="", finish_reason="cancelled", prompt_tokens=3, completion_tokens=2), first=False
-    )
+    assert chat.events(Chunk(text="")) == []  # a chunk that adds nothing sends nothing
+    [last] = chat.events(Chunk(text="", finish_reason="cancelled", prompt_tokens=3, completion_tokens=2))
     assert last["choices"][0]["finish_reason"] == "stop" and last["id"] == first["id"]
     usage = chat.usage_chunk(Chunk(text="", prompt_tokens=3, completion_tokens=2))
     assert usage["choices"] == [] and usage["usage"] == {

@@ -86,7 +86,7 @@ def test_fit_raises_when_latest_turn_alone_is_too_long():
     [
         ([], "at least one message"),
         ([{"role": "robot", "content": "hi"}], "messages[0].role is 'robot'"),
-        ([{"role": "user"}], "messages[0] must be an object with a string 'content'"),
+        ([{"role": "user"}], "messages[0] must have a string 'content'"),
         ([{"role": "user", "content": 3}], "string 'content'"),
         ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "last message"),
     ],

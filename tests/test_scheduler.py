@@ -110,7 +110,8 @@ def test_admits_up_to_max_batch_and_every_reply_is_whole(make) -> None:
     assert [r.text for r in results] == [expected(p, 6) for p in prompts]
     assert all(r.finish_reason == "length" for r in results)
     assert scheduler.peak_batch == 2 and runner.peak_rows == 2
-    assert scheduler.running == scheduler.queued == 0
+    # the last chunk reaches its caller just before the thread prunes the batch
+    assert wait_for(lambda: scheduler.running == scheduler.queued == 0, timeout=2)
 
 
 def test_a_request_waits_while_the_cache_has_no_room(make) -> None:
@@ -221,3 +222,36 @@ def test_nothing_is_refused_until_batch_plus_queue_is_exceeded(make, batch, queu
         scheduler.submit(*seq([9], 2))
     runner.gate.set()
     assert [collect(s).text for s in accepted] == [expected([i], 2) for i in range(batch + queue)]
+
+
+def test_logits_processors_shape_one_request_and_a_failing_one_ends_only_it(make) -> None:
+    """A processor (a grammar mask, say) sees its own request's tokens; when it fails, that
+    request ends with the error and the others in the batch decode on."""
+    runner = FakeRunner(max_batch=3, step_delay=0.002)
+    scheduler = make(runner)
+    seen: list[list[int]] = []
+
+    def only_z(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        seen.append(list(generated))
+        masked = torch.full_like(logits, float("-inf"))
+        masked[25] = 0.0  # the letter z, whatever the model wants
+        return masked
+
+    def explode(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if len(generated) == 2:
+            raise RuntimeError("grammar broke")
+        return logits
+
+    forced, masked = seq([1], 4)
+    masked.processors = [only_z]
+    failing, broken = seq([5], 6)
+    broken.processors = [explode]
+    streams = [
+        scheduler.submit(forced, masked),
+        scheduler.submit(failing, broken),
+        scheduler.submit(*seq([9], 5)),
+    ]
+    assert collect(streams[0]).text == "zzzz" and seen[:2] == [[], [25]]
+    with pytest.raises(RuntimeError, match="grammar broke"):
+        collect(streams[1])
+    assert collect(streams[2]).text == expected([9], 5)

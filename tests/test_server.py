@@ -410,8 +410,9 @@ def test_the_message_shapes_real_clients_send(tiny_server, model_name):
             "messages.0.content",
             "reads text only",
         ),
-        ({"logprobs": True}, "logprobs", "logprobs"),
-        ({"response_format": {"type": "json_object"}}, "response_format.type", "response_format"),
+        ({"n": 2}, "n", "less than or equal to 1"),
+        ({"modalities": ["audio"]}, "modalities", "unknown parameter"),
+        ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema is required"),
     ],
 )
 def test_what_cannot_be_honoured_is_a_400_naming_the_field(tiny_server, model_name, extra, param, fragment):

@@ -235,3 +235,22 @@ def test_exports(db: Path) -> None:
     ]
     md = to_markdown(conv, store.messages(conv.id))
     assert md.startswith("# 你好 there") and "## Assistant\n\nHello!" in md and "```py" in md
+
+
+def test_reasoning_is_folded_away_above_the_answer(page, tmp_path: Path) -> None:
+    """A thinking model's reasoning (here the embedded model under a template that opens a
+    `<think>` block) is shown in a folded expander, apart from the answer, and kept with it."""
+    from test_agents import THINKING_TEMPLATE
+
+    template = tmp_path / "think.jinja"
+    template.write_text(THINKING_TEMPLATE)
+    server = ServerProcess("--api-key", KEY, "--chat-template", str(template))
+    try:
+        at = send(page(url=server.url + "/v1", model=None), "Why is the sky blue?")
+        assert not at.exception, at.exception
+        reply = at.chat_message[1]
+        [folded] = reply.expander
+        assert folded.label == "Reasoning" and folded.markdown[0].value.strip()
+        assert "<think>" not in folded.markdown[0].value
+    finally:
+        server.stop()

@@ -97,17 +97,30 @@ class ChatSession:
         restore = _on_sigint(cancel.set)
         parts: list[str] = []
         last: Chunk | None = None
+        thinking = False
         try:
             for chunk in chunks:
+                if chunk.reasoning:  # a thinking model's reasoning: dimmed, before the answer
+                    self._out.write(("" if thinking else DIM) + chunk.reasoning)
+                    thinking = True
+                if chunk.text and thinking:
+                    self._out.write(f"{UNDIM}\n\n")
+                    thinking = False
                 self._out.write(chunk.text)
                 self._out.flush()
                 parts.append(chunk.text)
                 last = chunk
         finally:
             restore()
+            if thinking:
+                self._out.write(UNDIM)
         self._out.write("\n")
         assert last is not None
         return "".join(parts), last
+
+
+# ANSI dim on and off (the reply streams as raw text, not through rich's markup)
+DIM, UNDIM = "\x1b[2m", "\x1b[22m"
 
 
 def stats_line(last: Chunk) -> str:

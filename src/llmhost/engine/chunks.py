@@ -5,7 +5,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A call the model made: `arguments` is the JSON text of an object, always whole."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token's log probability, with the most likely alternatives when asked."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -13,7 +32,13 @@ class Chunk:
     """One step of a streamed generation. The last chunk has `finish_reason` and the timings."""
 
     text: str
-    """New text since the previous chunk (may be empty, never half a character)."""
+    """New answer text since the previous chunk (may be empty, never half a character)."""
+    reasoning: str = ""
+    """New reasoning text (a thinking model's `<think>` part), kept apart from the answer."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """Calls completed in this step (each arrives whole, once)."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """For the tokens of this step, when the request asked for them."""
     token_ids: tuple[int, ...] = ()
     """Token ids generated in this step."""
     prompt_tokens: int = 0
@@ -21,7 +46,8 @@ class Chunk:
     completion_tokens: int = 0
     """Tokens generated so far, this chunk's included."""
     finish_reason: FinishReason | None = None
-    """Set on the last chunk only: `stop` (EOS or a stop string), `length` or `cancelled`."""
+    """Set on the last chunk only: `stop` (EOS or a stop string), `length`, `cancelled` or
+    `tool_calls` (the reply ended with calls)."""
     ttft_s: float | None = None
     """Seconds from the call to the first generated token (last chunk only)."""
     decode_tps: float | None = None
@@ -42,10 +68,15 @@ class Result:
     decode_tps: float | None
     dropped_turns: int = 0
     token_ids: list[int] = field(default_factory=list)
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
         return {
             "text": self.text,
+            "reasoning": self.reasoning,
+            "tool_calls": [{"name": c.name, "arguments": c.arguments} for c in self.tool_calls],
             "finish_reason": self.finish_reason,
             "usage": {
                 "prompt_tokens": self.prompt_tokens,
@@ -67,11 +98,17 @@ def decode_rate(tokens: int, first: float | None, last: float) -> float | None:
 def collect(chunks: object) -> Result:
     """Join a chunk stream into a Result: `generate()` is exactly this over `stream()`."""
     parts: list[str] = []
+    thoughts: list[str] = []
     ids: list[int] = []
+    calls: list[ToolCall] = []
+    logprobs: list[TokenLogprob] = []
     last: Chunk | None = None
     for chunk in chunks:  # type: ignore[attr-defined]
         parts.append(chunk.text)
+        thoughts.append(chunk.reasoning)
         ids.extend(chunk.token_ids)
+        calls.extend(chunk.tool_calls)
+        logprobs.extend(chunk.logprobs)
         last = chunk
     if last is None or last.finish_reason is None:
         raise RuntimeError("the engine's stream ended without a final chunk")
@@ -84,4 +121,7 @@ def collect(chunks: object) -> Result:
         decode_tps=last.decode_tps,
         dropped_turns=last.dropped_turns,
         token_ids=ids,
+        reasoning="".join(thoughts),
+        tool_calls=calls,
+        logprobs=logprobs,
     )

@@ -3,32 +3,41 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llmhost.errors import ContextOverflowError, InvalidRequestError
 
 if TYPE_CHECKING:
     from llmhost.engine.params import GenerationParams
 
-Message = dict[str, str]
-ROLES = frozenset({"system", "user", "assistant"})
+#: A chat message as OpenAI sends it: role, content (a string; None for an assistant turn that
+#: only calls tools), and for tools `tool_calls` / `tool_call_id` / `name`.
+Message = dict[str, Any]
+ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 
 def validate_messages(messages: list[Message]) -> None:
     if not messages:
         raise InvalidRequestError("messages must hold at least one message", param="messages")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict):
+            raise InvalidRequestError(f"messages[{i}] must be an object", param="messages")
+        calls = m.get("role") == "assistant" and m.get("tool_calls")
+        if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
             raise InvalidRequestError(
-                f"messages[{i}] must be an object with a string 'content'", param="messages"
+                f"messages[{i}] must have a string 'content' (null only for an assistant turn "
+                "with tool_calls)",
+                param="messages",
             )
         if m.get("role") not in ROLES:
             raise InvalidRequestError(
-                f"messages[{i}].role is {m.get('role')!r}; use one of system, user, assistant",
+                f"messages[{i}].role is {m.get('role')!r}; use one of system, user, assistant, tool",
                 param="messages",
             )
-    if messages[-1]["role"] != "user":
-        raise InvalidRequestError("the last message must come from the user", param="messages")
+    if messages[-1]["role"] not in ("user", "tool"):
+        raise InvalidRequestError(
+            "the last message must come from the user (or be a tool's result)", param="messages"
+        )
 
 
 def request_messages(
@@ -71,6 +80,6 @@ def fit_messages(
         if len(body) - dropped <= 1 or not truncate:
             raise ContextOverflowError(n, max_new_tokens, context_length)
         dropped += 1
-        # never start the kept history with an assistant reply to a dropped question
+        # never start the kept history with an assistant reply (or a tool result) to a dropped question
         while dropped < len(body) - 1 and body[dropped]["role"] != "user":
             dropped += 1

@@ -11,15 +11,19 @@ import threading
 import time
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Collection, Iterator
+from typing import Any
 
 from llmhost.engine.base import Engine
 from llmhost.engine.chunks import Chunk
 from llmhost.engine.context import Message, fit_messages, request_messages
+from llmhost.engine.grammar import Grammars
 from llmhost.engine.params import GenerationParams
+from llmhost.engine.reply import THINK_OPEN, ReplyParser
 from llmhost.engine.scheduler import BatchRunner, Scheduler
 from llmhost.engine.sequence import SequenceState
 from llmhost.engine.template import ChatTemplate
 from llmhost.engine.text import Decoder
+from llmhost.engine.tools import template_messages
 from llmhost.errors import ContextOverflowError
 
 
@@ -31,14 +35,44 @@ class LocalEngine(Engine):
     eos_ids: Collection[int]
     max_queue: int = 64
 
-    def render(self, messages: list[Message]) -> str:
+    def render(self, messages: list[Message], params: GenerationParams | None = None) -> str:
         """The chat template applied to `messages`, ready for a reply."""
-        return self.template.render(messages)
+        params = params or GenerationParams()
+        messages = self._for_template(messages, params)
+        return self.template.render(messages, tools=self._tools(params), variables=self._variables(params))
 
-    def encode_chat(self, messages: list[Message]) -> list[int]:
+    def encode_chat(self, messages: list[Message], params: GenerationParams | None = None) -> list[int]:
         """`render(messages)` tokenized: the template's markup makes the control tokens (BOS
         too, so none is added); text inside messages is only ever text."""
-        return self.template.encode(messages, self.encode_markup, self.encode_plain)
+        params = params or GenerationParams()
+        messages = self._for_template(messages, params)
+        return self.template.encode(
+            messages, self.encode_markup, self.encode_plain, self._tools(params), self._variables(params)
+        )
+
+    def _tools(self, params: GenerationParams) -> list[dict[str, Any]] | None:
+        """Tools for a template that renders them (else `_for_template` describes them)."""
+        return params.tools if params.offers_tools and self.template.native_tools else None
+
+    def _for_template(self, messages: list[Message], params: GenerationParams) -> list[Message]:
+        return template_messages(
+            messages, params.tools if params.offers_tools else None, self.template.native_tools
+        )
+
+    def _variables(self, params: GenerationParams) -> dict[str, Any]:
+        variables: dict[str, Any] = {}
+        if params.reasoning is not None:
+            variables["enable_thinking"] = params.reasoning
+        return {**variables, **params.template_kwargs}
+
+    @functools.cached_property
+    def grammars(self) -> Grammars:
+        """The vocabulary as the grammar library sees it (built on the first constrained request)."""
+        return Grammars(self.grammar_tokenizer())
+
+    def grammar_tokenizer(self) -> Any:
+        """An llguidance tokenizer for this model's vocabulary."""
+        raise NotImplementedError
 
     @abstractmethod
     def encode_markup(self, text: str) -> list[int]:
@@ -69,7 +103,7 @@ class LocalEngine(Engine):
             return ids, 0
         _, dropped, ids = fit_messages(
             messages,
-            self.encode_chat,
+            functools.partial(self.encode_chat, params=params),
             params.max_new_tokens,
             self.context_length,
             truncate=params.truncate_history,
@@ -86,8 +120,32 @@ class LocalEngine(Engine):
         started = time.perf_counter()
         params = params or GenerationParams()
         prompt_ids, dropped = self.prepare(messages, prompt, params)
-        seq = SequenceState(self.decoder, params, len(prompt_ids), self.eos_ids, started, dropped)
+        chat = messages is not None
+        reply = ReplyParser(
+            thinks=chat and self.template.thinks,
+            opened=chat and self._opens_thinking(prompt_ids),
+            tools=chat and params.offers_tools,
+            one_call=params.parallel_tool_calls is False,
+        )
+        grammar = self.grammars.processor(params, lambda: reply.answering) if _constrained(params) else None
+        seq = SequenceState(
+            self.decoder,
+            params,
+            len(prompt_ids),
+            self.eos_ids,
+            started,
+            dropped,
+            reply=reply,
+            processors=[grammar] if grammar else [],
+        )
         return prompt_ids, seq
+
+    def _opens_thinking(self, prompt_ids: list[int]) -> bool:
+        """Whether the prompt ends inside a `<think>` block (the template opened it)."""
+        if not self.template.thinks:
+            return False
+        tail = self.decoder.decode(prompt_ids[-8:], skip_special_tokens=False)
+        return tail.rstrip().endswith(THINK_OPEN)
 
     def stream(
         self,
@@ -122,3 +180,7 @@ class LocalEngine(Engine):
     def close(self) -> None:
         if "scheduler" in self.__dict__:
             self.scheduler.close()
+
+
+def _constrained(params: GenerationParams) -> bool:
+    return params.json_schema is not None or params.forces_tool

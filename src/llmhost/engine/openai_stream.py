@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from llmhost.engine.chunks import decode_rate
+from llmhost.engine.chunks import TokenLogprob, ToolCall, decode_rate
 
 
 class StreamReader:
@@ -26,9 +26,18 @@ class StreamReader:
         self.finish_reason: str | None = None
         self.extension: dict[str, Any] = {}
         """llmhost's own `llmhost` field on chunks (dropped_turns, ...)."""
+        self.reasoning = ""
+        """The reasoning the last item added (`reasoning_content`, or vLLM's newer `reasoning`)."""
+        self.logprobs: list[TokenLogprob] = []
+        """The token logprobs the last item carried."""
+        self._calls: dict[int, dict[str, str]] = {}  # tool calls being streamed, by index
+        self._done_calls = 0
 
     def read(self, item: Any) -> str:
-        """The text `item` adds ("" for none); usage, finish reason and extension are recorded."""
+        """The text `item` adds ("" for none); reasoning, tool-call fragments, logprobs, usage,
+        finish reason and extension are recorded."""
+        self.reasoning = ""
+        self.logprobs = []
         if (extension := (getattr(item, "model_extra", None) or {}).get("llmhost")) is not None:
             self.extension.update(extension)
         if (usage := getattr(item, "usage", None)) is not None:
@@ -38,13 +47,38 @@ class StreamReader:
         for choice in item.choices or []:
             delta = getattr(choice, "delta", None)
             text += (delta.content if delta is not None else getattr(choice, "text", "")) or ""
+            if delta is not None:
+                extra = getattr(delta, "model_extra", None) or {}
+                self.reasoning += extra.get("reasoning_content") or extra.get("reasoning") or ""
+                for call in delta.tool_calls or []:
+                    self._add_call(call)
+            self.logprobs += _logprobs(getattr(choice, "logprobs", None))
             if choice.finish_reason:
                 self.finish_reason = choice.finish_reason
-        if text:
+        if text or self.reasoning:
             if self.first is None:
                 self.first = time.perf_counter()
             self.pieces += 1
         return text
+
+    def _add_call(self, fragment: Any) -> None:
+        call = self._calls.setdefault(fragment.index, {"id": "", "name": "", "arguments": ""})
+        call["id"] = fragment.id or call["id"]
+        function = fragment.function
+        if function is not None:
+            call["name"] += function.name or ""
+            call["arguments"] += function.arguments or ""
+
+    def completed_calls(self) -> list[ToolCall]:
+        """Calls whose every fragment has arrived: all but the last until the reply finishes."""
+        indexes = sorted(self._calls)
+        done = indexes if self.finish_reason is not None else indexes[:-1]
+        out = []
+        for index in done[self._done_calls :]:
+            c = self._calls[index]
+            out.append(ToolCall(c["id"], c["name"], c["arguments"] or "{}"))
+        self._done_calls += len(out)
+        return out
 
     @property
     def tokens(self) -> int:
@@ -57,3 +91,23 @@ class StreamReader:
 
     def decode_tps(self) -> float | None:
         return decode_rate(self.tokens, self.first, time.perf_counter())
+
+
+def _logprobs(value: Any) -> list[TokenLogprob]:
+    """A streamed choice's logprobs as llmhost's: chat's shape, or completions' legacy one."""
+    if value is None:
+        return []
+    if getattr(value, "tokens", None) is not None:  # completions: parallel lists
+        tops = value.top_logprobs or [{}] * len(value.tokens)
+        return [
+            TokenLogprob(
+                t, lp, tuple(t.encode()), tuple((k, v, tuple(k.encode())) for k, v in (top or {}).items())
+            )
+            for t, lp, top in zip(value.tokens, value.token_logprobs, tops, strict=False)
+        ]
+    content = getattr(value, "content", None)
+    out = []
+    for entry in content or []:
+        top = tuple((t.token, t.logprob, tuple(t.bytes or ())) for t in entry.top_logprobs or [])
+        out.append(TokenLogprob(entry.token, entry.logprob, tuple(entry.bytes or ()), top))
+    return out

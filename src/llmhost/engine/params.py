@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llmhost.errors import InvalidRequestError
 
 MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
 
 
 class GenerationParams(BaseModel):
@@ -49,6 +51,35 @@ class GenerationParams(BaseModel):
     system: str | None = Field(
         None, description="System prompt, used when the conversation has none of its own."
     )
+    # -- what the reply must look like (apps and agents) ----------------------------------------
+    tools: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Functions the model may call, as OpenAI tool objects ({type, function}).",
+    )
+    tool_choice: Literal["none", "auto", "required"] = Field(
+        "auto", description="none: never call; auto: the model decides; required: call at least one."
+    )
+    tool_name: str | None = Field(None, description="Call exactly this function (a named tool_choice).")
+    parallel_tool_calls: bool | None = Field(
+        None,
+        description="Whether one reply may hold several calls; a forced call (tool_choice required) "
+        "is one call unless this is true, a free reply keeps only the first when it is false.",
+    )
+    json_schema: dict[str, Any] | None = Field(
+        None, description="The reply is JSON that validates against this schema (constrained decoding)."
+    )
+    reasoning: bool | None = Field(
+        None, description="Whether a thinking model thinks first; None: the model's (or server's) default."
+    )
+    template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra variables for the chat template (enable_thinking, ...)."
+    )
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="Report each token's log probability and this many alternatives; None: off.",
+    )
 
     @field_validator("stop")
     @classmethod
@@ -60,6 +91,15 @@ class GenerationParams(BaseModel):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def offers_tools(self) -> bool:
+        """Whether the prompt describes tools and the reply is parsed for calls."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def forces_tool(self) -> bool:
+        return self.offers_tools and (self.tool_choice == "required" or self.tool_name is not None)
 
 
 def format_validation_error(

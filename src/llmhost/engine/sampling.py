@@ -3,12 +3,16 @@ repetition penalty. torch is imported by the caller; this module only receives t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from llmhost.engine.params import GenerationParams
 
 if TYPE_CHECKING:
     import torch
+
+#: mlx-lm's shape: the ids generated so far and one row of logits in, logits out.
+LogitsProcessor = Callable[[list[int], "torch.Tensor"], "torch.Tensor"]
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> None:
@@ -23,6 +27,8 @@ def sample_next(
     params: GenerationParams,
     generator: torch.Generator | None,
     seen: torch.Tensor | None = None,
+    processors: Sequence[LogitsProcessor] = (),
+    generated: list[int] | None = None,
 ) -> int:
     """Pick the next token id from one row of logits (shape [vocab])."""
     import torch
@@ -30,6 +36,8 @@ def sample_next(
     logits = logits.float()
     if params.repetition_penalty != 1.0 and seen is not None and seen.numel():
         apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    for processor in processors:
+        logits = processor(generated or [], logits)
     if params.greedy:
         return int(logits.argmax())
     logits = logits / params.temperature
@@ -44,3 +52,16 @@ def sample_next(
         logits = logits.scatter(0, order[drop], float("-inf"))
     probs = logits.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The model's log probability of `token` and its `top` most likely alternatives, from the raw
+    logits (before temperature, penalties and masks, as OpenAI and vLLM report them)."""
+    import torch
+
+    logprobs = torch.log_softmax(logits.float(), -1)
+    alternatives: list[tuple[int, float]] = []
+    if top:
+        values, ids = torch.topk(logprobs, top)
+        alternatives = [(int(i), float(v)) for i, v in zip(ids, values, strict=True)]
+    return float(logprobs[token]), alternatives

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llmhost.engine.chunks import Chunk
-from llmhost.engine.sampling import sample_next
+from llmhost.engine.sampling import sample_next, token_logprobs
 from llmhost.engine.sequence import SequenceState
 from llmhost.errors import LlmhostError
 
@@ -52,11 +52,16 @@ class Request:
     seen: list[int] = field(default_factory=list)
     last_token: int = -1
 
-    def emit(self, token: int) -> None:
+    def pick(self, logits: Any, seen: Any) -> None:
+        """Sample the next token from this request's row of logits and hand its chunk over."""
+        seq = self.seq
+        params = seq.params
+        token = sample_next(logits, params, self.generator, seen, seq.processors, seq.generated)
+        scored = None if params.logprobs is None else token_logprobs(logits, token, params.logprobs)
         self.last_token = token
-        if self.seq.params.repetition_penalty != 1.0:
+        if params.repetition_penalty != 1.0:
             self.seen.append(token)
-        self.deliver(self.seq.add(token))
+        self.deliver(seq.add(token, scored))
 
 
 class BatchRunner(Protocol):
@@ -221,8 +226,7 @@ class Scheduler:
                     self._admitting = 0
                 return
             try:
-                logits = self.runner.prefill(req)
-                req.emit(sample_next(logits, req.seq.params, req.generator, self._seen(req)))
+                req.pick(self.runner.prefill(req), self._seen(req))
             except Exception as err:
                 log.exception("prefill failed")
                 req.deliver(err)
@@ -243,7 +247,12 @@ class Scheduler:
         self.peak_batch = max(self.peak_batch, len(self._active))
         logits = self.runner.step(self._active)
         for row, req in enumerate(self._active):
-            req.emit(sample_next(logits[row], req.seq.params, req.generator, self._seen(req)))
+            try:
+                req.pick(logits[row], self._seen(req))
+            except Exception as err:  # this request's own failure (its grammar, say): only it ends
+                log.exception("sampling failed")
+                req.seq.finished = True
+                req.deliver(err)
         self._prune()
 
     def _prune(self) -> None:

@@ -14,13 +14,16 @@ from types import FrameType
 from typing import Any
 
 from llmhost.engine.context import Message
-from llmhost.errors import ChatTemplateError
+from llmhost.engine.tools import uses_tools
+from llmhost.errors import ChatTemplateError, InvalidRequestError
 
 #: Seconds a template may take to render (real ones take milliseconds; the sandbox stops file and
 #: attribute access, not loops, so a template that never ends is stopped here).
 RENDER_BUDGET_S = 5.0
 # what Jinja names the code it compiles a template string into
 _TEMPLATE_CODE = "<template>"
+#: Variables a request's chat_template_kwargs may not set (the renderer's own).
+RESERVED = frozenset({"messages", "tools", "documents", "add_generation_prompt", "chat_template"})
 
 
 class ChatTemplate:
@@ -45,11 +48,21 @@ class ChatTemplate:
         # compiled once per model (Qwen-1 has 208 control tokens); each request only draws a nonce
         escaped = "|".join(map(re.escape, self.control_tokens))
         self._find = re.compile(escaped) if escaped else None
+        #: Whether the model thinks in `<think>` blocks (Qwen3, QwQ, DeepSeek-R1 distills).
+        self.thinks = bool(self.source) and "<think>" in (self.source or "")
+        #: Whether the template renders `tools` itself (else tools.py's fallback describes them).
+        self.native_tools = uses_tools(self.source)
 
     def render(
-        self, messages: list[Message], marker: Marker | None = None, add_generation_prompt: bool = True
+        self,
+        messages: list[Message],
+        marker: Marker | None = None,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        variables: Mapping[str, Any] | None = None,
     ) -> str:
-        """The prompt text; with a `marker`, control-token text inside messages is fenced off."""
+        """The prompt text; with a `marker`, control-token text inside messages, tool descriptions
+        and the request's own template variables is fenced off."""
         from jinja2 import TemplateError
         from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -58,15 +71,22 @@ class ChatTemplate:
                 f"the model {self.model} has no chat template: pass --chat-template FILE "
                 "(a Jinja file), or send a plain prompt instead of messages"
             )
+        extra = dict(variables or {})
+        if reserved := sorted(RESERVED & extra.keys()):
+            raise InvalidRequestError(
+                f"chat_template_kwargs may not set {', '.join(reserved)} (llmhost sets them)",
+                param="chat_template_kwargs",
+            )
         if marker is not None:
-            messages = marker.mark(messages)
+            messages, tools, extra = marker.mark(messages), marker.mark(tools), marker.mark(extra)
         try:
             with _time_budget(self.budget_s, self.model):
                 rendered, _ = render_jinja_template(
                     conversations=[messages],
+                    tools=tools or None,
                     chat_template=self.source,
                     add_generation_prompt=add_generation_prompt,
-                    **self.variables,
+                    **{**self.variables, **extra},
                 )
         except TemplateError as err:
             raise ChatTemplateError(f"the chat template refused these messages: {err}") from None
@@ -80,12 +100,15 @@ class ChatTemplate:
         messages: list[Message],
         markup: Callable[[str], list[int]],
         plain: Callable[[str], list[int]],
+        tools: list[dict[str, Any]] | None = None,
+        variables: Mapping[str, Any] | None = None,
     ) -> list[int]:
         """Token ids of the prompt: the template's text through `markup` (control tokens parsed),
         control-token text that came from messages through `plain` (as characters)."""
         marker = self.marker()
         ids: list[int] = []
-        for _, text, is_markup in marker.split(self.render(messages, marker)):
+        rendered = self.render(messages, marker, tools=tools, variables=variables)
+        for _, text, is_markup in marker.split(rendered):
             ids += markup(text) if is_markup else plain(text)
         return ids
 
@@ -103,10 +126,9 @@ class Marker:
         self._tag = f"\ue000{nonce}{{}}\ue001"
         self._split = re.compile(f"\ue000{nonce}(\\d+)\ue001")
 
-    def mark(self, messages: list[Message]) -> list[Message]:
-        if self._find is None:
-            return messages
-        return [{k: self._mark(v) for k, v in m.items()} for m in messages]
+    def mark(self, value: Any) -> Any:
+        """Messages (or tools, or variables) with control-token text fenced off."""
+        return value if self._find is None else self._mark(value)
 
     def _mark(self, value: Any) -> Any:
         if isinstance(value, str):

@@ -49,6 +49,10 @@ class IncrementalDetokenizer:
         self._prefix, self._read = self._read, len(self._ids)
         return text[len(prefix_text) :]
 
+    def piece(self, token_id: int) -> str:
+        """One token's own text (special tokens shown), for logprobs."""
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True) if ids else ""
 
@@ -71,7 +75,7 @@ class StopMatcher:
             self.stopped = True
             out, self._pending = self._pending[:cut], ""
             return out
-        keep = self._held_suffix_len()
+        keep = max((held_prefix_len(self._pending, s) for s in self._stops), default=0)
         out = self._pending[: len(self._pending) - keep]
         self._pending = self._pending[len(self._pending) - keep :]
         return out
@@ -80,12 +84,11 @@ class StopMatcher:
         out, self._pending = self._pending, ""
         return out
 
-    def _held_suffix_len(self) -> int:
-        """Length of the longest tail of pending text that is a proper prefix of a stop string."""
-        best = 0
-        for stop in self._stops:
-            for n in range(min(len(stop) - 1, len(self._pending)), best, -1):
-                if self._pending.endswith(stop[:n]):
-                    best = n
-                    break
-        return best
+
+def held_prefix_len(text: str, tag: str) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of `tag` (text to hold back
+    while it may still become the tag)."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0

@@ -72,6 +72,8 @@ class Api:
         self.draining = False
         self.in_flight = 0
         self.max_body = int(settings.max_body_mib * 2**20)
+        #: Whether thinking models think when a request does not say (--reasoning); None: the model's.
+        self.reasoning = {"on": True, "off": False}.get(settings.reasoning or "")
 
     def check_key(self, header: str) -> None:
         if not self.keys:
@@ -122,7 +124,7 @@ class Api:
     async def complete(self, request: Request, chat: bool) -> Response:
         req = await self.parse(request, ChatCompletionRequest if chat else CompletionRequest)
         engine = self.manager.get(req.model)
-        params = mapping.to_params(req)
+        params = mapping.to_params(req, self.reasoning)
         cancel = threading.Event()  # set when the client goes: a queued or running request ends
         if chat:
             messages = mapping.to_messages(req)
@@ -131,7 +133,11 @@ class Api:
             chunks = await engine.astream(None, params, prompt=mapping.to_prompt(req), cancel=cancel)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         builder = mapping.ObjectBuilder(
-            engine.name, chat, getattr(req, "truncate_history", False), include_usage and req.stream
+            engine.name,
+            chat,
+            getattr(req, "truncate_history", False),
+            include_usage and req.stream,
+            logprobs=params.logprobs is not None,
         )
         if not req.stream:
             got = await self._gather(request, chunks, cancel)
@@ -171,12 +177,10 @@ class Api:
     async def _sse(
         self, chunks: AsyncIterator[Chunk], builder: mapping.ObjectBuilder, include_usage: bool
     ) -> AsyncIterator[str]:
-        first = True
         try:
             async for chunk in chunks:
-                if chunk.text or chunk.finish_reason or first:
-                    yield _event(builder.chunk(chunk, first))
-                    first = False
+                for obj in builder.events(chunk):
+                    yield _event(obj)
                 if chunk.finish_reason is not None:
                     self.metrics.finished(chunk)
                     if include_usage:

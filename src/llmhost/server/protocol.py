@@ -3,9 +3,14 @@ refused (400), never silently ignored."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from llmhost.engine.params import MAX_TOP_LOGPROBS
+
+#: OpenAI's rule for function names.
+NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 class _Strict(BaseModel):
@@ -24,22 +29,85 @@ class MediaPart(BaseModel):
     type: Literal["image_url", "input_audio", "file", "input_image"]
 
 
+class CalledFunction(_Strict):
+    name: str = Field(min_length=1, max_length=256)
+    arguments: str = Field(description="The arguments as JSON text, as the model wrote them.")
+
+
+class ToolCallIn(_Strict):
+    """A call in an earlier assistant turn, sent back with the conversation."""
+
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+    index: int | None = None  # some clients echo the streamed index back
+
+
 class ChatMessage(_Strict):
     # `developer` is OpenAI's newer name for `system` (the official SDK sends it for o-series)
-    role: Literal["system", "developer", "user", "assistant"]
-    # a string, or a list of parts as Open WebUI, LangChain and the SDK's typed messages send
-    content: str | list[TextPart | MediaPart] = Field(union_mode="left_to_right")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # a string, or a list of parts as Open WebUI, LangChain and the SDK's typed messages send;
+    # null only for an assistant turn that calls tools
+    content: str | list[TextPart | MediaPart] | None = Field(None, union_mode="left_to_right")
     name: str | None = Field(None, max_length=256)
+    tool_calls: list[ToolCallIn] | None = Field(None, max_length=128)
+    tool_call_id: str | None = Field(None, max_length=256)
+    # what some clients echo back from an earlier reply: accepted, not sent to the model
+    reasoning_content: str | None = None
+    refusal: str | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message may carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id (the id of the call it answers)")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content may be null only in an assistant message with tool_calls")
+        return self
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=NAME_PATTERN, description="a-z, A-Z, 0-9, _ and -, up to 64 characters")
+    description: str | None = Field(None, max_length=65536)
+    parameters: dict[str, Any] | None = Field(None, description="A JSON schema of the arguments object.")
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Strict):
-    type: Literal["text"] = Field(
-        description="Only plain text is produced so far; json_object / json_schema are refused (400)."
-    )
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_asked(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema is required with type "json_schema", and only then')
+        return self
 
 
 class _Sampling(_Strict):
@@ -59,7 +127,6 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     # fields whose values ask for nothing llmhost lacks: accepted, so that clients sending their
     # defaults work; values that would ask for more are refused by the types below
-    logprobs: Literal[False] | None = None
     store: Literal[False] | None = None
     metadata: dict[str, str] | None = Field(None, max_length=16)
     service_tier: Literal["auto", "default"] | None = None
@@ -75,7 +142,15 @@ class _Sampling(_Strict):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Extension (vLLM's): variables for the chat template, e.g. enable_thinking."
+    )
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     max_completion_tokens: int | None = Field(None, ge=1, le=131072)
     truncate_history: bool = Field(
         False,
@@ -87,3 +162,5 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] = Field(min_length=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = Field(None, description="Extension: JSON output for a prompt.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,6 +32,11 @@ class ServerSettings(BaseSettings):
         gt=0,
         le=4096,
         description="Largest request body in MiB; a larger one is answered 413 before it is read.",
+    )
+    reasoning: Literal["on", "off"] | None = Field(
+        None,
+        description="Whether thinking models (Qwen3, QwQ) think when a request does not say "
+        "(reasoning_effort, chat_template_kwargs.enable_thinking); default: the model's own.",
     )
     drain_timeout: float = Field(
         30.0, ge=0, le=3600, description="Seconds SIGTERM waits for requests in flight before exiting."

@@ -65,7 +65,8 @@ class ReplyStream:
     stats: ReplyStats = field(default_factory=ReplyStats)
     _start: float = field(default_factory=time.perf_counter)
 
-    def __iter__(self) -> Iterator[str]:
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        """(reasoning, answer) deltas: a thinking model's reasoning comes apart from the answer."""
         reader = StreamReader(self._start)
         for chunk in self._stream:
             text = reader.read(chunk)
@@ -77,8 +78,8 @@ class ReplyStream:
                 reader.tokens if reader.pieces or reader.usage_tokens is not None else None
             )
             self.stats.ttft_s = reader.ttft_s
-            if text:
-                yield text
+            if text or reader.reasoning:
+                yield reader.reasoning, text
         self.stats.tokens_per_s = reader.decode_tps()
 
     def close(self) -> None:

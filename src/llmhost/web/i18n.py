@@ -40,6 +40,7 @@ TEXT: dict[str, dict[Lang, str]] = {
     "tokens": {"en": "tokens", "zh": "tokens"},
     "ttft": {"en": "first token", "zh": "首字延迟"},
     "tps": {"en": "tokens/s", "zh": "tokens/秒"},
+    "reasoning": {"en": "Reasoning", "zh": "思考过程"},
     "dropped": {
         "en": "{n} older message(s) were left out so the conversation fits the model's context.",
         "zh": "为适应模型的上下文长度，省略了较早的 {n} 条消息。",

@@ -7,7 +7,9 @@ same thing. The current conversation is kept in the URL (`?c=ID`).
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import openai
 import streamlit as st
@@ -206,6 +208,9 @@ def _show(message: Message, lang: Lang) -> None:
     with st.chat_message(message.role):
         if message.meta.get("dropped_turns"):
             st.caption(t("dropped", lang, n=message.meta["dropped_turns"]))
+        if message.meta.get("reasoning"):
+            with st.expander(t("reasoning", lang), expanded=False):
+                st.markdown(message.meta["reasoning"])
         st.markdown(message.content)  # never unsafe_allow_html: model output is not trusted
         if message.role == "assistant":
             st.caption(stats_line(message.meta, lang))
@@ -239,6 +244,17 @@ def _regenerate(store: ConversationStore, conv_id: str) -> None:
     st.session_state.pop("error", None)
 
 
+#: Seconds between redraws of a streaming reply.
+RENDER_EVERY_S = 0.05
+
+
+def _draw(thoughts: Any, placeholder: Any, reasoning: str, text: str, lang: Lang) -> None:
+    if reasoning:  # folded away above the answer, as the finished message shows it
+        with thoughts.container(), st.expander(t("reasoning", lang), expanded=not text):
+            st.markdown(reasoning)
+    placeholder.markdown(text)
+
+
 def _reply(
     store: ConversationStore, client: ChatClient, conv: Conversation, controls: Controls, lang: Lang
 ) -> None:
@@ -256,15 +272,22 @@ def _reply(
         truncate_history=bool(model and model.is_llmhost),
     )
     st.session_state["last_request"] = request.to_kwargs()
-    text, stats, done = "", ReplyStats(), False
+    text, reasoning, stats, done = "", "", ReplyStats(), False
     with st.chat_message("assistant"):
+        thoughts = st.empty()
         placeholder = st.empty()
         stream = None
+        shown = 0.0
         try:
             stream = client.stream(request)
-            for piece in stream:
-                text += piece
-                placeholder.markdown(text)
+            for thought, piece in stream:
+                text, reasoning = text + piece, reasoning + thought
+                # redrawing markdown on every token costs the page more than the model takes to
+                # write it: draw at most every RENDER_EVERY_S, and once at the end
+                if time.monotonic() - shown >= RENDER_EVERY_S:
+                    _draw(thoughts, placeholder, reasoning, text, lang)
+                    shown = time.monotonic()
+            _draw(thoughts, placeholder, reasoning, text, lang)
             stats, done = stream.stats, True
         except openai.OpenAIError as err:
             st.session_state["error"] = (conv.id, describe_error(err, lang, client.base_url, request.model))
@@ -273,7 +296,10 @@ def _reply(
             if stream is not None:
                 stream.close()  # hanging up cancels the generation on the server
                 stats = stream.stats
-            if text:
+            if text or reasoning:
                 stats.stopped = not done
-                store.add(conv.id, "assistant", text, {**stats.to_meta(), "model": request.model})
+                meta = {**stats.to_meta(), "model": request.model}
+                if reasoning:
+                    meta["reasoning"] = reasoning
+                store.add(conv.id, "assistant", text, meta)
     st.rerun()  # draw the finished conversation from the database, with its buttons

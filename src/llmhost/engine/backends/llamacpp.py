@@ -306,5 +306,15 @@ class LlamaCppEngine(LocalEngine):
     def encode_text(self, prompt: str) -> list[int]:
         return self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
 
+    def grammar_tokenizer(self) -> Any:
+        from llmhost.engine.grammar import load_llguidance
+
+        load_llguidance()
+        import llama_cpp
+        import llguidance.llamacpp
+
+        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        return llguidance.llamacpp.lltokenizer_from_vocab(vocab, eos_token=sorted(self.eos_ids))
+
     def runner(self) -> LlamaCppRunner:
         return LlamaCppRunner(self.llm, self.context_length, self.kv_tokens, self.max_batch, physical_cores())

@@ -83,6 +83,15 @@ class OpenAIEngine(Engine):
         extra = {}  # vLLM and llmhost accept these; only sent when asked for
         if params.top_k:
             extra["top_k"] = params.top_k
+        fields = _reply_fields(params, chat=messages is not None)
+        if messages is None and "response_format" in fields:  # not a field of the SDK's completions
+            extra["response_format"] = fields.pop("response_format")
+        body.update(fields)
+        variables = dict(params.template_kwargs)
+        if params.reasoning is not None:
+            variables.setdefault("enable_thinking", params.reasoning)
+        if variables and messages is not None:
+            extra["chat_template_kwargs"] = variables
         if params.repetition_penalty != 1.0:
             extra["repetition_penalty"] = params.repetition_penalty
         if extra:
@@ -183,22 +192,56 @@ class _ChunkState:
         self.reader = StreamReader(start)
 
     def add(self, item: Any) -> Chunk | None:
-        text = self.reader.read(item)
-        return Chunk(text=text, completion_tokens=self.reader.pieces) if text else None
+        r = self.reader
+        text = r.read(item)
+        calls = tuple(r.completed_calls())
+        if not (text or r.reasoning or calls or r.logprobs):
+            return None
+        return Chunk(
+            text=text,
+            reasoning=r.reasoning,
+            tool_calls=calls,
+            logprobs=tuple(r.logprobs),
+            completion_tokens=r.pieces,
+        )
 
     def finish(self, reason: FinishReason | None = None) -> Chunk:
         r = self.reader
         upstream: FinishReason | None = None
         if r.finish_reason is not None:
-            upstream = "length" if r.finish_reason == "length" else "stop"
+            upstream = r.finish_reason if r.finish_reason in ("length", "tool_calls") else "stop"
         return Chunk(
             text="",
+            tool_calls=tuple(r.completed_calls()),
             prompt_tokens=r.prompt_tokens or 0,
             completion_tokens=r.tokens,
             finish_reason=reason or upstream or "stop",
             ttft_s=r.ttft_s,
             decode_tps=r.decode_tps(),
         )
+
+
+def _reply_fields(params: GenerationParams, chat: bool) -> dict[str, Any]:
+    """Tools, forced calls, JSON output and logprobs, in OpenAI's own fields."""
+    body: dict[str, Any] = {}
+    if params.json_schema is not None:  # vLLM and llmhost take it on completions too
+        schema = {"name": "response", "schema": params.json_schema, "strict": True}
+        body["response_format"] = {"type": "json_schema", "json_schema": schema}
+    if not chat:  # the completions API: logprobs is a count; tools are chat's
+        return {**body, "logprobs": params.logprobs} if params.logprobs is not None else body
+    if params.tools:
+        body["tools"] = params.tools
+        body["tool_choice"] = (
+            {"type": "function", "function": {"name": params.tool_name}}
+            if params.tool_name
+            else params.tool_choice
+        )
+        if params.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = params.parallel_tool_calls
+    if params.logprobs is not None:
+        body["logprobs"] = True
+        body["top_logprobs"] = params.logprobs
+    return body
 
 
 def available(base_url: str, api_key: str | None) -> list[str]:
@@ -232,7 +275,8 @@ class _errors:
         body = getattr(err, "body", None)
         message = (body.get("message") if isinstance(body, dict) else None) or str(err)
         if status in (400, 422):
-            raise InvalidRequestError(f"the upstream refused the request: {message}") from err
+            param = body.get("param") if isinstance(body, dict) else None
+            raise InvalidRequestError(f"the upstream refused the request: {message}", param) from err
         if status == 404:
             raise ModelNotFoundError(f"the upstream has no such model: {message}") from err
         if status in (401, 403):

@@ -118,6 +118,14 @@ class TransformersEngine(LocalEngine):
     def encode_text(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt)["input_ids"]
 
+    def grammar_tokenizer(self) -> Any:
+        from llmhost.engine.grammar import load_llguidance
+
+        load_llguidance()
+        import llguidance.hf
+
+        return llguidance.hf.from_tokenizer(self.tokenizer, eos_token=sorted(self.eos_ids))
+
     def runner(self) -> TransformersRunner:
         return TransformersRunner(self.model, self._cache_kw, self.max_batch)
 

@@ -11,6 +11,7 @@ when llmhost stops or dies, the child's whole process tree goes with it (see vll
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -78,11 +79,39 @@ def server_args(
         args += ["--chat-template", str(settings.chat_template)]
     if install.cpu:
         args.append("--enforce-eager")  # compiling graphs costs minutes on a CPU and gains little
-    return args + shlex.split(settings.vllm_args or "")
+    return args + parser_args(_template_source(folder, settings)) + shlex.split(settings.vllm_args or "")
+
+
+def parser_args(template: str | None) -> list[str]:
+    """vLLM's tool-call and reasoning parsers for the model's family, chosen from its chat
+    template as llmhost's own parser is: tool calls pass through to vLLM and come back parsed."""
+    args = ["--enable-auto-tool-choice", "--tool-call-parser"]
+    args.append("qwen3_coder" if template and "<function=" in template else "hermes")
+    if template and "<think>" in template:
+        # Qwen3 and QwQ use ChatML; DeepSeek-R1 distills their own turns (and open the block)
+        args += ["--reasoning-parser", "qwen3" if "<|im_start|>" in template else "deepseek_r1"]
+    return args
+
+
+def _template_source(folder: Path, settings: LoadSettings) -> str | None:
+    try:
+        if template := settings.read_chat_template():
+            return template
+        if (file := folder / "chat_template.jinja").is_file():
+            return file.read_text(encoding="utf-8")
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    template = config.get("chat_template")
+    return template if isinstance(template, str) else None
 
 
 def child_env(key: str, install: VllmInstall, settings: LoadSettings) -> dict[str, str]:
     env = {**os.environ, "VLLM_API_KEY": key, "HF_HUB_OFFLINE": "1"}  # the model is a local folder
+    # a forced call (tool_choice required or named) is decoded against the tools' JSON schemas, so
+    # its arguments always validate; vLLM's default instead lets the model write its own call
+    # markup under a structural tag, and a model that does not (a small one) returns no call
+    env.setdefault("VLLM_ENFORCE_STRICT_TOOL_CALLING", "0")
     if install.cpu:
         # else vLLM reserves most of a NUMA node's memory for its KV cache, and fails on a PC
         if settings.kv_cache_gib is not None:

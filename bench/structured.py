@@ -1,0 +1,145 @@
+"""What constrained decoding costs: decode tokens/s with a JSON schema and with a forced tool call
+(`tool_choice: required`) against the same request unconstrained, in the same run, at 1 and 8
+concurrent streaming clients, on both local engines (`llmhost serve --engine transformers` and
+`--engine llamacpp`, the embedded model, the official openai client).
+
+    python bench/structured.py [--tokens 96] [--rounds 2]
+
+The prompts make the model write at length (a list it keeps extending, a long tool argument), so
+every mode decodes about `--tokens` tokens; the rate is tokens after the first over the time
+after the first token (per stream), and all streams' tokens over the wall time (aggregate).
+Modes alternate within each round, so load on the machine hits them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+
+from llmhost.procs import ServerProcess
+
+MODEL = "smollm2-135m-instruct"
+ASK = [{"role": "user", "content": "List as many cities of the world as you can, with their countries."}]
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "cities": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"name": {"type": "string"}, "country": {"type": "string"}},
+                "required": ["name", "country"],
+            },
+        }
+    },
+    "required": ["cities"],
+}
+SAVE = {
+    "type": "function",
+    "function": {
+        "name": "save_cities",
+        "description": "Save a list of cities with their countries",
+        "parameters": SCHEMA,
+    },
+}
+MODES = {
+    "free": {},
+    "json_schema": {
+        "response_format": {"type": "json_schema", "json_schema": {"name": "cities", "schema": SCHEMA}}
+    },
+    "tool required": {"tools": [SAVE], "tool_choice": "required"},
+}
+
+
+def one(client, extra: dict, tokens: int) -> tuple[int, float, float, float]:
+    """(completion tokens, start, first token time, last token time) of one streamed request."""
+    start = time.perf_counter()
+    first = last = None
+    n = 0
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        max_tokens=tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        **extra,
+    )
+    for chunk in stream:
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            if delta.content or delta.tool_calls:
+                last = time.perf_counter()
+                first = first or last
+        if chunk.usage:
+            n = chunk.usage.completion_tokens
+    # a forced call arrives whole at its end: its first token's time is unknown from the outside
+    return n, start, first or start, last or time.perf_counter()
+
+
+def wave(client, extra: dict, clients: int, tokens: int) -> tuple[float, float]:
+    """(aggregate tokens/s, median tokens per request)."""
+    results: list = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        r = one(client, extra, tokens)
+        with lock:
+            results.append(r)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=work) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return sum(r[0] for r in results) / wall, statistics.median(r[0] for r in results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tokens", type=int, default=96)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--engines", default="transformers,llamacpp")
+    args = parser.parse_args()
+    rows = []
+    for engine in args.engines.split(","):
+        server = ServerProcess("--engine", engine, "--max-concurrency", "8")
+        try:
+            client = server.client()
+            for extra in MODES.values():  # warm-up: the first constrained request builds the vocabulary
+                one(client, extra, 8)
+            rates: dict[tuple[str, int], list[float]] = {}
+            lengths: dict[tuple[str, int], list[float]] = {}
+            for _ in range(args.rounds):
+                for clients in (1, 8):
+                    for mode, extra in MODES.items():
+                        rate, length = wave(client, extra, clients, args.tokens)
+                        rates.setdefault((mode, clients), []).append(rate)
+                        lengths.setdefault((mode, clients), []).append(length)
+            for clients in (1, 8):
+                base = statistics.median(rates[("free", clients)])
+                for mode in MODES:
+                    rate = statistics.median(rates[(mode, clients)])
+                    tokens = statistics.median(lengths[(mode, clients)])
+                    rows.append((engine, clients, mode, tokens, rate, rate / base))
+                    print(
+                        f"{engine:12} {clients:>2} {mode:14} {tokens:6.0f} {rate:8.1f} {rate / base:6.2f}",
+                        flush=True,
+                    )
+        finally:
+            server.stop()
+    print()
+    print("| engine | clients | mode | tokens/request | aggregate tok/s | vs free |")
+    print("|---|---|---|---|---|---|")
+    for engine, clients, mode, tokens, rate, ratio in rows:
+        print(f"| {engine} | {clients} | {mode} | {tokens:.0f} | {rate:.1f} | {ratio:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
