@@ -402,3 +402,31 @@ def test_completions_take_logprobs_and_a_schema(served) -> None:
         extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": city}}},
     )
     jsonschema.validate(json.loads(reply.choices[0].text), city)
+
+
+@pytest.fixture(scope="module", params=["transformers", "llamacpp"])
+def native(request, engine_server):
+    """The embedded model under Qwen2.5's own template, which renders tools itself."""
+    engine_server(request.param)
+    template = Path(__file__).parent / "data" / "qwen2.5-tools.jinja"
+    server = ServerProcess("--engine", request.param, "--dtype", "float32", "--chat-template", str(template))
+    yield server
+    server.stop()
+
+
+def test_a_template_with_tools_renders_them_and_the_round_trip(native: ServerProcess) -> None:
+    client = native.client()
+    kw = {**GREEDY, "tools": [WEATHER], "max_tokens": 60}
+    first = client.chat.completions.create(**kw, messages=ASK, tool_choice="required")
+    [call] = first.choices[0].message.tool_calls
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    history = [
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump(exclude_none=True)]},
+        {"role": "tool", "tool_call_id": call.id, "content": "It is sunny and 21 degrees Celsius in Paris."},
+    ]
+    answer = client.chat.completions.create(**kw, messages=history)
+    assert answer.choices[0].message.content or answer.choices[0].message.tool_calls
+    # Qwen's template writes the tools into its system turn: the prompt is longer with them
+    bare = client.chat.completions.create(**{**GREEDY, "max_tokens": 1}, messages=ASK)
+    assert first.usage.prompt_tokens > bare.usage.prompt_tokens + 50

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 
@@ -183,3 +184,30 @@ def test_grammar_for_forced_calls_and_schemas() -> None:
     assert call_schema([WEATHER, WEATHER | {"function": {"name": "other"}}], None)["anyOf"][1]["properties"][
         "name"
     ] == {"const": "other"}
+
+
+QWEN25 = Path(__file__).parent / "data" / "qwen2.5-tools.jinja"  # Qwen2.5-Instruct's template
+
+
+def test_a_native_template_renders_tools_calls_and_results() -> None:
+    """Qwen2.5's own template gets the tools and a call's arguments as an object (`| tojson`
+    of a JSON string would print it quoted twice), and renders the result as its tool response."""
+    from llmhost.engine.template import ChatTemplate
+
+    template = ChatTemplate(QWEN25.read_text(), "qwen", {}, ["<|im_start|>", "<|im_end|>"])
+    assert template.native_tools
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "Sunny"},
+    ]
+    text = template.render(template_messages(messages, [WEATHER], native=True), tools=[WEATHER])
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in text
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
+    assert "<|im_start|>user\n<tool_response>\nSunny\n</tool_response><|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
