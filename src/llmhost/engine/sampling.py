@@ -41,17 +41,43 @@ def sample_next(
     if params.greedy:
         return int(logits.argmax())
     logits = logits / params.temperature
-    if 0 < params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token when the tokens before it already reach top_p (the first always stays)
-        drop = (cum - sorted_logits.softmax(-1)) >= params.top_p
-        logits = logits.scatter(0, order[drop], float("-inf"))
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    vocab = logits.numel()
+    top_k = params.top_k if 0 < params.top_k < vocab else 0
+    if params.top_p >= 1.0 and not top_k:
+        return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+    values, ids = _nucleus(logits, params.top_p, top_k)
+    return int(ids[torch.multinomial(values.softmax(-1), 1, generator=generator)])
+
+
+#: Candidates looked at first for top-p; most replies' nucleus is far smaller than this.
+_FIRST_K = 64
+
+
+def _nucleus(logits: torch.Tensor, top_p: float, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and ids of the tokens top-k then top-p keep, most likely first: the smallest set
+    whose probability reaches top_p (the first always stays). Found among the `k` most likely
+    (k grown ×8 until their probability reaches top_p), not by sorting the whole vocabulary: the
+    same set a full sort gives, at a fraction of its cost per token."""
+    import torch
+
+    vocab = logits.numel()
+    if top_k:  # probabilities among the top k, as if the rest were masked
+        values, ids = torch.topk(logits, top_k)
+        total = torch.logsumexp(values, -1)
+    else:
+        total = torch.logsumexp(logits, -1)
+        k = min(_FIRST_K, vocab)
+        while True:
+            values, ids = torch.topk(logits, k)
+            if k == vocab or float(torch.exp(values - total).sum()) >= top_p:
+                break
+            k = min(vocab, k * 8)
+    if top_p < 1.0:
+        probs = torch.exp(values - total)
+        # drop a token when the tokens before it already reach top_p
+        keep = int(((probs.cumsum(-1) - probs) < top_p).sum())
+        values, ids = values[: max(1, keep)], ids[: max(1, keep)]
+    return values, ids
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
