@@ -11,7 +11,7 @@ VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
 
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install lint bench clean browser vllm
+.PHONY: run test install lint bench clean browser vllm llama-server
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -69,5 +69,21 @@ lint: $(TSTAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/decode.py
 
+# llama.cpp's own C++ server, the anchor bench/chat.py measures llmhost against: built from the
+# llama.cpp source vendored in the llama-cpp-python sdist of the version the engine uses (the
+# package registry is the only download), with the same CPU flags the binding's build uses.
+LLAMA_DIR    := .llama-server
+LLAMA_SERVER := $(LLAMA_DIR)/build/bin/llama-server
+$(LLAMA_SERVER): $(TSTAMP)
+	rm -rf $(LLAMA_DIR) && mkdir -p $(LLAMA_DIR)
+	$(BIN)/pip download -q --no-deps --no-binary :all: -d $(LLAMA_DIR) \
+		"llama-cpp-python==$$($(BIN)/python -c 'import llama_cpp; print(llama_cpp.__version__)')"
+	tar -xzf $(LLAMA_DIR)/llama_cpp_python-*.tar.gz -C $(LLAMA_DIR)
+	cmake -S $(LLAMA_DIR)/llama_cpp_python-*/vendor/llama.cpp -B $(LLAMA_DIR)/build \
+		-DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+	cmake --build $(LLAMA_DIR)/build --target llama-server -j $$(nproc)
+
+llama-server: $(LLAMA_SERVER)
+
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) $(LLAMA_DIR) build *.egg-info src/*.egg-info

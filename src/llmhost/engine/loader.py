@@ -30,7 +30,12 @@ def load_ref(ref: ModelRef, settings: LoadSettings) -> Engine:
     """Load a resolved reference on the engine `choose_engine` picks."""
     kind = choose_engine(ref, settings)
     backend = importlib.import_module(f"llmhost.engine.backends.{kind}")
-    return backend.load(ref.name if kind == "openai" else ref, settings)  # a name on the upstream
+    engine = backend.load(ref.name if kind == "openai" else ref, settings)  # a name on the upstream
+    from llmhost.engine.local import LocalEngine
+
+    if isinstance(engine, LocalEngine):
+        engine.warm_up()
+    return engine
 
 
 def uses_upstream(settings: LoadSettings) -> bool:

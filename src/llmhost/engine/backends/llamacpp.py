@@ -81,8 +81,17 @@ class LlamaCppRunner:
     - without flash attention, a shared cache gave a request logits off by up to ~26 whenever
       other sequences sat in it at other positions; with it they are bit-identical;
     - removing a finished sequence (`llama_memory_seq_rm`) while others still decode shifted
-      their logits by ~1 (new cells land in the holes). So finished sequences are retired, not
-      removed: their cells stay until no request runs, and then the cache is cleared at once.
+      their logits by up to 1.5. Root cause (measured with this llama.cpp): llama.cpp puts the
+      next tokens into the lowest free cells, so a running sequence's cells stop being in
+      position order, and the CPU flash-attention kernel's sums depend on where a sequence's
+      cells lie: prompts are evaluated in 64-cell tiles (the same prompt at a cell offset that
+      is not a multiple of 64 differs by up to 0.7), and a decode step splits the cache's cells
+      between the threads and adds their partial sums (a sequence whose cells straddle the
+      split differs by up to 1.1). With `kv_unified` off (one stream per sequence) removal is
+      exact, but every sequence then gets only capacity / sequences cells. So finished
+      sequences are retired, not removed: their cells stay until no request runs, and then the
+      cache is cleared at once. (Which is also why a shared-prefix cache is not built on this
+      unified cache: its replies would not equal a cold run's.)
     Requests are admitted while the cache can hold them at their longest (prompt + max tokens)
     and a sequence id is free; the others wait, and all run again after the next clear.
 
