@@ -4,6 +4,7 @@ parameters and scheduler as the transformers engine. Needs `pip install llmhost[
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -11,6 +12,7 @@ from llmhost.config import LoadSettings
 from llmhost.engine import load
 from llmhost.engine.backends.llamacpp import INSTALL, available
 from llmhost.engine.params import GenerationParams
+from llmhost.errors import ContextOverflowError, LlmhostError
 from servers import wait_for
 
 pytestmark = pytest.mark.skipif(not available(), reason=f"llama-cpp-python is not installed: {INSTALL}")
@@ -105,10 +107,10 @@ def test_concurrent_requests_decode_together_and_equal_solo(cpp) -> None:
 
 
 def test_logits_do_not_depend_on_other_sequences_in_the_cache(cpp) -> None:
-    """The runner's two guards against llama.cpp's shared cache (see LlamaCppRunner): a request's
-    logits, teacher-forced, are bit-identical alone and beside others that start before it and
-    finish while it decodes. (Without flash attention they were off by up to ~26; removing a
-    finished sequence's cells mid-batch shifted them by ~1.)"""
+    """A request's logits, teacher-forced, are bit-identical alone and beside others that start
+    before it, finish while it decodes, and whose slots are taken over (their cells freed) by
+    new requests while it decodes. (In one cache shared by all sequences they were off by up to
+    1.5: see LlamaCppRunner.)"""
     from types import SimpleNamespace
 
     from llmhost.engine.backends.llamacpp import LlamaCppRunner, physical_cores
@@ -116,10 +118,11 @@ def test_logits_do_not_depend_on_other_sequences_in_the_cache(cpp) -> None:
     def request(text: str, budget: int = 64) -> SimpleNamespace:
         ids = cpp.encode_chat([{"role": "user", "content": text}])
         return SimpleNamespace(
-            prompt_ids=ids, seq=SimpleNamespace(params=SimpleNamespace(max_new_tokens=budget))
+            prompt_ids=ids,
+            seq=SimpleNamespace(params=SimpleNamespace(max_new_tokens=budget), cached_tokens=0),
         )
 
-    runner = LlamaCppRunner(cpp.llm, 2048, 8192, 4, physical_cores())
+    runner = LlamaCppRunner(cpp.llm, 1024, 3, physical_cores())  # three slots: all taken below
     try:
         a = request("What is the capital of France?")
         alone = [runner.prefill(a)]
@@ -130,7 +133,8 @@ def test_logits_do_not_depend_on_other_sequences_in_the_cache(cpp) -> None:
             alone.append(runner.step([a])[0])
             forced.append(int(alone[-1].argmax()))
         runner.drop([])
-        rows = [request("Write a story about a dragon."), request("Count to ten.")]
+        runner.forget()
+        rows = [request("Write a story about a dragon. " * 8), request("Count to ten.")]
         for other in rows:
             other.last_token = int(runner.prefill(other).argmax())
             runner.commit_prefill()
@@ -140,39 +144,138 @@ def test_logits_do_not_depend_on_other_sequences_in_the_cache(cpp) -> None:
         for i in range(20):
             a.last_token = forced[i]
             logits = runner.step(rows)
-            beside.append(logits[-1])
-            for row, other in enumerate(rows[:-1]):
-                other.last_token = int(logits[row].argmax())
+            beside.append(logits[rows.index(a)])
+            for row, other in enumerate(rows):
+                if other is not a:
+                    other.last_token = int(logits[row].argmax())
             if i == 5:  # the dragon story ends while the others decode
                 runner.drop([1, 2])
                 rows = rows[1:]
+            if i == 8:  # a new request takes the only free slot over: the story's cells are freed
+                newcomer = request("Name three rivers.")
+                newcomer.last_token = int(runner.prefill(newcomer).argmax())
+                runner.commit_prefill()
+                rows.append(newcomer)
         assert max(float((x - y).abs().max()) for x, y in zip(alone, beside, strict=True)) == 0.0
     finally:
         runner.close()
 
 
-def test_kv_budget_decides_how_many_run_together_and_the_rest_queue(cpp) -> None:
-    from llmhost.engine.backends.llamacpp import kv_bytes_per_token, kv_capacity
+def _cold(engine, messages, params):
+    """The reply with nothing in the prompt cache."""
+    assert wait_for(lambda: engine.running == 0, timeout=10)
+    engine.scheduler.runner.forget()
+    return engine.generate(messages, params)
+
+
+TURNS = [
+    "Tell me about Paris.",
+    "And what about its museums?",
+    "Which one is the biggest?",
+    "How do I get there by metro?",
+    "What else should I see nearby?",
+    "Thanks! Any food tips?",
+]
+
+
+def test_a_conversations_next_turn_reuses_its_prefix_and_equals_a_cold_run(cpp) -> None:
+    params = GenerationParams(temperature=0, max_new_tokens=40)
+    conversation, cached = [], []
+    for question in TURNS:
+        conversation.append({"role": "user", "content": question})
+        assert wait_for(lambda: cpp.running == 0, timeout=10)
+        warm = cpp.generate(conversation, params)
+        cold = _cold(cpp, conversation, params)
+        assert warm.token_ids == cold.token_ids, question
+        assert cold.cached_tokens == 0
+        cached.append((warm.cached_tokens, warm.prompt_tokens))
+        conversation.append({"role": "assistant", "content": warm.text})
+        # the cold run left this turn in the cache: the next turn starts from it, as the warm one
+        # would have (the same prompt, evaluated the same way)
+    assert all(c % 64 == 0 and c < p for c, p in cached)
+    assert cached[-1][0] >= cached[-1][1] - 150  # only the last reply, the question and a block's rest
+
+
+def test_shared_system_prompts_interleaved_and_edited_conversations_equal_cold_runs(cpp) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    system = {"role": "system", "content": "You are a travel guide for Europe. " * 30}
+    params = GenerationParams(temperature=0, max_new_tokens=24)
+    a = [system, {"role": "user", "content": "Tell me about Rome."}]
+    b = [system, {"role": "user", "content": "Tell me about Vienna."}]
+    cold = {id(m): _cold(cpp, m, params).token_ids for m in (a, b)}
+    with ThreadPoolExecutor(2) as pool:  # two conversations at once, each in a slot
+        warm = list(pool.map(lambda m: cpp.generate(m, params), [a, b, a, b]))
+    assert [w.token_ids for w in warm] == [cold[id(a)], cold[id(b)]] * 2
+    assert max(w.cached_tokens for w in warm) >= 128  # the system prompt's blocks were shared
+    # a conversation edited in the middle: only the blocks before the edit are reused
+    edited = [{**system, "content": system["content"].replace("Europe", "Asia", 1)}, a[1]]
+    reply = cpp.generate(edited, params)
+    assert reply.token_ids == _cold(cpp, edited, params).token_ids and reply.cached_tokens < 64
+
+
+def test_sustained_load_never_waits_while_a_slot_is_free() -> None:
+    """Clients streaming continuously: a finished request's slot is free at once (no cache to
+    drain first, as when finished sequences' cells had to stay until the cache went idle), so
+    the scheduler never turns a request away while fewer than --max-concurrency run."""
+    engine = load(None, LoadSettings(engine="llamacpp", max_concurrency=4, context_length=1024))
+    runner = engine.scheduler.runner
+    refused, asked = [], []
+    has_room = runner.has_room
+
+    def watched(req) -> bool:
+        ok = has_room(req)
+        asked.append(len(engine.scheduler._active))
+        if not ok and len(engine.scheduler._active) < runner.max_batch:
+            refused.append(len(engine.scheduler._active))
+        return ok
+
+    runner.has_room = watched
+    stop = threading.Event()
+    params = GenerationParams(temperature=0.7, max_new_tokens=48)
+
+    def client(i: int) -> None:
+        while not stop.is_set():
+            engine.generate([{"role": "user", "content": f"Say something about the number {i}."}], params)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]  # more than the slots
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(30)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        peak = engine.scheduler.peak_batch
+        engine.close()
+    assert asked and not refused and peak == 4
+
+
+def test_slots_and_their_size_bound_the_cache(cpp) -> None:
+    from llmhost.engine.backends.llamacpp import DEFAULT_SLOT_TOKENS, kv_bytes_per_token, slot_tokens
 
     per_token = kv_bytes_per_token(cpp.llm)
     assert per_token == 30 * 2 * 3 * 64 * 2  # SmolLM2-135M: 30 layers, 3 KV heads of 64, f16
-    assert kv_capacity(cpp.llm, 8192, None, 8) == 8192  # by default one window, as llama.cpp alone
-    assert kv_capacity(cpp.llm, 8192, 1, 8) == 2**30 // per_token  # what 1 GiB buys
-    assert kv_capacity(cpp.llm, 2048, 1, 8) == 2048 * 8  # no more than 8 full windows
-    assert kv_capacity(cpp.llm, 8192, 0.001, 8) == 8192  # always one full window
-    # a cache of 2 windows of 512: two requests of 400 fit at their longest; the third waits
-    small = LoadSettings(
-        engine="llamacpp", context_length=512, max_concurrency=4, kv_cache_gib=512 * 2 * per_token / 2**30
-    )
+    assert slot_tokens(cpp.llm, 8192, False, None, 8) == DEFAULT_SLOT_TOKENS  # a default window
+    assert slot_tokens(cpp.llm, 8192, True, None, 8) == 8192  # --context-length asked for it
+    assert slot_tokens(cpp.llm, 8192, False, 1, 8) == 2**30 // per_token // 8  # what 1 GiB buys, shared
+    assert slot_tokens(cpp.llm, 2048, False, 1, 8) == 2048  # never more than the window
+    with pytest.raises(LlmhostError, match="raise --kv-cache-gib or lower --max-concurrency"):
+        slot_tokens(cpp.llm, 8192, False, 0.001, 8)
+    # 2 slots: two requests run, the third waits; a prompt beyond a slot is a clear 400
+    small = LoadSettings(engine="llamacpp", context_length=512, max_concurrency=2)
     engine = load(None, small)
     try:
-        assert engine.scheduler.runner.capacity == 1024
+        assert engine.context_length == 512 and engine.scheduler.runner.max_batch == 2
         params = GenerationParams(temperature=0, max_new_tokens=400 - len(engine.encode_chat(STORY)))
         streams = [engine.stream(STORY, params) for _ in range(3)]
         firsts = [next(s).text for s in streams[:2]] + [""]
         assert engine.running == 2 and engine.queued == 1  # in /metrics as llmhost_queue_length
         texts = {first + "".join(c.text for c in s) for first, s in zip(firsts, streams, strict=True)}
         assert len(texts) == 1  # the one that waited got the same reply
+        with pytest.raises(ContextOverflowError):
+            engine.generate([{"role": "user", "content": "word " * 600}], params)
     finally:
         engine.close()
 
@@ -202,7 +305,20 @@ def test_serve_with_llamacpp_through_the_official_client() -> None:
             if c.choices
         ]
         assert "".join(parts) == whole.choices[0].message.content and whole.usage.completion_tokens <= 12
+        # a long shared system prompt: the second request reuses its blocks, and says so
+        long = [{"role": "system", "content": "Answer briefly and kindly. " * 40}, *QUESTION]
+        first = client.chat.completions.create(**{**kw, "messages": long})
+        again = client.chat.completions.create(**{**kw, "messages": long})
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        cached = again.usage.prompt_tokens_details.cached_tokens
+        assert (
+            cached >= 192
+            and cached % 64 == 0
+            and again.choices[0].message.content == first.choices[0].message.content
+        )
         with server.http() as http:
-            assert metric(http.get("/metrics").text, "llmhost_queue_length") == 0
+            text = http.get("/metrics").text
+        assert metric(text, "llmhost_queue_length") == 0
+        assert metric(text, "llmhost_prompt_tokens_cached_total") >= cached
     finally:
         assert server.stop() == 0, server.log

@@ -76,6 +76,7 @@ def test_objects_have_openai_shape():
         "prompt_tokens": 3,
         "completion_tokens": 2,
         "total_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 0},
     }
     whole = text.whole(
         Result(

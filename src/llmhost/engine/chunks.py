@@ -54,6 +54,8 @@ class Chunk:
     """Decode speed in tokens per second after the first token (last chunk only)."""
     dropped_turns: int = 0
     """Messages of the history left out so that the prompt fits the context window."""
+    cached_tokens: int = 0
+    """Prompt tokens whose KV cache an earlier request left (prefix reuse), not evaluated again."""
 
 
 @dataclass(slots=True)
@@ -67,6 +69,7 @@ class Result:
     ttft_s: float | None
     decode_tps: float | None
     dropped_turns: int = 0
+    cached_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
     reasoning: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
@@ -120,6 +123,7 @@ def collect(chunks: object) -> Result:
         ttft_s=last.ttft_s,
         decode_tps=last.decode_tps,
         dropped_turns=last.dropped_turns,
+        cached_tokens=last.cached_tokens,
         token_ids=ids,
         reasoning="".join(thoughts),
         tool_calls=calls,

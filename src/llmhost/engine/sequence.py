@@ -47,6 +47,8 @@ class SequenceState:
         self._last = started
         self._dropped = dropped_turns
         self._logprobs: tuple[TokenLogprob, ...] = ()
+        #: Prompt tokens the runner found in its cache (set by a runner that reuses prefixes).
+        self.cached_tokens = 0
 
     def add(self, token_id: int, scored: Scored | None = None) -> Chunk:
         """Record one generated token; the returned chunk is final when the sequence ends."""
@@ -105,6 +107,7 @@ class SequenceState:
             ttft_s=ttft,
             decode_tps=decode_rate(n, self._first, self._last),
             dropped_turns=self._dropped,
+            cached_tokens=self.cached_tokens,
         )
 
     def _token_logprob(self, token: int, scored: Scored) -> TokenLogprob:

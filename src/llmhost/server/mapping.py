@@ -179,11 +179,13 @@ def completion_logprobs(
     }
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        # OpenAI's field for prompt caching: tokens whose KV cache was reused
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -270,7 +272,7 @@ class ObjectBuilder:
         return {
             **self._base(obj),
             "choices": [],
-            "usage": usage(last.prompt_tokens, last.completion_tokens),
+            "usage": usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens),
             **self._extension(last.dropped_turns),
         }
 
@@ -298,6 +300,6 @@ class ObjectBuilder:
         return {
             **self._base(obj),
             "choices": [choice],
-            "usage": usage(result.prompt_tokens, result.completion_tokens),
+            "usage": usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
             **self._extension(result.dropped_turns),
         }

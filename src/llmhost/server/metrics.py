@@ -20,6 +20,11 @@ class Metrics:
         )
         self.prompt_tokens = Counter("llmhost_prompt_tokens", "Prompt tokens processed.", registry=r)
         self.completion_tokens = Counter("llmhost_completion_tokens", "Tokens generated.", registry=r)
+        self.cached_tokens = Counter(
+            "llmhost_prompt_tokens_cached",
+            "Prompt tokens not evaluated again: their KV cache was reused from an earlier request.",
+            registry=r,
+        )
         self.ttft = Histogram(
             "llmhost_time_to_first_token_seconds", "Time to first token.", buckets=LATENCY_BUCKETS, registry=r
         )
@@ -35,6 +40,7 @@ class Metrics:
     def finished(self, last: Chunk) -> None:
         self.prompt_tokens.inc(last.prompt_tokens)
         self.completion_tokens.inc(last.completion_tokens)
+        self.cached_tokens.inc(last.cached_tokens)
         if last.ttft_s is not None:
             self.ttft.observe(last.ttft_s)
         if last.decode_tps:

@@ -4,9 +4,9 @@ the CPU, with llama.cpp's quantized kernels and none of the conversion to float3
 It plugs into the same scheduler as the transformers engine: llama.cpp evaluates tokens and
 hands back logits; llmhost's own sampling, stop strings, UTF-8-safe detokenization, queue and
 cancellation run on top, so both engines behave alike for every front end. Concurrent requests
-are decoded together with llama.cpp's multi-sequence batching, up to --max-concurrency and as
-many as the KV cache (--kv-cache-gib) holds at their longest; the rest wait in the queue
-(llmhost_queue_length in /metrics).
+are decoded together with llama.cpp's multi-sequence batching, one slot each, up to
+--max-concurrency; the rest wait in the queue (llmhost_queue_length in /metrics). Each slot keeps
+its last request's KV cache, so a conversation's next turn prefills only what is new.
 """
 
 from __future__ import annotations
@@ -64,36 +64,50 @@ def kv_bytes_per_token(llm: Any) -> int:
     return llama_cpp.llama_model_n_layer(model) * 2 * llama_cpp.llama_model_n_head_kv(model) * head_dim * 2
 
 
-def kv_capacity(llm: Any, window: int, kv_gib: float | None, most: int) -> int:
-    """Tokens the shared KV cache holds. By default one full window, the memory llama.cpp alone
-    would take (typical requests of a few hundred tokens still run many at a time); with
-    `kv_gib`, what that buys, but at least one window and at most `most` full windows."""
+#: A request's window when neither --context-length nor --kv-cache-gib says otherwise: each of
+#: the --max-concurrency slots keeps a KV stream this long (Ollama's default is 4096 too).
+DEFAULT_SLOT_TOKENS = 4096
+#: Prompts are evaluated in blocks of this many positions, and slots share whole blocks only.
+PREFILL_BLOCK = 64
+
+
+def slot_tokens(llm: Any, window: int, explicit: bool, kv_gib: float | None, slots: int) -> int:
+    """Tokens each slot's KV stream holds (the most one request may span): the model's window up
+    to DEFAULT_SLOT_TOKENS (all of it when --context-length asks); with `kv_gib`, what that buys
+    divided among the slots, at most the window."""
     if kv_gib is None:
-        return window
-    return max(window, min(int(kv_gib * 2**30 // kv_bytes_per_token(llm)), window * most))
+        return window if explicit else min(window, DEFAULT_SLOT_TOKENS)
+    per_slot = min(window, int(kv_gib * 2**30 // kv_bytes_per_token(llm)) // slots)
+    if per_slot < 4 * PREFILL_BLOCK:
+        raise LlmhostError(
+            f"--kv-cache-gib {kv_gib:g} gives each of the {slots} slots (--max-concurrency) only "
+            f"{per_slot} tokens: raise --kv-cache-gib or lower --max-concurrency"
+        )
+    return per_slot
 
 
 class LlamaCppRunner:
-    """Many sequences per llama.cpp decode call (its multi-sequence batching): each running
-    request owns a sequence id in one KV cache of `capacity` tokens that they share.
+    """Many sequences per llama.cpp decode call (its multi-sequence batching), each in a slot of
+    its own: one KV stream per slot (`kv_unified` off), `slot_tokens` long, as llama-server's
+    slots. A finished request's cells stay in its slot as a prompt cache: the next request
+    takes the free slot whose tokens share the longest prefix with its prompt (the same
+    conversation one turn later, the same system prompt), keeps those cells and prefills only
+    the rest; the slot's other cells are freed at once.
 
-    Two findings about llama.cpp shape this (both checked by tests/test_llamacpp.py):
+    Exactness (greedy replies with a reused prefix equal a cold run's), from what was measured
+    on llama.cpp's CPU kernels (tests/test_llamacpp.py checks it):
     - without flash attention, a shared cache gave a request logits off by up to ~26 whenever
       other sequences sat in it at other positions; with it they are bit-identical;
-    - removing a finished sequence (`llama_memory_seq_rm`) while others still decode shifted
-      their logits by up to 1.5. Root cause (measured with this llama.cpp): llama.cpp puts the
-      next tokens into the lowest free cells, so a running sequence's cells stop being in
-      position order, and the CPU flash-attention kernel's sums depend on where a sequence's
-      cells lie: prompts are evaluated in 64-cell tiles (the same prompt at a cell offset that
-      is not a multiple of 64 differs by up to 0.7), and a decode step splits the cache's cells
-      between the threads and adds their partial sums (a sequence whose cells straddle the
-      split differs by up to 1.1). With `kv_unified` off (one stream per sequence) removal is
-      exact, but every sequence then gets only capacity / sequences cells. So finished
-      sequences are retired, not removed: their cells stay until no request runs, and then the
-      cache is cleared at once. (Which is also why a shared-prefix cache is not built on this
-      unified cache: its replies would not equal a cold run's.)
-    Requests are admitted while the cache can hold them at their longest (prompt + max tokens)
-    and a sequence id is free; the others wait, and all run again after the next clear.
+    - in one cache shared by all sequences (`kv_unified`), a sequence's numbers depend on where
+      its cells lie: prompts are evaluated in 64-cell tiles (the same prompt at a cell offset
+      that is not a multiple of 64 differs by up to 0.7), a decode step splits the cache's
+      cells between the threads and adds their partial sums (a sequence whose cells straddle
+      the split differs by up to 1.1), and freeing cells lets running sequences' next tokens
+      land out of position order (up to 1.5). A stream per slot holds one sequence from cell 0,
+      as a cold run does, so none of this happens, and freeing is exact;
+    - a position's numbers also depend on which tokens were evaluated with it in one batch, so
+      prompts are evaluated in blocks of PREFILL_BLOCK positions and only whole blocks are
+      reused: every block is then the very batch a cold run evaluates.
 
     The low-level API is used because the binding's `Llama` class decodes one sequence only; that
     object is kept for the model, its tokenizer and metadata.
@@ -101,18 +115,17 @@ class LlamaCppRunner:
 
     device = "cpu"
 
-    def __init__(self, llm: Any, window: int, capacity: int, max_batch: int, threads: int) -> None:
+    def __init__(self, llm: Any, slot_tokens: int, slots: int, threads: int) -> None:
         import llama_cpp
 
-        self.max_batch = max_batch
-        self.capacity = capacity
+        self.max_batch = slots
+        self.slot_tokens = slot_tokens
         self.n_vocab = llm.n_vocab()
         params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)  # the binding's defaults
-        params.n_ctx = capacity
-        params.n_batch = params.n_ubatch = min(window, 512)
-        # ids for the running requests and for those retired since the last clear
-        params.n_seq_max = min(llama_cpp.llama_max_parallel_sequences(), max_batch * 4)
-        params.kv_unified = True  # one cache: a request may use its whole window while others are short
+        params.n_ctx = slot_tokens * slots
+        params.n_batch = params.n_ubatch = max(PREFILL_BLOCK, slots)
+        params.n_seq_max = slots
+        params.kv_unified = False  # a stream per slot: see above
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.n_threads = params.n_threads_batch = threads
         from llama_cpp._utils import suppress_stdout_stderr
@@ -121,23 +134,36 @@ class LlamaCppRunner:
             self.ctx = llama_cpp.llama_init_from_model(llm.model, params)
         if not self.ctx:
             raise LlmhostError(
-                f"llama.cpp could not create a KV cache of {capacity} tokens (out of memory?): "
-                "lower --kv-cache-gib or --context-length"
+                f"llama.cpp could not create a KV cache of {slots} slots of {slot_tokens} tokens (out of "
+                "memory?): lower --kv-cache-gib, --context-length or --max-concurrency"
             )
         self.memory = llama_cpp.llama_get_memory(self.ctx)
-        self.chunk = params.n_batch
-        self.batch = llama_cpp.llama_batch_init(max(self.chunk, max_batch), 0, 1)
-        self.n_seq = params.n_seq_max
-        self.free = list(range(self.n_seq))
-        self.rows: list[int] = []  # the sequence id of each running row, in the scheduler's order
-        self.length: dict[int, int] = {}  # tokens in the KV cache per sequence id
-        self.reserved: dict[int, int] = {}  # tokens each running sequence may grow to
-        self.retired = 0  # cells held by sequences that finished since the last clear
+        self.batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
+        self.held: list[list[int]] = [[] for _ in range(slots)]  # the tokens in each slot's cells
+        self.prompted = [0] * slots  # how many of them were evaluated as a prompt (reusable)
+        self.idle_since = [0.0] * slots  # for least recently used among free slots
+        self.busy: set[int] = set()
+        self.rows: list[int] = []  # the slot of each running row, in the scheduler's order
         self._pending: int | None = None
+        #: Prompt tokens whose cells were reused instead of evaluated, since the start.
+        self.reused_total = 0
 
     def has_room(self, req: Any) -> bool:
-        used = sum(self.reserved.values()) + self.retired
-        return bool(self.free) and used + _longest(req) <= self.capacity
+        return len(self.busy) + (self._pending is not None) < self.max_batch
+
+    def _choose(self, ids: list[int]) -> tuple[int, int]:
+        """The free slot to use and how many prompt tokens it already holds: the longest shared
+        prefix in whole blocks (at least one token is left to evaluate: its logits start the
+        reply), else the slot idle the longest."""
+        best, shared, oldest = -1, 0, float("inf")
+        for slot in range(self.max_batch):
+            if slot in self.busy or slot == self._pending:
+                continue
+            n = _common_prefix(self.held[slot][: self.prompted[slot]], ids)
+            n = min(n, len(ids) - 1) // PREFILL_BLOCK * PREFILL_BLOCK
+            if n > shared or (n == shared and self.idle_since[slot] < oldest):
+                best, shared, oldest = slot, n, self.idle_since[slot]
+        return best, shared
 
     def _decode(self, tokens: list[tuple[int, int, int, bool]]) -> None:
         """tokens: (token, position, sequence id, wants logits)."""
@@ -160,62 +186,71 @@ class LlamaCppRunner:
         return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
 
     def prefill(self, req: Any) -> Any:
+        import llama_cpp
+
         self._retire_pending()
-        seq = self.free.pop()
         ids = req.prompt_ids
-        self.length[seq], self.reserved[seq] = 0, _longest(req)
-        try:
-            for start in range(0, len(ids), self.chunk):
-                part = ids[start : start + self.chunk]
-                last = start + len(part) == len(ids)
-                self._decode([(t, start + i, seq, last and i == len(part) - 1) for i, t in enumerate(part)])
-                self.length[seq] = start + len(part)
-        except BaseException:
-            self._retire(seq)
-            self._clear_if_idle()
-            raise
-        self._pending = seq
+        slot, shared = self._choose(ids)
+        llama_cpp.llama_memory_seq_rm(self.memory, slot, shared, -1)  # the rest of what it held
+        self.held[slot], self.prompted[slot] = ids[:shared], 0
+        self._pending = slot
+        for start in range(shared, len(ids), PREFILL_BLOCK):
+            part = ids[start : start + PREFILL_BLOCK]
+            last = start + len(part) == len(ids)
+            self._decode([(t, start + i, slot, last and i == len(part) - 1) for i, t in enumerate(part)])
+            self.held[slot] = self.held[slot] + part
+        self.prompted[slot] = len(ids)
+        self.reused_total += shared
+        req.seq.cached_tokens = shared
         return self._logits(len(part) - 1)
 
     def commit_prefill(self) -> None:
         assert self._pending is not None
         self.rows.append(self._pending)
+        self.busy.add(self._pending)
         self._pending = None
 
     def step(self, reqs: list[Any]) -> Any:
         import torch
 
-        tokens = [(r.last_token, self.length[seq], seq, True) for r, seq in zip(reqs, self.rows, strict=True)]
+        tokens = [(r.last_token, len(self.held[s]), s, True) for r, s in zip(reqs, self.rows, strict=True)]
         self._decode(tokens)
-        for seq in self.rows:
-            self.length[seq] += 1
+        for token, _, slot, _ in tokens:
+            self.held[slot].append(token)
         return torch.stack([self._logits(i) for i in range(len(tokens))])
 
     def drop(self, keep: list[int]) -> None:
         self._retire_pending()
         kept = set(keep)
-        for i, seq in enumerate(self.rows):
+        for i, slot in enumerate(self.rows):
             if i not in kept:
-                self._retire(seq)
+                self._release(slot)
         self.rows = [self.rows[i] for i in keep]
-        self._clear_if_idle()
+
+    def _release(self, slot: int) -> None:
+        """A finished request's slot: free for the next, its cells kept as a prompt cache."""
+        import time
+
+        self.busy.discard(slot)
+        self.idle_since[slot] = time.monotonic()
 
     def _retire_pending(self) -> None:
-        """A prefilled request that was not committed (it finished on its first token)."""
+        """A prefilled request that was not committed (it finished on its first token, or its
+        prefill failed: then nothing it held is trusted)."""
         if self._pending is not None:
-            self._retire(self._pending)
-            self._pending = None
+            slot, self._pending = self._pending, None
+            if self.prompted[slot] == 0:  # the prefill did not complete
+                self.held[slot] = []
+            self._release(slot)
 
-    def _retire(self, seq: int) -> None:
-        self.reserved.pop(seq, None)
-        self.retired += self.length.pop(seq, 0)
-
-    def _clear_if_idle(self) -> None:
+    def forget(self) -> None:
+        """Empty every free slot's prompt cache (the next requests start cold)."""
         import llama_cpp
 
-        if not self.rows and self._pending is None and len(self.free) < self.n_seq:
-            llama_cpp.llama_memory_clear(self.memory, True)
-            self.free, self.retired = list(range(self.n_seq)), 0
+        for slot in range(self.max_batch):
+            if slot not in self.busy and slot != self._pending:
+                llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
+                self.held[slot], self.prompted[slot] = [], 0
 
     def close(self) -> None:
         import llama_cpp
@@ -224,6 +259,18 @@ class LlamaCppRunner:
             llama_cpp.llama_batch_free(self.batch)
             llama_cpp.llama_free(self.ctx)
             self.ctx = None
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix, by bisection on slice equality (compared in C, not a loop)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _controls(llm: Any, template: str | None) -> list[str]:
@@ -238,10 +285,6 @@ def _controls(llm: Any, template: str | None) -> list[str]:
             text = llama_cpp.llama_vocab_get_text(vocab, token).decode("utf-8", "replace")
             (special if attr & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL else added).append(text)
     return control_tokens(special, added, template)
-
-
-def _longest(req: Any) -> int:
-    return len(req.prompt_ids) + req.seq.params.max_new_tokens
 
 
 def load(ref: ModelRef, settings: LoadSettings) -> LlamaCppEngine:
@@ -260,16 +303,19 @@ class LlamaCppEngine(LocalEngine):
 
         self.llm = llm
         self.name = name
-        self.context_length = settings.context_length or llama_cpp.llama_model_n_ctx_train(llm.model)
+        window = settings.context_length or llama_cpp.llama_model_n_ctx_train(llm.model)
         self.max_batch = settings.max_concurrency
-        self.kv_tokens = kv_capacity(llm, self.context_length, settings.kv_cache_gib, self.max_batch)
+        #: Each slot's KV stream, and so the most one request may span.
+        self.context_length = slot_tokens(
+            llm, window, settings.context_length is not None, settings.kv_cache_gib, self.max_batch
+        )
         log.info(
-            "llama.cpp: a KV cache of %d tokens (%.2f GiB, see --kv-cache-gib) for up to %d requests "
-            "at a time of up to %d tokens each",
-            self.kv_tokens,
-            self.kv_tokens * kv_bytes_per_token(llm) / 2**30,
+            "llama.cpp: %d slots (--max-concurrency) of %d tokens each (the model's window is %d), a KV "
+            "cache of %.2f GiB (--kv-cache-gib, --context-length)",
             self.max_batch,
             self.context_length,
+            window,
+            self.max_batch * self.context_length * kv_bytes_per_token(llm) / 2**30,
         )
         self.decoder = _Decoder(llm)
         self.max_queue = settings.max_queue
@@ -326,4 +372,4 @@ class LlamaCppEngine(LocalEngine):
         return llguidance.llamacpp.lltokenizer_from_vocab(vocab, eos_token=sorted(self.eos_ids))
 
     def runner(self) -> LlamaCppRunner:
-        return LlamaCppRunner(self.llm, self.context_length, self.kv_tokens, self.max_batch, physical_cores())
+        return LlamaCppRunner(self.llm, self.context_length, self.max_batch, physical_cores())
