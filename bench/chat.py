@@ -18,17 +18,16 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 
+from clients import concurrently, stream_once  # bench/clients.py
 from llmhost.procs import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_SERVER = REPO / ".llama-server" / "build" / "bin" / "llama-server"
-MODEL = "smollm2-135m-instruct"
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
 SHORT = [{"role": "user", "content": "Hi!"}]
 QUESTIONS = [
@@ -79,50 +78,12 @@ class LlamaServer:
         self.proc.wait(10)
 
 
-def one(client, messages, tokens: int, sampled: bool = False) -> tuple[float, int, float, str]:
-    """(time to first token, completion tokens, decode tokens/s, reply text) of one stream."""
-    start = time.perf_counter()
-    first = last = None
-    parts: list[str] = []
-    n = 0
-    sampling = {"temperature": 0.7, "top_p": 0.9, "seed": 1} if sampled else {"temperature": 0}
-    stream = client.chat.completions.create(
-        model=MODEL,
-        messages=messages,
-        max_tokens=tokens,
-        stream=True,
-        stream_options={"include_usage": True},
-        **sampling,
-    )
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            last = time.perf_counter()
-            first = first or last
-            parts.append(chunk.choices[0].delta.content)
-        if chunk.usage:
-            n = chunk.usage.completion_tokens
-    first = first or time.perf_counter()
-    last = last or first
-    rate = (n - 1) / (last - first) if n > 1 and last > first else 0.0
-    return first - start, n, rate, "".join(parts)
+SAMPLED = {"temperature": 0.7, "top_p": 0.9, "seed": 1}
 
 
 def aggregate(client, clients: int, tokens: int) -> float:
-    done: list[int] = []
-    lock = threading.Lock()
-
-    def work() -> None:
-        n = one(client, STORY, tokens)[1]
-        with lock:
-            done.append(n)
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=work) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(done) / (time.perf_counter() - start)
+    results, wall = concurrently(clients, lambda _: stream_once(client, STORY, tokens))
+    return sum(r.tokens for r in results) / wall
 
 
 def chat_turns(client, turns: int) -> list[float]:
@@ -131,17 +92,19 @@ def chat_turns(client, turns: int) -> list[float]:
     ttfts = []
     for question in QUESTIONS[:turns]:
         conversation.append({"role": "user", "content": question})
-        ttft, _, _, text = one(client, conversation, 160)
-        ttfts.append(ttft)
-        conversation.append({"role": "assistant", "content": text})
+        reply = stream_once(client, conversation, 160)
+        ttfts.append(reply.ttft)
+        conversation.append({"role": "assistant", "content": reply.text})
     return ttfts
 
 
 def measure(client, args) -> dict[str, float]:
     row: dict[str, float] = {}
-    row["decode tok/s, greedy"] = one(client, STORY, args.tokens)[2]
-    row["decode tok/s, top_p 0.9"] = one(client, STORY, args.tokens, sampled=True)[2]
-    row["TTFT short prompt, ms"] = 1000 * statistics.median(one(client, SHORT, 8)[0] for _ in range(5))
+    row["decode tok/s, greedy"] = stream_once(client, STORY, args.tokens).rate
+    row["decode tok/s, top_p 0.9"] = stream_once(client, STORY, args.tokens, **SAMPLED).rate
+    row["TTFT short prompt, ms"] = 1000 * statistics.median(
+        stream_once(client, SHORT, 8).ttft for _ in range(5)
+    )
     row["8 clients, aggregate tok/s"] = aggregate(client, 8, args.tokens)
     turns = chat_turns(client, args.turns)
     row["chat TTFT turn 1, ms"] = 1000 * turns[0]
@@ -177,7 +140,7 @@ def main() -> None:
                 )
             try:
                 client = server.client()
-                first_request[name].append(1000 * one(client, SHORT, 8)[0])
+                first_request[name].append(1000 * stream_once(client, SHORT, 8).ttft)
                 for key, value in measure(client, args).items():
                     rows[name].setdefault(key, []).append(value)
             finally:

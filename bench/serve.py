@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import threading
 import time
 
+from clients import concurrently, stream_once  # bench/clients.py
 from llmhost.procs import ServerProcess
 
 TOPICS = [
@@ -29,43 +29,12 @@ PROMPTS = [[{"role": "user", "content": f"Write a long story about {t}."}] for t
 
 def one_request(client, messages, tokens: int) -> tuple[float, int, float]:
     """(time to first token, completion tokens, per-request decode tokens/s)."""
-    start = time.perf_counter()
-    first = last = None
-    n = 0
-    stream = client.chat.completions.create(
-        model="smollm2-135m-instruct",
-        messages=messages,
-        max_tokens=tokens,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            last = time.perf_counter()
-            first = first or last
-        if chunk.usage:
-            n = chunk.usage.completion_tokens
-    assert first is not None and last is not None
-    return first - start, n, (n - 1) / (last - first) if last > first else 0.0
+    r = stream_once(client, messages, tokens)
+    return r.ttft, r.tokens, r.rate
 
 
 def wave(client, clients: int, tokens: int) -> dict:
-    results: list = []
-    lock = threading.Lock()
-
-    def work(i: int) -> None:
-        r = one_request(client, PROMPTS[i % len(PROMPTS)], tokens)
-        with lock:
-            results.append(r)
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    results, wall = concurrently(clients, lambda i: one_request(client, PROMPTS[i % len(PROMPTS)], tokens))
     ttfts = sorted(r[0] for r in results)
     return {
         "agg": sum(r[1] for r in results) / wall,

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import threading
-import time
 
+from clients import concurrently, stream_once  # bench/clients.py
 from llmhost.procs import ServerProcess
 
-MODEL = "smollm2-135m-instruct"
 ASK = [{"role": "user", "content": "List as many cities of the world as you can, with their countries."}]
 SCHEMA = {
     "type": "object",
@@ -63,50 +61,10 @@ BASELINE = {
 }
 
 
-def one(client, extra: dict, tokens: int) -> tuple[int, float, float, float]:
-    """(completion tokens, start, first token time, last token time) of one streamed request."""
-    start = time.perf_counter()
-    first = last = None
-    n = 0
-    stream = client.chat.completions.create(
-        model=MODEL,
-        messages=ASK,
-        max_tokens=tokens,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-        **extra,
-    )
-    for chunk in stream:
-        if chunk.choices:
-            delta = chunk.choices[0].delta
-            if delta.content or delta.tool_calls:
-                last = time.perf_counter()
-                first = first or last
-        if chunk.usage:
-            n = chunk.usage.completion_tokens
-    # a forced call arrives whole at its end: its first token's time is unknown from the outside
-    return n, start, first or start, last or time.perf_counter()
-
-
 def wave(client, extra: dict, clients: int, tokens: int) -> tuple[float, float]:
     """(aggregate tokens/s, median tokens per request)."""
-    results: list = []
-    lock = threading.Lock()
-
-    def work() -> None:
-        r = one(client, extra, tokens)
-        with lock:
-            results.append(r)
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=work) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    return sum(r[0] for r in results) / wall, statistics.median(r[0] for r in results)
+    results, wall = concurrently(clients, lambda _: stream_once(client, ASK, tokens, **extra))
+    return sum(r.tokens for r in results) / wall, statistics.median(r.tokens for r in results)
 
 
 def main() -> None:
@@ -123,7 +81,7 @@ def main() -> None:
         try:
             client = server.client()
             for extra in MODES.values():  # warm-up: the first constrained request builds the vocabulary
-                one(client, extra, 8)
+                stream_once(client, ASK, 8, **extra)
             rates: dict[tuple[str, int], list[float]] = {}
             lengths: dict[tuple[str, int], list[float]] = {}
             for _ in range(args.rounds):
