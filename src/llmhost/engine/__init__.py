@@ -8,13 +8,17 @@ The life of a request, file by file (a chat request to `llmhost serve` on a loca
    calls `Engine.astream()` (`base.py`) on the engine `load()` (`loader.py`) made at start from a
    `ModelRef` (`ref.py`: what the user typed, resolved once) on one of `backends/`.
 2. `local.py` (`LocalEngine`): the request rules and the system prompt (`context.py`), the chat
-   template (`template.py`), tokenizing (the backend), fitting the window (`context.py`); it
-   creates the request's `SequenceState` (`sequence.py`) and submits it.
+   template with any tools (`template.py`, `tools.py`), tokenizing (the backend), fitting the
+   window (`context.py`); it creates the request's `SequenceState` (`sequence.py`) with its
+   reply parser (`reply.py`) and any grammar (`grammar.py`), and submits it.
 3. `scheduler.py`: one inference thread owns the model; it admits the request, has the
-   backend's `BatchRunner` prefill it, then steps it with every running request in one batch.
-4. `sampling.py` picks each next token from the runner's logits.
-5. `sequence.py` turns the token into text (`text.py`: UTF-8-safe detokenizing, stop strings)
-   and a typed `Chunk` (`chunks.py`), the last one with finish reason and timings.
+   backend's `BatchRunner` prefill it (llama.cpp: in a slot, reusing its prompt cache), then
+   steps it with every running request in one batch.
+4. `sampling.py` picks each next token from the runner's logits, after the request's logits
+   processors (a grammar's mask).
+5. `sequence.py` turns the token into text (`text.py`: UTF-8-safe detokenizing, stop strings),
+   splits it into reasoning, answer and tool calls (`reply.py`), and makes a typed `Chunk`
+   (`chunks.py`), the last one with finish reason and timings.
 6. The chunk travels back to the caller's iterator; `server/mapping.py` makes it an OpenAI
    chunk. The remote backends (vllm, openai) skip 2-5: their server does them, and
    `openai_stream.py` reads its chunks back.
