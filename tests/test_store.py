@@ -237,7 +237,16 @@ def test_interrupted_pull_resumes(
     hub.faults.delay_per_chunk = 0.02  # ~3 MiB/s: slow enough to interrupt mid-file
     env = {**os.environ, "LLMHOST_HOME": str(home), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}
     cmd = [sys.executable, "-m", "llmhost", "pull", REPO, "--endpoint", hub.url, "--source", source]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal delivers it, even when this suite runs as a background job (which
+    # starts with SIGINT ignored, and Python then installs no KeyboardInterrupt handler)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     assert wait_for(lambda: hub.bytes_sent > 10 * 2**20 + 2**20, timeout=60)
     hub.faults.delay_per_chunk = 0.5  # the rest crawls: on a loaded machine the signal still lands mid-file
     proc.send_signal(sig)
