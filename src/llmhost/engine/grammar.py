@@ -86,17 +86,16 @@ class GrammarProcessor:
     def __init__(self, matcher: Any, answering: Callable[[], bool]) -> None:
         self.matcher = matcher
         self.answering = answering
-        self._start: int | None = None
-        self._fed = 0
+        self._fed: int | None = None  # tokens fed to the matcher so far; None until the answer
 
     def __call__(self, generated: list[int], logits: Any) -> Any:
         import numpy as np
         import torch
 
-        if self._start is None:
+        if self._fed is None:
             if not self.answering():
                 return logits
-            self._start = self._fed = len(generated)
+            self._fed = len(generated)  # the reasoning before this is not the grammar's
         for token in generated[self._fed :]:
             self.matcher.consume_token(token)
         self._fed = len(generated)

@@ -38,14 +38,9 @@ class LocalEngine(Engine):
     eos_ids: Collection[int]
     max_queue: int = 64
 
-    def render(self, messages: list[Message], params: GenerationParams | None = None) -> str:
-        """The chat template applied to `messages`, ready for a reply."""
-        params = params or GenerationParams()
-        messages = self._for_template(messages, params)
-        return self.template.render(messages, tools=self._tools(params), variables=self._variables(params))
-
     def encode_chat(self, messages: list[Message], params: GenerationParams | None = None) -> list[int]:
-        """`render(messages)` tokenized: the template's markup makes the control tokens (BOS
+        """The chat template applied to `messages` (with the request's tools and template
+        variables), tokenized: the template's markup makes the control tokens (BOS
         too, so none is added); text inside messages is only ever text."""
         params = params or GenerationParams()
         messages = self._for_template(messages, params)

@@ -145,8 +145,6 @@ class LlamaCppRunner:
         self.busy: set[int] = set()
         self.rows: list[int] = []  # the slot of each running row, in the scheduler's order
         self._pending: int | None = None
-        #: Prompt tokens whose cells were reused instead of evaluated, since the start.
-        self.reused_total = 0
 
     def has_room(self, req: Any) -> bool:
         return len(self.busy) + (self._pending is not None) < self.max_batch
@@ -200,7 +198,6 @@ class LlamaCppRunner:
             self._decode([(t, start + i, slot, last and i == len(part) - 1) for i, t in enumerate(part)])
             self.held[slot] = self.held[slot] + part
         self.prompted[slot] = len(ids)
-        self.reused_total += shared
         req.seq.cached_tokens = shared
         return self._logits(len(part) - 1)
 
