@@ -24,7 +24,9 @@ class Streamed:
     text: str
 
 
-def stream_once(client: Any, messages: list[dict], max_tokens: int, **extra: Any) -> Streamed:
+def stream_once(
+    client: Any, messages: list[dict], max_tokens: int, model: str = MODEL, **extra: Any
+) -> Streamed:
     """One streamed request (greedy unless `extra` says otherwise)."""
     start = time.perf_counter()
     first = last = None
@@ -32,7 +34,7 @@ def stream_once(client: Any, messages: list[dict], max_tokens: int, **extra: Any
     n = 0
     kwargs = {"temperature": 0, **extra}
     stream = client.chat.completions.create(
-        model=MODEL,
+        model=model,
         messages=messages,
         max_tokens=max_tokens,
         stream=True,

@@ -117,3 +117,27 @@ def engine_server(embedded_dir: Path):
     yield get
     for served in started.values():
         served.stop()
+
+
+def build_adapter(
+    out: Path, base_dir: Path, seed: int, rank: int = 4, every_projection: bool = False, scale: float = 0.3
+) -> Path:
+    """A LoRA adapter for the model in `base_dir` with random (non-zero) weights, saved as peft
+    saves one: each seed steers the model its own way."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    targets = ["q_proj", "v_proj", "o_proj", "down_proj"]
+    if every_projection:  # as `llmhost finetune` trains them
+        targets += ["k_proj", "gate_proj", "up_proj"]
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets)
+    model = get_peft_model(base, config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, scale)
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out

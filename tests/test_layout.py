@@ -129,8 +129,10 @@ def test_backends_are_named_after_their_engine() -> None:
     values = set(LoadSettings.model_fields["engine"].annotation.__args__) - {"auto"}
     assert set(ENGINES) == values
     folder = PACKAGE / "engine" / "backends"
-    # besides the engines: the converters (GGUF, Qwen-1) and the script vLLM's Python runs
-    assert {p.stem for p in folder.glob("*.py")} == values | {"__init__", "gguf", "qwen1", "vllm_child"}
+    # besides the engines: the converters (GGUF, Qwen-1), the script vLLM's Python runs and the
+    # transformers engine's per-row LoRA
+    others = {"__init__", "gguf", "qwen1", "vllm_child", "lora"}
+    assert {p.stem for p in folder.glob("*.py")} == values | others
     for engine in ENGINES:
         source = (folder / f"{engine}.py").read_text(encoding="utf-8")
         assert "\ndef load(" in source, f"backends/{engine}.py has no load()"

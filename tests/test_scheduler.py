@@ -255,3 +255,31 @@ def test_logits_processors_shape_one_request_and_a_failing_one_ends_only_it(make
     with pytest.raises(RuntimeError, match="grammar broke"):
         collect(streams[1])
     assert collect(streams[2]).text == expected([9], 5)
+
+
+def test_work_handed_to_the_thread_runs_between_steps_and_requests_carry_their_adapter(make) -> None:
+    """`call` (how an adapter is added while requests decode) runs on the inference thread,
+    never inside a step, and returns the result or raises the error."""
+    runner = FakeRunner(max_batch=2, step_delay=0.01)
+    scheduler = make(runner)
+    in_step = threading.Event()
+    real_step = runner.step
+    seen_adapters: list[tuple] = []
+
+    def step(reqs):
+        in_step.set()
+        seen_adapters.append(tuple(r.adapter for r in reqs))
+        try:
+            return real_step(reqs)
+        finally:
+            in_step.clear()
+
+    runner.step = step
+    running = scheduler.submit(*seq([1], 40), adapter="lora1")
+    next(running)
+    where = scheduler.call(lambda: (threading.current_thread().name, in_step.is_set()))
+    assert where == ("llmhost-inference", False)
+    with pytest.raises(ZeroDivisionError):
+        scheduler.call(lambda: 1 / 0)
+    assert collect(running).text == expected([1], 40)[1:]  # the first chunk was read above
+    assert ("lora1",) in seen_adapters

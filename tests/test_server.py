@@ -223,8 +223,8 @@ def test_mid_stream_failure_is_an_sse_error_event_then_done(tiny_dir):
 
     from llmhost.config import LoadSettings
     from llmhost.engine import load
+    from llmhost.engine.pool import ModelPool
     from llmhost.server.app import create_app
-    from llmhost.server.manager import ModelManager
     from llmhost.server.settings import ServerSettings
 
     engine = load(str(tiny_dir), LoadSettings(dtype="float32"))
@@ -243,7 +243,9 @@ def test_mid_stream_failure_is_an_sse_error_event_then_done(tiny_dir):
     engine.astream = breaking
 
     async def main() -> str:
-        app = create_app(ModelManager([engine]), ServerSettings())
+        pool = ModelPool(LoadSettings())
+        pool.add_engine(engine)
+        app = create_app(pool, ServerSettings())
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             r = await client.post(

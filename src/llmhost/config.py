@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import shlex
 from pathlib import Path
 from typing import Literal
@@ -127,3 +128,49 @@ class LoadSettings(BaseSettings):
 # vLLM settings that mean nothing to other engines (--vllm-python is only a location: an
 # LLMHOST_VLLM_PYTHON in the user's environment must not break the other engines)
 VLLM_ONLY = ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization", "vllm_args")
+
+
+class PoolSettings(BaseSettings):
+    """Which models a server offers and how many it keeps loaded. Each field is a CLI flag of
+    `llmhost serve` and an `LLMHOST_*` environment variable."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMHOST_", extra="forbid", frozen=True)
+
+    all: bool = Field(
+        False,
+        description="Serve every model in the store and the embedded default, each loaded on its first "
+        "request; models added while the server runs (a finished finetune) are served at once.",
+    )
+    max_loaded: int | None = Field(
+        None, ge=1, description="Most models loaded at once; the least recently used idle one makes room."
+    )
+    memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="Memory loaded models may take, in GiB (RAM, or GPU memory for GPU models); "
+        "default: 90% of what is free when the server starts.",
+    )
+    keep_alive: str = Field(
+        "5m",
+        description="Unload a model loaded on demand once idle this long (30s, 5m, 1h; -1: never; "
+        "0: after each request). Models named on the command line stay loaded.",
+    )
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+    @property
+    def keep_alive_s(self) -> float | None:
+        return parse_duration(self.keep_alive)
+
+
+def parse_duration(text: str) -> float | None:
+    """'30s', '5m', '1h', '90' (seconds) → seconds; '-1' (or any negative) → None: forever."""
+    m = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", text)
+    if not m:
+        raise ValueError(f"{text!r} is not a duration: write 30s, 5m, 1h, or -1 for never")
+    value = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    return None if value < 0 else value

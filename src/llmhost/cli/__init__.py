@@ -13,7 +13,7 @@ import typer
 from llmhost import __version__
 from llmhost.cli.common import command, load_model
 from llmhost.cli.options import model_options
-from llmhost.config import LoadSettings
+from llmhost.config import LoadSettings, PoolSettings
 from llmhost.engine.params import GenerationParams
 from llmhost.finetune.settings import FinetuneSettings
 from llmhost.server.settings import ServerSettings
@@ -129,47 +129,59 @@ def generate(
 
 @app.command()
 @command
-@model_options(load=LoadSettings, server=ServerSettings)
+@model_options(load=LoadSettings, server=ServerSettings, pool=PoolSettings)
 def serve(
     models: Annotated[
         list[str] | None,
-        typer.Argument(metavar="[MODEL]...", help="Models to serve; the embedded default if none."),
+        typer.Argument(
+            metavar="[MODEL]...",
+            help="Models to serve, loaded now and kept loaded; the embedded default if none (and no --all).",
+        ),
     ] = None,
     *,
     load: LoadSettings,
     server: ServerSettings,
+    pool: PoolSettings,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
-    from llmhost.cli.common import console
+    from llmhost.cli.common import console, quiet_loading
     from llmhost.engine.loader import uses_upstream
-    from llmhost.errors import InvalidRequestError
-    from llmhost.server.manager import ModelManager
+    from llmhost.engine.pool import ModelPool
     from llmhost.server.run import check_exposure
     from llmhost.server.run import serve as run_server
 
     warning = check_exposure(server)
-    if not models and uses_upstream(load):
-        from llmhost.engine.backends.openai import available
+    quiet_loading()
+    served = ModelPool(load, pool)
+    try:
+        if uses_upstream(load):
+            if not models:
+                from llmhost.engine.backends.openai import available
 
-        models = available(load.upstream, load.upstream_key) if load.upstream else []  # serve them all
-    engines = [load_model(ref, load) for ref in (models or [None])]
-    names = [e.name for e in engines]
-    if len(set(names)) != len(names):
-        raise InvalidRequestError(f"two models share a name: {', '.join(names)}; serve each name once")
+                models = available(load.upstream, load.upstream_key) if load.upstream else []  # all of them
+            for name in models:
+                served.add_engine(load_model(name, load))
+        else:
+            for name in models or ([] if pool.all else [None]):
+                with console.status(f"Loading {name or 'the embedded default model'}…"):
+                    served.add_named(name)
+    except BaseException:
+        served.close()
+        raise
     if warning:
         console.print(f"[yellow]{warning}[/yellow]")
-    run_server(ModelManager(engines), server)
+    run_server(served, server)
 
 
 @app.command()
 @command
-@model_options(SERVING_ONLY, load=LoadSettings, page=WebSettings)
-def web(model: ModelArg = None, *, load: LoadSettings, page: WebSettings) -> None:
+@model_options(SERVING_ONLY, load=LoadSettings, pool=PoolSettings, page=WebSettings)
+def web(model: ModelArg = None, *, load: LoadSettings, pool: PoolSettings, page: WebSettings) -> None:
     """Chat in the browser: a Streamlit page on a private llmhost server (or on --server URL)."""
     from llmhost.cli.common import console
     from llmhost.web.launcher import run
 
-    raise typer.Exit(run(model, load, page, say=lambda text: console.print(text, soft_wrap=True)))
+    raise typer.Exit(run(model, load, pool, page, say=lambda text: console.print(text, soft_wrap=True)))
 
 
 @app.command()
@@ -198,6 +210,21 @@ def list_(as_json: JsonFlag = False) -> None:
     from llmhost.cli.models import list_models
 
     list_models(as_json)
+
+
+@app.command()
+@command
+def ps(
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="LLMHOST_API_KEY", help="The servers' API key, if they need one."),
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """The running servers: each one's loaded models, adapters, memory, requests and idle time."""
+    from llmhost.cli.ps import show_ps
+
+    show_ps(api_key, as_json)
 
 
 @app.command()

@@ -48,13 +48,18 @@ def show_logs() -> None:
         logger.propagate = False
 
 
-def load_model(ref: str | None, settings: LoadSettings) -> Any:
+def quiet_loading() -> None:
+    """llmhost's log lines on; transformers' progress bars and warnings off (loading is ours to report)."""
     from transformers.utils import logging as hf_logging
-
-    from llmhost.engine import load
 
     show_logs()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+def load_model(ref: str | None, settings: LoadSettings) -> Any:
+    from llmhost.engine import load
+
+    quiet_loading()
     with console.status(f"Loading {ref or 'the embedded default model'}…"):
         return load(ref, settings)

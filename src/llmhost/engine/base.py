@@ -5,10 +5,12 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 from llmhost.engine.chunks import Chunk, Result, collect
 from llmhost.engine.context import Message
 from llmhost.engine.params import GenerationParams
+from llmhost.errors import LlmhostError
 
 
 class Engine(ABC):
@@ -72,6 +74,14 @@ class Engine(ABC):
     def problem(self) -> str | None:
         """Why the engine cannot serve now (a dead child process, say); None when it can."""
         return None
+
+    #: Whether `add_adapter` serves LoRA adapters on this loaded model, chosen per request.
+    serves_adapters = False
+
+    def add_adapter(self, name: str, path: Path) -> Engine:
+        """Serve the LoRA adapter in `path` as model `name` on this loaded model (its requests
+        decode alongside the base's); the returned engine answers under that name."""
+        raise LlmhostError(f"the {self.kind} engine does not serve LoRA adapters per request")
 
     def close(self) -> None:  # noqa: B027 - optional hook; engines holding threads override it
         """Stop background work and release the model."""

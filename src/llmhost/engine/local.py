@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import threading
 import time
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Collection, Iterator
+from pathlib import Path
 from typing import Any
 
 from llmhost.engine.base import Engine
@@ -167,8 +169,9 @@ class LocalEngine(Engine):
         *,
         prompt: str | None = None,
         cancel: threading.Event | None = None,
+        adapter: str | None = None,
     ) -> Iterator[Chunk]:
-        return self.scheduler.submit(*self._sequence(messages, prompt, params), cancel)
+        return self.scheduler.submit(*self._sequence(messages, prompt, params), cancel, adapter)
 
     async def astream(
         self,
@@ -177,10 +180,31 @@ class LocalEngine(Engine):
         *,
         prompt: str | None = None,
         cancel: threading.Event | None = None,
+        adapter: str | None = None,
     ) -> AsyncIterator[Chunk]:
         # template rendering and tokenizing can take milliseconds: keep them off the event loop
         prompt_ids, seq = await asyncio.to_thread(self._sequence, messages, prompt, params)
-        return self.scheduler.submit_async(prompt_ids, seq, asyncio.get_running_loop(), cancel)
+        loop = asyncio.get_running_loop()
+        return self.scheduler.submit_async(prompt_ids, seq, loop, cancel, adapter)
+
+    # -- LoRA adapters served on this model -----------------------------------------------
+
+    def add_adapter(self, name: str, path: Path) -> AdapterView:
+        """Requests for the adapter decode in the same batches as the base's and other
+        adapters' requests; the runner applies each row's own adapter."""
+        if not self.serves_adapters:
+            return super().add_adapter(name, path)  # type: ignore[return-value]
+        adapter_id = f"lora{next(self._adapter_ids)}"  # the runner's key: any store name is safe
+        self.scheduler.call(lambda: self.scheduler.runner.add_adapter(adapter_id, path))
+        return AdapterView(self, name, adapter_id)
+
+    def remove_adapter(self, view: AdapterView) -> None:
+        if "scheduler" in self.__dict__:
+            self.scheduler.call(lambda: self.scheduler.runner.remove_adapter(view.adapter_id))
+
+    @functools.cached_property
+    def _adapter_ids(self) -> Iterator[int]:
+        return itertools.count(1)
 
     @property
     def queued(self) -> int:
@@ -197,3 +221,42 @@ class LocalEngine(Engine):
 
 def _constrained(params: GenerationParams) -> bool:
     return params.json_schema is not None or params.forces_tool
+
+
+class AdapterView(Engine):
+    """A LoRA adapter served on its loaded base model under its own name: the base's scheduler,
+    with every request marked for the adapter (the runner applies it to that row only)."""
+
+    def __init__(self, base: LocalEngine, name: str, adapter_id: str) -> None:
+        self.base, self.name, self.adapter_id = base, name, adapter_id
+        self.kind = base.kind
+        self.context_length = base.context_length
+
+    def stream(
+        self,
+        messages: list[Message] | None = None,
+        params: GenerationParams | None = None,
+        *,
+        prompt: str | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[Chunk]:
+        return self.base.stream(messages, params, prompt=prompt, cancel=cancel, adapter=self.adapter_id)
+
+    async def astream(
+        self,
+        messages: list[Message] | None = None,
+        params: GenerationParams | None = None,
+        *,
+        prompt: str | None = None,
+        cancel: threading.Event | None = None,
+    ) -> AsyncIterator[Chunk]:
+        return await self.base.astream(
+            messages, params, prompt=prompt, cancel=cancel, adapter=self.adapter_id
+        )
+
+    @property
+    def problem(self) -> str | None:
+        return self.base.problem
+
+    def close(self) -> None:
+        self.base.remove_adapter(self)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -51,6 +52,8 @@ class Request:
     generator: Any = None
     seen: list[int] = field(default_factory=list)
     last_token: int = -1
+    #: The LoRA adapter this request decodes with (its id in the runner); None: the base model.
+    adapter: str | None = None
 
     def pick(self, logits: Any, seen: Any) -> None:
         """Sample the next token from this request's row of logits and hand its chunk over."""
@@ -96,6 +99,7 @@ class Scheduler:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._admitting = 0  # a request taken from the line and being prefilled (holds a place)
+        self._tasks: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
         #: Most requests ever decoded together in one step (a gauge for tests and metrics).
         self.peak_batch = 0
         _live.add(self)
@@ -111,11 +115,27 @@ class Scheduler:
         return len(self._active) + self._admitting
 
     def submit(
-        self, prompt_ids: list[int], seq: SequenceState, cancel: threading.Event | None = None
+        self,
+        prompt_ids: list[int],
+        seq: SequenceState,
+        cancel: threading.Event | None = None,
+        adapter: str | None = None,
     ) -> Iterator[Chunk]:
         q: queue.SimpleQueue[object] = queue.SimpleQueue()
-        req = self._enqueue(prompt_ids, seq, q.put, cancel)
+        req = self._enqueue(prompt_ids, seq, q.put, cancel, adapter)
         return _iterate(req, q.get)
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the inference thread between two steps and return its result: the way
+        to change the model (add or remove a LoRA adapter) while requests decode."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._cv:
+            if self._closed:
+                raise LlmhostError("the model was unloaded")
+            self._tasks.append((fn, future))
+            self._start()
+            self._cv.notify()
+        return future.result()
 
     def submit_async(
         self,
@@ -123,6 +143,7 @@ class Scheduler:
         seq: SequenceState,
         loop: asyncio.AbstractEventLoop,
         cancel: threading.Event | None = None,
+        adapter: str | None = None,
     ) -> AsyncIterator[Chunk]:
         q: asyncio.Queue[object] = asyncio.Queue()
 
@@ -130,7 +151,7 @@ class Scheduler:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(q.put_nowait, item)
 
-        req = self._enqueue(prompt_ids, seq, deliver, cancel)
+        req = self._enqueue(prompt_ids, seq, deliver, cancel, adapter)
         return _aiterate(req, q.get)
 
     def close(self) -> None:
@@ -148,11 +169,12 @@ class Scheduler:
         seq: SequenceState,
         deliver: Callable[[object], None],
         cancel: threading.Event | None,
+        adapter: str | None = None,
     ) -> Request:
         import torch
 
         params = seq.params
-        req = Request(prompt_ids, seq, deliver, cancel or threading.Event())
+        req = Request(prompt_ids, seq, deliver, cancel or threading.Event(), adapter=adapter)
         if params.seed is not None and not params.greedy:
             req.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
         if params.repetition_penalty != 1.0:
@@ -165,11 +187,14 @@ class Scheduler:
             if self._waiting(also=1) > self.max_queue:
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting); retry shortly")
             self._pending.append(req)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="llmhost-inference", daemon=True)
-                self._thread.start()
+            self._start()
             self._cv.notify()
         return req
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="llmhost-inference", daemon=True)
+            self._thread.start()
 
     def _waiting(self, also: int = 0) -> int:
         """Requests that will wait for a slot, with `also` more: those pending beyond the batch's
@@ -196,11 +221,17 @@ class Scheduler:
     def _serve(self) -> None:
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._pending or self._active or self._closed)
+                self._cv.wait_for(lambda: self._pending or self._active or self._tasks or self._closed)
                 if self._closed:
                     self._fail_all(LlmhostError("the model was unloaded"))
                     return
                 self._purge_cancelled()  # callers who gave up while waiting leave the line now
+                tasks, self._tasks = list(self._tasks), deque()
+            for fn, future in tasks:
+                try:
+                    future.set_result(fn())
+                except Exception as err:
+                    future.set_exception(err)
             try:
                 self._admit()
                 if self._active:
@@ -272,6 +303,9 @@ class Scheduler:
         with self._cv:
             doomed = self._active + list(self._pending)
             self._active, self._pending = [], deque()
+            for _, future in self._tasks:
+                future.set_exception(err)
+            self._tasks.clear()
         self.runner.drop([])
         for req in doomed:
             req.deliver(err)

@@ -1,1 +1,1 @@
-"""The OpenAI-compatible HTTP API: `create_app(manager, settings)` and `serve()`."""
+"""The OpenAI-compatible HTTP API: `create_app(pool, settings)` and `serve()`."""

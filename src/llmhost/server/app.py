@@ -1,4 +1,4 @@
-"""`create_app(manager, settings) -> FastAPI`: routes are one-liners over `Api`'s methods.
+"""`create_app(pool, settings) -> FastAPI`: routes are one-liners over `Api`'s methods.
 
 The event loop never waits on the model: engines hand chunks over with call_soon_threadsafe.
 """
@@ -23,9 +23,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from llmhost import __version__
 from llmhost.engine.chunks import Chunk, collect
 from llmhost.engine.params import format_validation_error
+from llmhost.engine.pool import ModelPool
 from llmhost.errors import LlmhostError
 from llmhost.server import mapping
-from llmhost.server.manager import ModelManager
 from llmhost.server.metrics import Metrics
 from llmhost.server.protocol import ChatCompletionRequest, CompletionRequest
 from llmhost.server.settings import ServerSettings
@@ -50,7 +50,7 @@ class ApiError(Exception):
     @classmethod
     def from_llmhost(cls, err: LlmhostError) -> ApiError:
         headers = {"Retry-After": "1"} if err.status == 503 else None
-        code = {404: "model_not_found", 503: "server_busy"}.get(err.status)
+        code = getattr(err, "code", None) or {404: "model_not_found", 503: "server_busy"}.get(err.status)
         if getattr(err, "context_length", None):
             code = "context_length_exceeded"
         return cls(err.status, str(err), err.kind, getattr(err, "param", None), code, headers)
@@ -65,10 +65,10 @@ class ApiError(Exception):
 class Api:
     """The API's behaviour, independent of routing: each route calls one method."""
 
-    def __init__(self, manager: ModelManager, settings: ServerSettings) -> None:
-        self.manager = manager
+    def __init__(self, pool: ModelPool, settings: ServerSettings) -> None:
+        self.pool = pool
         self.keys = [k.encode() for k in settings.api_keys()]
-        self.metrics = Metrics(manager.queued, manager.running)
+        self.metrics = Metrics(pool.queued, pool.running)
         self.draining = False
         self.in_flight = 0
         self.max_body = int(settings.max_body_mib * 2**20)
@@ -111,20 +111,41 @@ class Api:
 
     def health(self) -> JSONResponse:
         """503 with the reasons while a model cannot serve (its vLLM child died, say)."""
-        problems = self.manager.problems()
+        problems = self.pool.problems()
         if problems:
             return JSONResponse({"status": "error", "problems": problems}, status_code=503)
         status = "draining" if self.draining else "ok"
-        return JSONResponse({"status": status, "models": self.manager.names, "engines": self.manager.kinds()})
+        loaded = [u.engine.name for u in self.pool.loaded() if u.engine]
+        return JSONResponse(
+            {"status": status, "models": self.pool.names, "loaded": loaded, "engines": self.pool.kinds()}
+        )
 
     def models(self) -> dict[str, Any]:
-        data = [{"id": n, "object": "model", "created": 0, "owned_by": "llmhost"} for n in self.manager.names]
+        """OpenAI's list, each entry also saying whether it is loaded now (Ollama, LM Studio do)."""
+        data = [
+            {"id": m["id"], "object": "model", "created": 0, "owned_by": "llmhost", "loaded": m["loaded"]}
+            for m in self.pool.listing()
+        ]
         return {"object": "list", "data": data}
+
+    def ps(self) -> dict[str, Any]:
+        """What `llmhost ps` shows: the loaded models, their memory, requests and idle time."""
+        return {"models": self.pool.ps(), "budget_gib": round(self.pool.budget_gib, 3)}
 
     async def complete(self, request: Request, chat: bool) -> Response:
         req = await self.parse(request, ChatCompletionRequest if chat else CompletionRequest)
-        engine = self.manager.get(req.model)
         params = mapping.to_params(req, self.reasoning)
+        lease = await self.pool.aacquire(req.model)  # loads the model if it is not loaded
+        try:
+            return await self._complete(request, req, params, lease.engine, chat, lease.release)
+        except BaseException:
+            lease.release()
+            raise
+
+    async def _complete(
+        self, request: Request, req: Any, params: Any, engine: Any, chat: bool, release: Any
+    ) -> Response:
+        """One reply from a leased engine; `release` runs once the reply has ended."""
         cancel = threading.Event()  # set when the client goes: a queued or running request ends
         if chat:
             messages = mapping.to_messages(req)
@@ -141,11 +162,13 @@ class Api:
         )
         if not req.stream:
             got = await self._gather(request, chunks, cancel)
+            release()
             self.metrics.finished(got[-1])
             return JSONResponse(builder.whole(collect(got)))
         return _CancellingStream(
             self._sse(chunks, builder, include_usage),
             cancel,
+            release,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -201,15 +224,18 @@ class _CancellingStream(StreamingResponse):
     up before the first chunk leaves a body generator that never started, whose own cleanup
     would never run."""
 
-    def __init__(self, content: AsyncIterator[str], cancel: threading.Event, **kwargs: Any) -> None:
+    def __init__(
+        self, content: AsyncIterator[str], cancel: threading.Event, release: Any, **kwargs: Any
+    ) -> None:
         super().__init__(content, **kwargs)
-        self.cancel = cancel
+        self.cancel, self.release = cancel, release
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             self.cancel.set()  # after a finished reply this changes nothing
+            self.release()  # the model may be unloaded once no reply uses it
 
 
 async def _disconnected(request: Request) -> None:
@@ -301,8 +327,8 @@ class Gate:
             self.api.metrics.requests.labels(path, str(status)).inc()
 
 
-def create_app(manager: ModelManager, settings: ServerSettings) -> FastAPI:
-    api = Api(manager, settings)
+def create_app(pool: ModelPool, settings: ServerSettings) -> FastAPI:
+    api = Api(pool, settings)
     app = FastAPI(title="llmhost", version=__version__, docs_url=None, redoc_url=None)
     app.state.api = api
 
@@ -341,6 +367,10 @@ def create_app(manager: ModelManager, settings: ServerSettings) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return api.models()
+
+    @app.get("/api/ps")
+    async def ps() -> dict[str, Any]:
+        return api.ps()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
-from llmhost.config import is_loopback
+from llmhost.config import is_loopback, llmhost_home
+from llmhost.engine.pool import ModelPool
 from llmhost.errors import InvalidRequestError
-from llmhost.server.manager import ModelManager
 from llmhost.server.settings import ServerSettings
 
 
@@ -25,12 +28,12 @@ def check_exposure(settings: ServerSettings) -> str | None:
     return f"warning: serving on {settings.host} with no API key: anyone who can reach it can use it"
 
 
-def serve(manager: ModelManager, settings: ServerSettings, log_level: str = "info") -> None:
+def serve(pool: ModelPool, settings: ServerSettings, log_level: str = "info") -> None:
     import uvicorn
 
     from llmhost.server.app import create_app
 
-    app = create_app(manager, settings)
+    app = create_app(pool, settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -38,14 +41,16 @@ def serve(manager: ModelManager, settings: ServerSettings, log_level: str = "inf
         log_level=log_level,
         timeout_graceful_shutdown=int(settings.drain_timeout) + 1,
     )
-    server = _draining_server(config, app.state.api, settings.drain_timeout)
+    registry = Registry()
+    server = _draining_server(config, app.state.api, settings.drain_timeout, registry)
     try:
         server.run()
     finally:
-        manager.close()
+        registry.remove()
+        pool.close()
 
 
-def _draining_server(config: Any, api: Any, grace: float) -> Any:
+def _draining_server(config: Any, api: Any, grace: float, registry: Registry) -> Any:
     """A uvicorn.Server whose first SIGTERM/SIGINT stops taking requests (503) and exits once the
     requests in flight are done or the grace period ends; a second signal exits at once.
     (Defined here so that uvicorn is imported only when serving.)"""
@@ -74,6 +79,51 @@ def _draining_server(config: Any, api: Any, grace: float) -> Any:
             for server in self.servers:
                 for sock in server.sockets:
                     host, port = sock.getsockname()[:2]
-                    print(f"llmhost: serving on http://{host}:{port}", file=sys.stderr, flush=True)
+                    url = f"http://{host}:{port}"
+                    print(f"llmhost: serving on {url}", file=sys.stderr, flush=True)
+                    registry.add(url)
 
     return Server(config)
+
+
+class Registry:
+    """This server's entry in LLMHOST_HOME/run (its pid and URL), for `llmhost ps` to find it."""
+
+    def __init__(self) -> None:
+        self.file = run_folder() / f"{os.getpid()}.json"
+        self.urls: list[str] = []
+
+    def add(self, url: str) -> None:
+        self.urls.append(url)
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        record = {"pid": os.getpid(), "urls": self.urls, "started": time.time()}
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record), encoding="utf-8")
+        os.replace(tmp, self.file)
+
+    def remove(self) -> None:
+        self.file.unlink(missing_ok=True)
+
+
+def run_folder() -> Path:
+    return llmhost_home() / "run"
+
+
+def running_servers() -> list[dict[str, Any]]:
+    """The servers started from this LLMHOST_HOME that are still running (stale entries of
+    killed servers are removed)."""
+    import psutil
+
+    found = []
+    for file in sorted(run_folder().glob("*.json")):
+        try:
+            record = json.loads(file.read_text(encoding="utf-8"))
+            alive = psutil.pid_exists(int(record["pid"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            alive = False
+            record = None
+        if alive and record is not None:
+            found.append(record)
+        else:
+            file.unlink(missing_ok=True)
+    return found

@@ -90,6 +90,8 @@ class ReplyStream:
 class ModelInfo:
     id: str
     owned_by: str
+    loaded: bool | None = None
+    """llmhost's servers say whether the model is loaded now (others: None)."""
 
     @property
     def is_llmhost(self) -> bool:
@@ -105,7 +107,10 @@ class ChatClient:
         )
 
     def models(self) -> list[ModelInfo]:
-        return [ModelInfo(m.id, getattr(m, "owned_by", "") or "") for m in self._client.models.list()]
+        return [
+            ModelInfo(m.id, getattr(m, "owned_by", "") or "", getattr(m, "loaded", None))
+            for m in self._client.models.list()
+        ]
 
     def stream(self, request: ChatRequest) -> ReplyStream:
         start = time.perf_counter()

@@ -47,6 +47,7 @@ TEXT: dict[str, dict[Lang, str]] = {
     },
     "empty": {"en": "Ask a question to start.", "zh": "输入问题开始对话。"},
     "no_models": {"en": "The server lists no models.", "zh": "服务器没有可用的模型。"},
+    "not_loaded": {"en": "loads on first message", "zh": "首条消息时加载"},
     "err_connect": {
         "en": "Cannot reach the model server at {url}. Is it running? Your message is kept: press Retry.",
         "zh": "无法连接模型服务器 {url}，请确认它正在运行。你的消息已保留，可点击“重试”。",

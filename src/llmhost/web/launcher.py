@@ -16,7 +16,9 @@ import webbrowser
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from llmhost.config import LoadSettings, is_loopback, llmhost_home
+from pydantic_settings import BaseSettings
+
+from llmhost.config import LoadSettings, PoolSettings, is_loopback, llmhost_home
 from llmhost.errors import InvalidRequestError
 from llmhost.procs import Child, free_port, wait_http
 from llmhost.web.settings import WebSettings
@@ -25,25 +27,27 @@ APP = Path(__file__).with_name("app.py")
 READY_TIMEOUT = 600.0  # a first start converts the embedded GGUF; a big model loads for minutes
 
 
-def load_env(load: LoadSettings) -> dict[str, str]:
+def load_env(*settings: BaseSettings) -> dict[str, str]:
     """The flags the user gave, as the `LLMHOST_*` variables `llmhost serve` reads."""
     env = {}
-    for name in load.model_fields_set:
-        value = getattr(load, name)
-        env[f"LLMHOST_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    for given in settings:
+        for name in given.model_fields_set:
+            value = getattr(given, name)
+            env[f"LLMHOST_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
     return env
 
 
 @contextlib.contextmanager
 def private_server(
-    model: str | None, load: LoadSettings, say: Callable[[str], None]
+    model: str | None, load: LoadSettings, pool: PoolSettings, say: Callable[[str], None]
 ) -> Iterator[tuple[str, str]]:
-    """`llmhost serve MODEL` on a free loopback port with a random key; yields (base_url, key)."""
+    """`llmhost serve MODEL` on a free loopback port with a random key; yields (base_url, key).
+    With --all the page offers every store model too, MODEL (or the default) loaded first."""
     key = secrets.token_urlsafe(24)  # other local users cannot use this private server
-    env = {**os.environ, **load_env(load), "LLMHOST_API_KEY": key, "LLMHOST_DRAIN_TIMEOUT": "2"}
+    env = {**os.environ, **load_env(load, pool), "LLMHOST_API_KEY": key, "LLMHOST_DRAIN_TIMEOUT": "2"}
     env.pop("LLMHOST_API_KEY_FILE", None)
     cmd = [sys.executable, "-u", "-m", "llmhost", "serve", "--host", "127.0.0.1", "--port", "0"]
-    cmd += [model] if model else []
+    cmd += [model or "default"] if model or pool.all else []
     child = Child("model server", cmd, env, llmhost_home() / "web" / "server.log")
     try:
         say(f"Loading {model or 'the embedded default model'}…")
@@ -76,7 +80,9 @@ def _check_database(path: Path) -> None:
         ) from None
 
 
-def run(model: str | None, load: LoadSettings, web: WebSettings, say: Callable[[str], None]) -> int:
+def run(
+    model: str | None, load: LoadSettings, pool: PoolSettings, web: WebSettings, say: Callable[[str], None]
+) -> int:
     """Returns the page's exit status."""
     check_exposure(web)
     _check_database(web.db_path())
@@ -89,7 +95,7 @@ def run(model: str | None, load: LoadSettings, web: WebSettings, say: Callable[[
         if web.server:
             base_url, key = web.server, web.api_key or ""
         else:
-            base_url, key = stack.enter_context(private_server(model, load, say))
+            base_url, key = stack.enter_context(private_server(model, load, pool, say))
         page, url = stack.enter_context(_page(web, base_url, key))
         say(f"llmhost web: open {url} in your browser  (Ctrl-C stops)")
         if web.open_browser:

@@ -146,7 +146,13 @@ def _model_picker(lang: Lang, base_url: str, api_key: str | None) -> ModelInfo |
         st.sidebar.warning(t("no_models", lang))
         return None
     by_id = {m.id: m for m in models}
-    chosen = st.sidebar.selectbox(t("model", lang), list(by_id), key="model")
+    chosen = st.sidebar.selectbox(
+        t("model", lang),
+        list(by_id),
+        key="model",
+        # a model that is not loaded answers its first message after loading
+        format_func=lambda m: m if by_id[m].loaded is not False else f"{m} ({t('not_loaded', lang)})",
+    )
     return by_id.get(chosen)
 
 
@@ -302,4 +308,6 @@ def _reply(
                 if reasoning:
                     meta["reasoning"] = reasoning
                 store.add(conv.id, "assistant", text, meta)
+            if model is not None and model.loaded is False:
+                _models.clear()  # the reply loaded it: the picker says so on the next run
     st.rerun()  # draw the finished conversation from the database, with its buttons

@@ -64,3 +64,80 @@ def _convert(gguf: Path, out: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
+
+
+# -- LoRA adapters for llama.cpp -----------------------------------------------------------------
+
+#: peft's module names → llama.cpp's tensor names (blk.N.<name>.weight).
+LORA_TENSORS = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+#: Architectures whose GGUF conversion reorders the query and key rows for its rotary layout
+#: (convert_hf_to_gguf's `permute`): an adapter's B matrices of q and k are reordered the same way.
+PERMUTED_QK = frozenset({"llama"})
+LORA_ARCHS = frozenset({"llama", "qwen2", "qwen3"})
+
+
+def lora_gguf(adapter: Path, cache_root: Path, arch: str, heads: int, kv_heads: int) -> Path:
+    """A peft LoRA adapter as the GGUF adapter llama.cpp loads, converted once (cached by content)."""
+    weights = adapter / "adapter_model.safetensors"
+    try:
+        digest = hashlib.sha256(weights.read_bytes() + (adapter / "adapter_config.json").read_bytes())
+    except OSError as err:
+        raise GGUFReadError(f"cannot read the adapter in {adapter}: {err.strerror}") from None
+    target = cache_root / f"lora-{arch}-{digest.hexdigest()[:16]}"
+    folder = build_once(
+        target,
+        lambda out: _convert_lora(adapter, out / "adapter.gguf", arch, heads, kv_heads),
+        adapter,
+        GGUFReadError,
+        keep=(GGUFReadError,),
+    )
+    return folder / "adapter.gguf"
+
+
+def _convert_lora(adapter: Path, out: Path, arch: str, heads: int, kv_heads: int) -> None:
+    import json
+    import re
+
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    if arch not in LORA_ARCHS:
+        raise GGUFReadError(
+            f"llama.cpp adapters for {arch} models are not converted here: use --engine transformers"
+        )
+    if config.get("use_rslora") or config.get("use_dora"):
+        raise GGUFReadError("rsLoRA and DoRA adapters have no llama.cpp form: use --engine transformers")
+    writer = gguf.GGUFWriter(str(out), arch)
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(config.get("lora_alpha", config.get("r", 8))))
+    pattern = re.compile(r"layers\.(\d+)\.(\w+\.\w+)\.lora_([AB])\.weight$")
+    for name, tensor in sorted(load_file(str(adapter / "adapter_model.safetensors")).items()):
+        m = pattern.search(name)
+        if not m or m.group(2) not in LORA_TENSORS:
+            raise GGUFReadError(
+                f"the adapter changes {name}, which llama.cpp adapters cannot: use --engine transformers"
+            )
+        layer, module, part = int(m.group(1)), m.group(2), m.group(3)
+        data = tensor.astype(np.float32)
+        if part == "B" and arch in PERMUTED_QK and module in ("self_attn.q_proj", "self_attn.k_proj"):
+            n = heads if module == "self_attn.q_proj" else kv_heads
+            rows = data.reshape(n, 2, data.shape[0] // n // 2, *data.shape[1:])
+            data = rows.swapaxes(1, 2).reshape(data.shape)
+        # llama.cpp reads lora_a as [rank, in] and lora_b as [out, rank]: peft's own layout
+        target = f"blk.{layer}.{LORA_TENSORS[module]}.weight.lora_{part.lower()}"
+        writer.add_tensor(target, np.ascontiguousarray(data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -145,19 +145,26 @@ class LlamaCppRunner:
         self.busy: set[int] = set()
         self.rows: list[int] = []  # the slot of each running row, in the scheduler's order
         self._pending: int | None = None
+        self.llm = llm
+        #: LoRA adapters by id. llama.cpp applies adapters to a whole context, not per sequence,
+        #: so each decode call evaluates the rows of one adapter (`step` groups them).
+        self.adapters: dict[str, Any] = {}
+        self.slot_adapter: list[str | None] = [None] * slots  # what each slot's cells were made with
+        self._applied: str | None = None
 
     def has_room(self, req: Any) -> bool:
         return len(self.busy) + (self._pending is not None) < self.max_batch
 
-    def _choose(self, ids: list[int]) -> tuple[int, int]:
+    def _choose(self, ids: list[int], adapter: str | None = None) -> tuple[int, int]:
         """The free slot to use and how many prompt tokens it already holds: the longest shared
         prefix in whole blocks (at least one token is left to evaluate: its logits start the
-        reply), else the slot idle the longest."""
+        reply) made with the same adapter, else the slot idle the longest."""
         best, shared, oldest = -1, 0, float("inf")
         for slot in range(self.max_batch):
             if slot in self.busy or slot == self._pending:
                 continue
-            n = _common_prefix(self.held[slot][: self.prompted[slot]], ids)
+            same = self.slot_adapter[slot] == adapter
+            n = _common_prefix(self.held[slot][: self.prompted[slot]], ids) if same else 0
             n = min(n, len(ids) - 1) // PREFILL_BLOCK * PREFILL_BLOCK
             if n > shared or (n == shared and self.idle_since[slot] < oldest):
                 best, shared, oldest = slot, n, self.idle_since[slot]
@@ -188,9 +195,11 @@ class LlamaCppRunner:
 
         self._retire_pending()
         ids = req.prompt_ids
-        slot, shared = self._choose(ids)
+        slot, shared = self._choose(ids, req.adapter)
         llama_cpp.llama_memory_seq_rm(self.memory, slot, shared, -1)  # the rest of what it held
         self.held[slot], self.prompted[slot] = ids[:shared], 0
+        self.slot_adapter[slot] = req.adapter
+        self._apply(req.adapter)
         self._pending = slot
         for start in range(shared, len(ids), PREFILL_BLOCK):
             part = ids[start : start + PREFILL_BLOCK]
@@ -210,11 +219,67 @@ class LlamaCppRunner:
     def step(self, reqs: list[Any]) -> Any:
         import torch
 
-        tokens = [(r.last_token, len(self.held[s]), s, True) for r, s in zip(reqs, self.rows, strict=True)]
-        self._decode(tokens)
-        for token, _, slot, _ in tokens:
-            self.held[slot].append(token)
-        return torch.stack([self._logits(i) for i in range(len(tokens))])
+        groups: dict[str | None, list[int]] = {}
+        for row, req in enumerate(reqs):
+            groups.setdefault(req.adapter, []).append(row)
+        logits: list[Any] = [None] * len(reqs)
+        # the current adapter's rows first: one switch fewer per step
+        for adapter in sorted(groups, key=lambda a: a != self._applied):
+            rows = groups[adapter]
+            self._apply(adapter)
+            tokens = [(reqs[r].last_token, len(self.held[self.rows[r]]), self.rows[r], True) for r in rows]
+            self._decode(tokens)
+            for i, (row, (token, _, slot, _)) in enumerate(zip(rows, tokens, strict=True)):
+                self.held[slot].append(token)
+                logits[row] = self._logits(i)
+        return torch.stack(logits)
+
+    def _apply(self, adapter: str | None) -> None:
+        """Make `adapter` (None: the plain model) the context's one LoRA adapter."""
+        import ctypes
+
+        import llama_cpp
+
+        if adapter == self._applied:
+            return
+        if adapter is None:
+            code = llama_cpp.llama_set_adapters_lora(self.ctx, None, 0, None)
+        else:
+            ptrs = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.adapters[adapter])
+            code = llama_cpp.llama_set_adapters_lora(self.ctx, ptrs, 1, (ctypes.c_float * 1)(1.0))
+        if code != 0:
+            raise LlmhostError(f"llama.cpp could not switch LoRA adapters (code {code})")
+        self._applied = adapter
+
+    def add_adapter(self, adapter_id: str, path: Path) -> None:
+        """Load a peft LoRA adapter, converted to llama.cpp's GGUF form once (inference thread)."""
+        import llama_cpp
+
+        from llmhost.config import llmhost_home
+        from llmhost.engine.backends.gguf import lora_gguf
+
+        meta = self.llm.metadata
+        arch = meta.get("general.architecture", "")
+        heads = int(meta.get(f"{arch}.attention.head_count", 0) or 0)
+        kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads) or heads)
+        file = lora_gguf(path, llmhost_home() / "converted", arch, heads, kv_heads)
+        pointer = llama_cpp.llama_adapter_lora_init(self.llm.model, str(file).encode())
+        if not pointer:
+            raise LlmhostError(f"llama.cpp could not load the adapter {path} (converted: {file})")
+        self.adapters[adapter_id] = pointer
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        import llama_cpp
+
+        if adapter_id not in self.adapters:
+            return
+        if self._applied == adapter_id:
+            self._apply(None)
+        for slot in range(self.max_batch):  # its cached prompts go with it
+            if self.slot_adapter[slot] == adapter_id and slot not in self.busy:
+                llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
+                self.held[slot], self.prompted[slot], self.slot_adapter[slot] = [], 0, None
+        llama_cpp.llama_adapter_lora_free(self.adapters.pop(adapter_id))
 
     def drop(self, keep: list[int]) -> None:
         self._retire_pending()
@@ -294,6 +359,7 @@ def load(ref: ModelRef, settings: LoadSettings) -> LlamaCppEngine:
 
 class LlamaCppEngine(LocalEngine):
     kind = "llamacpp"
+    serves_adapters = True
 
     def __init__(self, llm: Any, name: str, template: str | None, settings: LoadSettings) -> None:
         import llama_cpp

@@ -35,6 +35,7 @@ def chat_template_of(tokenizer: Any, name: str, override: str | None = None) -> 
 
 class TransformersEngine(LocalEngine):
     kind = "transformers"
+    serves_adapters = True
 
     def __init__(
         self,
@@ -146,16 +147,34 @@ class TransformersRunner:
         self._mask: Any = None
         self._lens: list[int] = []
         self._staged: tuple[Any, int] | None = None
+        #: LoRA adapters applied per row (lora.py), made on the first adapter added.
+        self._lora: Any = None
 
-    def _forward(self, ids: Any, cache: Any, **extra: Any) -> Any:
-        return self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._kw: cache}, **extra)
+    def _forward(self, ids: Any, cache: Any, reqs: list[Any], **extra: Any) -> Any:
+        kwargs = {self._kw: cache, **extra}
+        if self._lora is None:
+            return self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
+        with self._lora.rows([r.adapter for r in reqs]):
+            return self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
+
+    def add_adapter(self, adapter_id: str, path: Path) -> None:
+        """Load a LoRA adapter next to the others (called on the inference thread)."""
+        from llmhost.engine.backends.lora import RowLora
+
+        if self._lora is None:
+            self._lora = RowLora(self.model)
+        self._lora.add(adapter_id, path)
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        if self._lora is not None:
+            self._lora.remove(adapter_id)
 
     def prefill(self, req: Any) -> Any:
         import torch
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        out = self._forward(torch.tensor([req.prompt_ids], device=self.device), cache)
+        out = self._forward(torch.tensor([req.prompt_ids], device=self.device), cache, [req])
         self._staged = (cache, len(req.prompt_ids))
         return out.logits[0, -1]
 
@@ -183,7 +202,7 @@ class TransformersRunner:
         positions = torch.tensor([[n] for n in self._lens], device=self.device)
         column = torch.ones((len(reqs), 1), dtype=torch.long, device=self.device)
         self._mask = torch.cat([self._mask, column], dim=1)
-        out = self._forward(ids, self._cache, attention_mask=self._mask, position_ids=positions)
+        out = self._forward(ids, self._cache, reqs, attention_mask=self._mask, position_ids=positions)
         self._lens = [n + 1 for n in self._lens]
         return out.logits[:, -1]
 

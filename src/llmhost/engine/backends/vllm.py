@@ -112,6 +112,8 @@ def child_env(key: str, install: VllmInstall, settings: LoadSettings) -> dict[st
     # its arguments always validate; vLLM's default instead lets the model write its own call
     # markup under a structural tag, and a model that does not (a small one) returns no call
     env.setdefault("VLLM_ENFORCE_STRICT_TOOL_CALLING", "0")
+    # adapters are added when first requested (`VLLMEngine.add_adapter`), through its private API
+    env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
     if install.cpu:
         # else vLLM reserves most of a NUMA node's memory for its KV cache, and fails on a PC
         if settings.kv_cache_gib is not None:
@@ -121,11 +123,12 @@ def child_env(key: str, install: VllmInstall, settings: LoadSettings) -> dict[st
 
 
 def load(ref: ModelRef, settings: LoadSettings) -> VLLMEngine:
-    """vLLM serves a Hugging Face folder (GGUF models converted once); adapters must be merged."""
+    """vLLM serves a Hugging Face folder (GGUF models converted once). An adapter is served on its
+    base by `llmhost serve` (the pool adds it to the running vLLM), or merged."""
     if ref.is_adapter:
         raise InvalidRequestError(
-            f"{ref.name} is a LoRA adapter: `llmhost merge {ref.name} NAME` makes a standalone model "
-            "vLLM can serve"
+            f"{ref.name} is a LoRA adapter: `llmhost serve {ref.name} --engine vllm` serves it on its base, "
+            f"or `llmhost merge {ref.name} NAME` makes a standalone model"
         )
     return VLLMEngine.start(ref.hf_folder(), ref.name, settings)
 
@@ -134,9 +137,29 @@ class VLLMEngine(OpenAIEngine):
     """The openai engine, pointed at a vLLM server it owns."""
 
     kind = "vllm"
+    serves_adapters = True
 
     child: Child
+    key: str
     _closing = False
+
+    def add_adapter(self, name: str, path: Path) -> OpenAIEngine:
+        """vLLM's runtime LoRA loading (the child runs with --enable-lora): requests for `name`
+        go to the same vLLM server, which batches adapters and base together."""
+        import httpx
+
+        self.check()
+        r = httpx.post(
+            f"{self.base_url}/load_lora_adapter",
+            json={"lora_name": name, "lora_path": str(path)},
+            headers={"Authorization": f"Bearer {self.key}"},
+            timeout=600,
+        )
+        if r.status_code != 200:
+            raise UpstreamError(f"vLLM could not load the adapter {name}: {r.text[:300]}", 502)
+        view = OpenAIEngine(self.base_url, self.key, name, self.context_length)
+        view.kind = self.kind
+        return view
 
     @classmethod
     def start(cls, folder: Path, name: str, settings: LoadSettings) -> VLLMEngine:
@@ -154,6 +177,7 @@ class VLLMEngine(OpenAIEngine):
             wait_http(f"http://127.0.0.1:{port}/health", START_TIMEOUT_S, child)
             base = f"http://127.0.0.1:{port}/v1"
             engine = cls(base, key, name, context_length=_max_model_len(base, key, name))
+            engine.key = key
         except BaseException:
             child.stop()
             raise
