@@ -4,16 +4,18 @@ Nothing here imports a web or CLI framework; torch and transformers load lazily.
 
 The life of a request, file by file (a chat request to `llmhost serve` on a local engine):
 
-1. `server/app.py` maps the OpenAI body to messages and `GenerationParams` (`params.py`) and
-   calls `Engine.astream()` (`base.py`) on the engine `load()` (`loader.py`) made at start from a
-   `ModelRef` (`ref.py`: what the user typed, resolved once) on one of `backends/`.
+1. `server/app.py` maps the OpenAI body to messages and `GenerationParams` (`params.py`),
+   leases the model's engine from the pool (`pool.py`: loaded on demand by `load_ref()` in
+   `loader.py` from a `ModelRef`, `ref.py`, on one of `backends/`; a LoRA adapter is its base's
+   engine with the request marked for the adapter) and calls `Engine.astream()` (`base.py`).
 2. `local.py` (`LocalEngine`): the request rules and the system prompt (`context.py`), the chat
    template with any tools (`template.py`, `tools.py`), tokenizing (the backend), fitting the
    window (`context.py`); it creates the request's `SequenceState` (`sequence.py`) with its
    reply parser (`reply.py`) and any grammar (`grammar.py`), and submits it.
 3. `scheduler.py`: one inference thread owns the model; it admits the request, has the
    backend's `BatchRunner` prefill it (llama.cpp: in a slot, reusing its prompt cache), then
-   steps it with every running request in one batch.
+   steps it with every running request in one batch, each row with its own adapter, if any
+   (transformers: `backends/lora.py`; llama.cpp: one decode call per adapter).
 4. `sampling.py` picks each next token from the runner's logits, after the request's logits
    processors (a grammar's mask).
 5. `sequence.py` turns the token into text (`text.py`: UTF-8-safe detokenizing, stop strings),

@@ -77,6 +77,8 @@ class Unit:
     for_adapters: bool = False
     #: Set when the unit is unloaded: its loading thread lives until then (see `_load`).
     unloaded: threading.Event = field(default_factory=threading.Event)
+    #: One adapter added at a time (two first requests for it must not add it twice).
+    adding: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def label(self) -> str:
@@ -132,10 +134,17 @@ class ModelPool:
         self._units: dict[str, Unit] = {}
         self._served: dict[str, Served] = {}
         self._named: list[str] = []  # names given at start, in order (listed first)
-        self.budget_gib = self.settings.memory_gib or _free_gib(load) * 0.9
+        self._budget = self.settings.memory_gib
         self._closed = False
         self._sweeper = threading.Thread(target=self._sweep_loop, name="llmhost-keep-alive", daemon=True)
         self._sweeper.start()
+
+    @property
+    def budget_gib(self) -> float:
+        """--memory-gib, else 90% of what was free when first asked (the first load)."""
+        if self._budget is None:
+            self._budget = _free_gib(self.load_settings) * 0.9
+        return self._budget
 
     # -- what is served ------------------------------------------------------------------
 
@@ -261,14 +270,17 @@ class ModelPool:
             return unit.engine
         with self._cv:
             view = unit.adapters.get(served.name)
-        if view is None:
-            started = time.perf_counter()
-            view = unit.engine.add_adapter(served.name, served.adapter.path)
-            log.info("added adapter %s to %s in %.2f s", served.name, unit.key, time.perf_counter() - started)
-            with self._cv:
-                unit.adapters.setdefault(served.name, view)
-                view = unit.adapters[served.name]
-        return view
+        if view is not None:
+            return view
+        with unit.adding:
+            if served.name not in unit.adapters:
+                started = time.perf_counter()
+                added = unit.engine.add_adapter(served.name, served.adapter.path)
+                took = time.perf_counter() - started
+                log.info("added adapter %s to %s in %.2f s", served.name, unit.key, took)
+                with self._cv:
+                    unit.adapters[served.name] = added
+            return unit.adapters[served.name]
 
     def _release(self, unit: Unit) -> None:
         with self._cv:
