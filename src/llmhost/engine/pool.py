@@ -24,7 +24,6 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,17 +118,9 @@ class Lease:
 class ModelPool:
     """Served names → engines, loading on first use and unloading under the budget and keep-alive."""
 
-    def __init__(
-        self,
-        load: LoadSettings,
-        settings: PoolSettings | None = None,
-        loader: Callable[[ModelRef, LoadSettings], Engine] | None = None,
-    ) -> None:
-        from llmhost.engine.loader import load_ref
-
+    def __init__(self, load: LoadSettings, settings: PoolSettings | None = None) -> None:
         self.load_settings = load
         self.settings = settings or PoolSettings()
-        self._loader = loader or load_ref
         self._cv = threading.Condition()
         self._units: dict[str, Unit] = {}
         self._served: dict[str, Served] = {}
@@ -182,7 +173,9 @@ class ModelPool:
         for name in self.names:
             served = self._served.get(name)
             unit = self._units.get(served.unit) if served else None
-            loaded = bool(unit and unit.engine is not None and (not served.adapter or name in unit.adapters))  # type: ignore[union-attr]
+            loaded = unit is not None and unit.engine is not None
+            if loaded and served is not None and served.adapter is not None:
+                loaded = name in unit.adapters  # type: ignore[union-attr]
             out.append({"id": name, "loaded": loaded})
         return out
 
@@ -303,6 +296,8 @@ class ModelPool:
         future = unit.loading
         try:
             self._make_room(unit)
+            from llmhost.engine.loader import load_ref
+
             log.info("loading %s on %s (estimated %.2f GiB)", unit.ref.name, unit.kind, unit.estimate_gib)
             settings = self.load_settings.model_copy(update={"engine": unit.kind})
             if unit.kind == "vllm" and (self.settings.all or unit.for_adapters):
@@ -310,7 +305,7 @@ class ModelPool:
                 lora = f"--enable-lora --max-loras 4 --max-lora-rank {_adapter_rank(unit.ref)}"
                 settings = settings.model_copy(update={"vllm_args": f"{lora} {settings.vllm_args or ''}"})
             before, started = _used_bytes(), time.perf_counter()
-            engine = self._loader(unit.ref, settings)
+            engine = load_ref(unit.ref, settings)
             took = max(0, _used_bytes() - before) / GIB
             log.info(
                 "loaded %s in %.1f s: estimated %.2f GiB, took %.2f GiB",
