@@ -15,9 +15,11 @@ import pytest
 # Set before anything imports llmhost, so subprocesses started by tests inherit it too.
 _home = os.environ.get("LLMHOST_TEST_HOME")
 if not _home:
+    import atexit
     import tempfile
 
     _home = tempfile.mkdtemp(prefix="llmhost-test-home-")
+    atexit.register(shutil.rmtree, _home, ignore_errors=True)  # ≈1 GiB of converted models
 os.environ["LLMHOST_HOME"] = _home
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -120,6 +120,7 @@ def test_logits_do_not_depend_on_other_sequences_in_the_cache(cpp) -> None:
         return SimpleNamespace(
             prompt_ids=ids,
             seq=SimpleNamespace(params=SimpleNamespace(max_new_tokens=budget), cached_tokens=0),
+            adapter=None,
         )
 
     runner = LlamaCppRunner(cpp.llm, 1024, 3, physical_cores())  # three slots: all taken below

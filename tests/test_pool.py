@@ -96,15 +96,16 @@ def test_every_store_model_is_listed_and_loads_on_its_first_request(pool_home: P
 
 
 def test_the_budget_holds_one_model_and_idle_models_unload(pool_home: Path) -> None:
-    # each tiny model is estimated at about 0.26 GiB (mostly the runtime's overhead)
-    server = serve(pool_home, "--memory-gib", "0.4", "--keep-alive", "3s")
+    # each tiny model is estimated at about 0.26 GiB (mostly the runtime's overhead): 0.45 GiB
+    # holds one, never two
+    server = serve(pool_home, "--memory-gib", "0.45", "--keep-alive", "3s")
     try:
         seen = []
         for name in ("tiny0", "tiny1", "tiny2", "tiny0"):
             assert reply(server, name)
             loaded = ps(server)
             seen.append([m["name"] for m in loaded])
-            assert sum(m["memory_gib"] for m in loaded) <= 0.4
+            assert sum(m["memory_gib"] for m in loaded) <= 0.45
         assert seen == [["tiny0"], ["tiny1"], ["tiny2"], ["tiny0"]]
         assert server.log.count("to make room") == 3
         row = ps(server)[0]

@@ -299,6 +299,7 @@ class ModelPool:
             from llmhost.engine.loader import load_ref
 
             log.info("loading %s on %s (estimated %.2f GiB)", unit.ref.name, unit.kind, unit.estimate_gib)
+            _import_runtime(unit.kind)  # its libraries' own memory is not the model's
             settings = self.load_settings.model_copy(update={"engine": unit.kind})
             if unit.kind == "vllm" and (self.settings.all or unit.for_adapters):
                 # LoRA on, before the user's own --vllm-args (which come later, so they win)
@@ -514,6 +515,19 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _import_runtime(kind: str) -> None:
+    """Import what an engine runs on, so that measuring a load counts the model, not libraries
+    the process loads once (torch and transformers are ≈0.3 GiB of resident memory)."""
+    import importlib
+
+    for name in {"transformers": ("torch", "transformers"), "llamacpp": ("torch", "llama_cpp")}.get(kind, ()):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    if kind == "transformers":
+        with contextlib.suppress(ImportError):
+            from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401 - lazy modules
 
 
 def _used_bytes() -> int:
