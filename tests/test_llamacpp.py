@@ -3,6 +3,7 @@ parameters and scheduler as the transformers engine. Needs `pip install llmhost[
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -323,3 +324,36 @@ def test_serve_with_llamacpp_through_the_official_client() -> None:
         assert metric(text, "llmhost_prompt_tokens_cached_total") >= cached
     finally:
         assert server.stop() == 0, server.log
+
+
+def test_a_long_prompt_admitted_mid_stream_pauses_the_others_for_a_chunk_at_most(cpp) -> None:
+    """A 1,500-token prompt prefills in chunks of PREFILL_CHUNK tokens with decode steps of the
+    running streams in between: a running stream's longest pause is about one chunk, not the
+    whole prefill; the long request's reply is the same as a cold run's (the same blocks)."""
+    from llmhost.engine.backends.llamacpp import PREFILL_CHUNK
+
+    greedy = GenerationParams(temperature=0, max_new_tokens=200)
+    long_chat = [{"role": "user", "content": "Summarize this. " + "The river runs to the sea. " * 230}]
+    prompt_tokens = len(cpp.encode_chat(long_chat))
+    assert 1300 < prompt_tokens < 1900 and prompt_tokens > 8 * PREFILL_CHUNK
+    reference = _cold(cpp, long_chat, GenerationParams(temperature=0, max_new_tokens=8)).text
+    arrivals: list[float] = []
+
+    def running_stream() -> None:
+        for _ in cpp.stream([{"role": "user", "content": "Write a long story about a ship."}], greedy):
+            arrivals.append(time.perf_counter())
+
+    assert wait_for(lambda: cpp.running == 0, timeout=10)
+    cpp.scheduler.runner.forget()  # the long prompt prefills from scratch
+    thread = threading.Thread(target=running_stream)
+    thread.start()
+    assert wait_for(lambda: len(arrivals) >= 10, timeout=30)
+    started = time.perf_counter()
+    long_reply = cpp.generate(long_chat, GenerationParams(temperature=0, max_new_tokens=8))
+    prefill_s = long_reply.ttft_s  # the whole prompt's prefill, interleaved with the other's steps
+    ended = time.perf_counter()
+    thread.join()
+    during = [b - a for a, b in itertools.pairwise(arrivals) if started <= b <= ended]
+    assert long_reply.text == reference and long_reply.cached_tokens == 0
+    assert during, "the running stream made no progress while the long prompt was prefilled"
+    assert max(during) < prefill_s / 4, (max(during), prefill_s)

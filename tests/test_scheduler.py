@@ -283,3 +283,57 @@ def test_work_handed_to_the_thread_runs_between_steps_and_requests_carry_their_a
         scheduler.call(lambda: 1 / 0)
     assert collect(running).text == expected([1], 40)[1:]  # the first chunk was read above
     assert ("lora1",) in seen_adapters
+
+
+class ChunkedRunner(FakeRunner):
+    """Prefills a prompt one token per call (a chunk), as the llama.cpp runner does per
+    PREFILL_CHUNK tokens; records the order of chunks and steps."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.calls: list[str] = []
+        self.done: dict[int, int] = {}
+        self.aborted = 0
+
+    def prefill_chunk(self, req):
+        n = self.done.get(id(req), 0) + 1
+        self.done[id(req)] = n
+        self.calls.append("chunk")
+        time.sleep(self.step_delay)
+        return self.prefill(req) if n == len(req.prompt_ids) else None
+
+    def abort_prefill(self) -> None:
+        self.aborted += 1
+
+    def step(self, reqs):
+        self.calls.append("step")
+        return super().step(reqs)
+
+
+def test_a_chunked_prefill_lets_running_rows_step_between_chunks(make) -> None:
+    runner = ChunkedRunner(max_batch=2, step_delay=0.002)
+    scheduler = make(runner)
+    running = scheduler.submit(*seq([1], 40))
+    next(running)
+    long = scheduler.submit(*seq(list(range(2, 12)), 3))  # 10 chunks
+    assert collect(long).text == expected(list(range(2, 12)), 3)
+    assert collect(running).text == expected([1], 40)[1:]
+    assert runner.calls.count("chunk") == 1 + 10  # the running request's prompt, then the long one's
+    order = runner.calls[runner.calls.index("step") :]  # once the running request decodes
+    last = len(order) - order[::-1].index("chunk")
+    assert "chunk,chunk" not in ",".join(order[:last])  # a step between any two chunks
+
+
+def test_a_request_cancelled_while_its_prompt_is_prefilled_is_dropped_there(make) -> None:
+    runner = ChunkedRunner(max_batch=2, step_delay=0.005)
+    scheduler = make(runner)
+    running = scheduler.submit(*seq([1], 40))
+    next(running)
+    cancel = threading.Event()
+    doomed = scheduler.submit(*seq(list(range(2, 200)), 3), cancel)
+    assert wait_for(lambda: runner.calls.count("chunk") >= 3)
+    cancel.set()
+    assert collect(doomed).finish_reason == "cancelled"
+    assert runner.aborted == 1
+    assert collect(running).text == expected([1], 40)[1:]
+    assert wait_for(lambda: scheduler.running == 0)

@@ -68,7 +68,10 @@ class Request:
 
 
 class BatchRunner(Protocol):
-    """Model-specific half of batching: the engine supplies it."""
+    """Model-specific half of batching: the engine supplies it. A runner may also prefill in
+    chunks: `prefill_chunk(req)` evaluates the next chunk of the prompt and returns None until
+    the last, whose logits it returns as `prefill` does; `abort_prefill()` gives up the one in
+    progress (its request was cancelled)."""
 
     max_batch: int
     device: Any
@@ -99,6 +102,7 @@ class Scheduler:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._admitting = 0  # a request taken from the line and being prefilled (holds a place)
+        self._prefilling: Request | None = None  # that request, while chunks of its prompt remain
         self._tasks: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
         #: Most requests ever decoded together in one step (a gauge for tests and metrics).
         self.peak_batch = 0
@@ -221,7 +225,9 @@ class Scheduler:
     def _serve(self) -> None:
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._pending or self._active or self._tasks or self._closed)
+                self._cv.wait_for(
+                    lambda: self._pending or self._active or self._prefilling or self._tasks or self._closed
+                )
                 if self._closed:
                     self._fail_all(LlmhostError("the model was unloaded"))
                     return
@@ -241,6 +247,11 @@ class Scheduler:
                 self._fail_all(err)
 
     def _admit(self) -> None:
+        """Take waiting requests into the batch. A runner that prefills in chunks
+        (`prefill_chunk`) evaluates one chunk of a long prompt per loop while others are running,
+        so their streams pause for a chunk, not for the whole prompt."""
+        if self._prefilling is not None and not self._prefill():
+            return
         while len(self._active) < self.runner.max_batch:
             with self._cv:
                 if not self._pending:
@@ -256,17 +267,39 @@ class Scheduler:
                     self._pending.appendleft(req)  # first in line once running requests finish
                     self._admitting = 0
                 return
-            try:
-                req.pick(self.runner.prefill(req), self._seen(req))
-            except Exception as err:
-                log.exception("prefill failed")
-                req.deliver(err)
-                self._admitting = 0
-                continue
-            if not req.seq.finished:
-                self._active.append(req)
-                self.runner.commit_prefill()
-            self._admitting = 0
+            self._prefilling = req
+            if not self._prefill():
+                return  # a chunk done: the running requests step before the next one
+
+    def _prefill(self) -> bool:
+        """Go on with the request being prefilled; False while chunks of its prompt remain."""
+        req = self._prefilling
+        assert req is not None
+        chunked = getattr(self.runner, "prefill_chunk", None)
+        try:
+            while True:
+                if req.cancel.is_set():
+                    self.runner.abort_prefill()  # type: ignore[attr-defined]
+                    req.deliver(req.seq.finish("cancelled"))
+                    return self._admitted()
+                logits = chunked(req) if chunked else self.runner.prefill(req)
+                if logits is not None:
+                    break
+                if self._active:
+                    return False
+            req.pick(logits, self._seen(req))
+        except Exception as err:
+            log.exception("prefill failed")
+            req.deliver(err)
+            return self._admitted()
+        if not req.seq.finished:
+            self._active.append(req)
+            self.runner.commit_prefill()
+        return self._admitted()
+
+    def _admitted(self) -> bool:
+        self._prefilling, self._admitting = None, 0
+        return True
 
     def _step(self) -> None:
         for req in self._active:
@@ -302,10 +335,15 @@ class Scheduler:
     def _fail_all(self, err: Exception) -> None:
         with self._cv:
             doomed = self._active + list(self._pending)
+            prefilling, self._prefilling, self._admitting = self._prefilling, None, 0
+            if prefilling is not None:
+                doomed.append(prefilling)
             self._active, self._pending = [], deque()
             for _, future in self._tasks:
                 future.set_exception(err)
             self._tasks.clear()
+        if prefilling is not None and hasattr(self.runner, "abort_prefill"):
+            self.runner.abort_prefill()
         self.runner.drop([])
         for req in doomed:
             req.deliver(err)

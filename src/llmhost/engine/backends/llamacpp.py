@@ -69,6 +69,10 @@ def kv_bytes_per_token(llm: Any) -> int:
 DEFAULT_SLOT_TOKENS = 4096
 #: Prompts are evaluated in blocks of this many positions, and slots share whole blocks only.
 PREFILL_BLOCK = 64
+#: A long prompt is prefilled this many tokens at a time, with a decode step of the running
+#: requests in between (≈0.35 s of the embedded model's prefill on 2 cores): they pause for a
+#: chunk, not for the whole prompt.
+PREFILL_CHUNK = 2 * PREFILL_BLOCK
 
 
 def slot_tokens(llm: Any, window: int, explicit: bool, kv_gib: float | None, slots: int) -> int:
@@ -145,6 +149,7 @@ class LlamaCppRunner:
         self.busy: set[int] = set()
         self.rows: list[int] = []  # the slot of each running row, in the scheduler's order
         self._pending: int | None = None
+        self._chunking: Any = None  # the request whose prompt is being prefilled, chunk by chunk
         self.llm = llm
         #: LoRA adapters by id. llama.cpp applies adapters to a whole context, not per sequence,
         #: so each decode call evaluates the rows of one adapter (`step` groups them).
@@ -191,24 +196,44 @@ class LlamaCppRunner:
         return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
 
     def prefill(self, req: Any) -> Any:
+        logits = None
+        while logits is None:
+            logits = self.prefill_chunk(req)
+        return logits
+
+    def prefill_chunk(self, req: Any) -> Any:
+        """The next PREFILL_CHUNK tokens of the prompt (in blocks of PREFILL_BLOCK, the very
+        batches a cold run evaluates); the logits after the last, else None."""
         import llama_cpp
 
-        self._retire_pending()
         ids = req.prompt_ids
-        slot, shared = self._choose(ids, req.adapter)
-        llama_cpp.llama_memory_seq_rm(self.memory, slot, shared, -1)  # the rest of what it held
-        self.held[slot], self.prompted[slot] = ids[:shared], 0
-        self.slot_adapter[slot] = req.adapter
-        self._apply(req.adapter)
-        self._pending = slot
-        for start in range(shared, len(ids), PREFILL_BLOCK):
-            part = ids[start : start + PREFILL_BLOCK]
+        if self._chunking is not req:  # a new prompt: its slot, and what it can keep there
+            self._retire_pending()
+            slot, shared = self._choose(ids, req.adapter)
+            llama_cpp.llama_memory_seq_rm(self.memory, slot, shared, -1)  # the rest of what it held
+            self.held[slot], self.prompted[slot] = ids[:shared], 0
+            self.slot_adapter[slot] = req.adapter
+            self._pending, self._chunking = slot, req
+            req.seq.cached_tokens = shared
+        slot = self._pending
+        assert slot is not None
+        self._apply(req.adapter)  # decode steps in between may have applied another
+        begin = len(self.held[slot])
+        end = min(len(ids), begin + PREFILL_CHUNK)
+        for start in range(begin, end, PREFILL_BLOCK):
+            part = ids[start : min(start + PREFILL_BLOCK, end)]
             last = start + len(part) == len(ids)
             self._decode([(t, start + i, slot, last and i == len(part) - 1) for i, t in enumerate(part)])
             self.held[slot] = self.held[slot] + part
-        self.prompted[slot] = len(ids)
-        req.seq.cached_tokens = shared
+        if end < len(ids):
+            return None
+        self.prompted[slot], self._chunking = len(ids), None
         return self._logits(len(part) - 1)
+
+    def abort_prefill(self) -> None:
+        """Give up the prompt being prefilled (its request was cancelled)."""
+        self._chunking = None
+        self._retire_pending()
 
     def commit_prefill(self) -> None:
         assert self._pending is not None
@@ -282,7 +307,8 @@ class LlamaCppRunner:
         llama_cpp.llama_adapter_lora_free(self.adapters.pop(adapter_id))
 
     def drop(self, keep: list[int]) -> None:
-        self._retire_pending()
+        if self._chunking is None:  # a prompt half prefilled stays (decode steps come between)
+            self._retire_pending()
         kept = set(keep)
         for i, slot in enumerate(self.rows):
             if i not in kept:
