@@ -69,13 +69,14 @@ class Unit:
     reserved: int = 0
     last_used: float = field(default_factory=time.monotonic)
     loading: Future[Engine] | None = None
-    loaded_at: float | None = None
     #: Served name → the adapter's engine view on this unit.
     adapters: dict[str, Engine] = field(default_factory=dict)
     #: Whether a served name is an adapter on this unit (vLLM then starts with LoRA enabled).
     for_adapters: bool = False
     #: Set when the unit is unloaded: its loading thread lives until then (see `_load`).
     unloaded: threading.Event = field(default_factory=threading.Event)
+    #: The thread that loaded it (and lives while it is loaded).
+    thread: threading.Thread | None = None
     #: One adapter added at a time (two first requests for it must not add it twice).
     adding: threading.Lock = field(default_factory=threading.Lock)
 
@@ -143,8 +144,7 @@ class ModelPool:
         """Serve a ready engine (an upstream's model, or one loaded at start) for the pool's life."""
         if engine.name in self._served:
             raise InvalidRequestError(f"two models share the name {engine.name}; serve each name once")
-        now = time.monotonic()
-        unit = Unit(f"ready:{engine.name}", None, engine.kind, engine, pinned=True, loaded_at=now)
+        unit = Unit(f"ready:{engine.name}", None, engine.kind, engine, pinned=True)
         self._units[unit.key] = unit
         self._served[engine.name] = Served(engine.name, unit.key)
         self._named.append(engine.name)
@@ -244,10 +244,13 @@ class ModelPool:
         return Lease(self, unit, engine)
 
     async def aacquire(self, name: str) -> Lease:
-        """`acquire` for asyncio: a load runs in its own thread while the event loop goes on."""
+        """`acquire` for asyncio: a model ready to serve is leased at once; anything else (reading
+        the store for a new name, a load, adding an adapter) runs in a thread."""
         import asyncio
 
-        served = self._lookup(name)
+        served = self._served.get(name)
+        if served is None:
+            return await asyncio.to_thread(self.acquire, name)
         with self._cv:
             unit = self._units[served.unit]
             ready = unit.engine is not None and (served.adapter is None or served.name in unit.adapters)
@@ -288,7 +291,8 @@ class ModelPool:
         if unit.loading is None:
             unit.loading = Future()
             name = f"llmhost-load-{unit.key}"
-            threading.Thread(target=self._load, args=(unit,), name=name, daemon=True).start()
+            unit.thread = threading.Thread(target=self._load, args=(unit,), name=name, daemon=True)
+            unit.thread.start()
         return unit.loading
 
     def _load(self, unit: Unit) -> None:
@@ -323,7 +327,7 @@ class ModelPool:
             return
         with self._cv:
             unit.engine, unit.measured_gib, unit.loading = engine, took, None
-            unit.loaded_at = unit.last_used = time.monotonic()
+            unit.last_used = time.monotonic()
             unit.unloaded.clear()
             self._cv.notify_all()
         future.set_result(engine)
@@ -364,7 +368,7 @@ class ModelPool:
         """(Under the lock.) Close the unit's engine and give its memory back."""
         engine, unit.engine = unit.engine, None
         adapters, unit.adapters = unit.adapters, {}
-        unit.measured_gib, unit.loaded_at = None, None
+        unit.measured_gib = None
         idle = time.monotonic() - unit.last_used
         log.info("unloading %s (%s; idle %.0f s)", unit.label, why, idle)
         del adapters  # views of the engine: closing it removes them all
@@ -447,6 +451,11 @@ class ModelPool:
             for unit in self.loaded():
                 self._unload(unit, "the server stops")
             self._cv.notify_all()
+        # their threads end now; one still ending while the interpreter finalizes (torch's
+        # thread-local state) aborts the process
+        for unit in list(self._units.values()):
+            if unit.thread is not None:
+                unit.thread.join(timeout=10)
 
 
 #: Engines that serve LoRA adapters per request on a loaded base (others: adapters go to a

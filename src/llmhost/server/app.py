@@ -115,7 +115,7 @@ class Api:
         if problems:
             return JSONResponse({"status": "error", "problems": problems}, status_code=503)
         status = "draining" if self.draining else "ok"
-        loaded = [u.engine.name for u in self.pool.loaded() if u.engine]
+        loaded = [u.engine.name for u in self.pool.loaded()]  # type: ignore[union-attr]
         return JSONResponse(
             {"status": status, "models": self.pool.names, "loaded": loaded, "engines": self.pool.kinds()}
         )
@@ -356,8 +356,10 @@ def create_app(pool: ModelPool, settings: ServerSettings) -> FastAPI:
             405, f"{request.method} is not allowed on {request.url.path}", "invalid_request_error"
         ).response()
 
+    # these read the store (serve --all) or measure free memory: FastAPI runs plain `def`
+    # routes in its thread pool, off the event loop
     @app.get("/health")
-    async def health() -> JSONResponse:
+    def health() -> JSONResponse:
         return api.health()
 
     @app.get("/metrics")
@@ -365,11 +367,11 @@ def create_app(pool: ModelPool, settings: ServerSettings) -> FastAPI:
         return Response(api.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    def models() -> dict[str, Any]:
         return api.models()
 
     @app.get("/api/ps")
-    async def ps() -> dict[str, Any]:
+    def ps() -> dict[str, Any]:
         return api.ps()
 
     @app.post("/v1/chat/completions")

@@ -36,10 +36,9 @@ class RowLora:
     def __init__(self, model: Any) -> None:
         self.model = model
         self.modules = dict(model.named_modules())
-        #: adapter id → module name → (Aᵀ [in, r], (scale·B)ᵀ [r, out])
-        self.adapters: dict[str, dict[str, tuple[Any, Any]]] = {}
         self._hooked: dict[str, Any] = {}
-        #: Per module: A_all [in, R], B_all [R, out] and each adapter's column range in them.
+        #: Per module: A_all [in, R], B_all [R, out] and each adapter's column range in them
+        #: (the only copy of the adapters' matrices).
         self._banks: dict[str, tuple[Any, Any, dict[str, tuple[int, int]]]] = {}
         self._rows: tuple[str | None, ...] | None = None
         self._masks: dict[tuple[str, tuple[str | None, ...]], Any] = {}
@@ -69,33 +68,31 @@ class RowLora:
             a = pair["A"].to(device=device, dtype=dtype)  # [r, in]
             b = (pair["B"].float() * scale).to(device=device, dtype=dtype)  # [out, r]
             weights[name] = (a.t().contiguous(), b.t().contiguous())
-        self.adapters[adapter_id] = weights
-        for name in weights:
+        for name, (a, b) in weights.items():
             if name not in self._hooked:
                 self._hooked[name] = self.modules[name].register_forward_hook(self._hook(name))
-        self._rebuild()
+            a_all, b_all, spans = self._banks.get(name, (a[:, :0], b[:0], {}))
+            spans = {**spans, adapter_id: (a_all.shape[1], a_all.shape[1] + a.shape[1])}
+            self._banks[name] = (torch.cat([a_all, a], dim=1), torch.cat([b_all, b], dim=0), spans)
+        self._masks.clear()
 
     def remove(self, adapter_id: str) -> None:
-        self.adapters.pop(adapter_id, None)
-        self._rebuild()
-
-    def _rebuild(self) -> None:
-        """The side-by-side matrices, after an adapter came or went."""
+        """Take the adapter's columns out of every layer's matrices."""
         import torch
 
-        self._masks.clear()
-        self._banks = {}
-        for name in self._hooked:
-            mats = {a: w[name] for a, w in self.adapters.items() if name in w}
-            if not mats:
+        for name, (a_all, b_all, spans) in list(self._banks.items()):
+            if adapter_id not in spans:
                 continue
-            spans, start = {}, 0
-            for a, (lora_a, _) in mats.items():
-                spans[a] = (start, start + lora_a.shape[1])
-                start += lora_a.shape[1]
-            a_all = torch.cat([m[0] for m in mats.values()], dim=1).contiguous()
-            b_all = torch.cat([m[1] for m in mats.values()], dim=0).contiguous()
-            self._banks[name] = (a_all, b_all, spans)
+            lo, hi = spans[adapter_id]
+            rest = {a: (x - (hi - lo) * (x >= hi), y - (hi - lo) * (y >= hi)) for a, (x, y) in spans.items()}
+            del rest[adapter_id]
+            if not rest:
+                del self._banks[name]
+                continue
+            a_all = torch.cat([a_all[:, :lo], a_all[:, hi:]], dim=1)
+            b_all = torch.cat([b_all[:lo], b_all[hi:]], dim=0)
+            self._banks[name] = (a_all, b_all, rest)
+        self._masks.clear()
 
     @contextlib.contextmanager
     def rows(self, adapters: list[str | None]) -> Iterator[None]:

@@ -42,6 +42,7 @@ class OpenAIEngine(Engine):
         import openai
 
         self.base_url = base_url
+        self.api_key = api_key
         self.name = model
         self.context_length = context_length
         key = api_key or "none"  # the client insists on a key; open upstreams ignore it

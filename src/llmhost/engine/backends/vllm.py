@@ -140,7 +140,6 @@ class VLLMEngine(OpenAIEngine):
     serves_adapters = True
 
     child: Child
-    key: str
     _closing = False
 
     def add_adapter(self, name: str, path: Path) -> OpenAIEngine:
@@ -152,12 +151,12 @@ class VLLMEngine(OpenAIEngine):
         r = httpx.post(
             f"{self.base_url}/load_lora_adapter",
             json={"lora_name": name, "lora_path": str(path)},
-            headers={"Authorization": f"Bearer {self.key}"},
+            headers={"Authorization": f"Bearer {self.api_key}"},
             timeout=600,
         )
         if r.status_code != 200:
             raise UpstreamError(f"vLLM could not load the adapter {name}: {r.text[:300]}", 502)
-        view = OpenAIEngine(self.base_url, self.key, name, self.context_length)
+        view = OpenAIEngine(self.base_url, self.api_key, name, self.context_length)
         view.kind = self.kind
         return view
 
@@ -177,7 +176,6 @@ class VLLMEngine(OpenAIEngine):
             wait_http(f"http://127.0.0.1:{port}/health", START_TIMEOUT_S, child)
             base = f"http://127.0.0.1:{port}/v1"
             engine = cls(base, key, name, context_length=_max_model_len(base, key, name))
-            engine.key = key
         except BaseException:
             child.stop()
             raise
