@@ -6,14 +6,17 @@ embedded SmolLM2-135M), the same `openai` client code, rounds alternating betwee
 
 Rows: one stream's decode tokens/s (greedy and with the default sampling, temperature 0.7 and
 top_p 0.9), one stream's time to first token on a short prompt, the first request after start,
-8 concurrent clients' aggregate tokens/s, and a chat growing turn by turn (the time to first
-token at turn 1 and at the last turn). llama-server runs as `-t <cores> -np 8 -c 16384 -fa on
---jinja`; llmhost with `--engine llamacpp --max-concurrency 8` and the same KV cache size.
+8 concurrent clients' aggregate tokens/s, a chat growing turn by turn (the time to first
+token at turn 1 and at the last turn), and a 1,600-token prompt arriving while a stream decodes
+(the stream's longest pause, the long prompt's time to first token). llama-server runs as
+`-t <cores> -np 8 -c 16384 -fa on --jinja`; llmhost with `--engine llamacpp --max-concurrency 8`
+and the same KV cache size.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import subprocess
@@ -98,6 +101,35 @@ def chat_turns(client, turns: int) -> list[float]:
     return ttfts
 
 
+LONG = [{"role": "user", "content": "Summarize this. " + "The river runs to the sea. " * 230}]
+
+
+def pause_for_a_long_prompt(client) -> tuple[float, float]:
+    """A 1,600-token prompt arrives while a stream decodes: the stream's longest pause between
+    two chunks while the long prompt is prefilled, and the long request's time to first token."""
+    import threading
+
+    arrivals: list[float] = []
+
+    def running() -> None:
+        stream = client.chat.completions.create(
+            model="smollm2-135m-instruct", messages=STORY, max_tokens=200, temperature=0, stream=True
+        )
+        for _ in stream:
+            arrivals.append(time.perf_counter())
+
+    thread = threading.Thread(target=running)
+    thread.start()
+    while len(arrivals) < 10 and thread.is_alive():
+        time.sleep(0.01)
+    start = time.perf_counter()
+    ttft = stream_once(client, LONG, 1).ttft
+    end = time.perf_counter()
+    thread.join()
+    gaps = [b - a for a, b in itertools.pairwise(arrivals) if start <= b <= end]
+    return max(gaps, default=end - start), ttft
+
+
 def measure(client, args) -> dict[str, float]:
     row: dict[str, float] = {}
     row["decode tok/s, greedy"] = stream_once(client, STORY, args.tokens).rate
@@ -109,6 +141,9 @@ def measure(client, args) -> dict[str, float]:
     turns = chat_turns(client, args.turns)
     row["chat TTFT turn 1, ms"] = 1000 * turns[0]
     row[f"chat TTFT turn {args.turns}, ms"] = 1000 * turns[-1]
+    pause, ttft = pause_for_a_long_prompt(client)
+    row["a stream's longest pause while a 1,600-token prompt prefills, ms"] = 1000 * pause
+    row["that long prompt's TTFT, ms"] = 1000 * ttft
     return row
 
 
