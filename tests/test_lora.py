@@ -76,3 +76,31 @@ def test_adapters_it_cannot_apply_per_row_say_to_merge(
         lora.add("d", dora)
     with pytest.raises(LlmhostError, match="not a LoRA adapter"):
         lora.add("x", tmp_path)
+
+
+def test_llamacpp_conversion_says_what_it_cannot_convert(
+    tiny_dir: Path, adapters: list[Path], tmp_path: Path
+) -> None:
+    """The GGUF form of an adapter (for the llama.cpp engine): written for the architectures it
+    knows, a one-line error naming the way out for the rest; nothing half-written is kept."""
+    import json
+    import shutil
+
+    from gguf import GGUFReader
+
+    from llmhost.engine.backends.gguf import GGUFReadError, lora_gguf
+
+    out = lora_gguf(adapters[0], tmp_path / "cache", "llama", 4, 2)
+    names = {t.name for t in GGUFReader(str(out)).tensors}
+    assert "blk.0.attn_q.weight.lora_a" in names and "blk.1.ffn_down.weight.lora_b" in names
+    assert lora_gguf(adapters[0], tmp_path / "cache", "llama", 4, 2) == out  # converted once
+    with pytest.raises(GGUFReadError, match="--engine transformers"):
+        lora_gguf(adapters[0], tmp_path / "cache", "gemma3", 4, 2)
+    dora = tmp_path / "dora"
+    shutil.copytree(adapters[0], dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(GGUFReadError, match="DoRA"):
+        lora_gguf(dora, tmp_path / "cache", "llama", 4, 2)
+    leftovers = [p.name for p in (tmp_path / "cache").iterdir() if p != out.parent]
+    assert leftovers == []
