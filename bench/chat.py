@@ -5,10 +5,12 @@ embedded SmolLM2-135M), the same `openai` client code, rounds alternating betwee
     python bench/chat.py [--rounds 3] [--turns 10]
 
 Rows: one stream's decode tokens/s (greedy and with the default sampling, temperature 0.7 and
-top_p 0.9), one stream's time to first token on a short prompt, the first request after start,
-8 concurrent clients' aggregate tokens/s, a chat growing turn by turn (the time to first
-token at turn 1 and at the last turn), and a 1,600-token prompt arriving while a stream decodes
-(the stream's longest pause, the long prompt's time to first token). llama-server runs as
+top_p 0.9); one stream's time to first token on a short prompt (the same one again, and a new
+one each time); the first request after start; 8 concurrent clients' aggregate tokens/s; a
+chat growing turn by turn (the time to first token at turn 1 and at the last turn, the next
+question sent at once, and after a user's `--think` seconds: llmhost makes a reply reusable
+while idle); a 1,600-token prompt arriving while a stream decodes (the stream's longest pause,
+the long prompt's time to first token). llama-server runs as
 `-t <cores> -np 8 -c 16384 -fa on --jinja`; llmhost with `--engine llamacpp --max-concurrency 8`
 and the same KV cache size.
 """
@@ -89,8 +91,9 @@ def aggregate(client, clients: int, tokens: int) -> float:
     return sum(r.tokens for r in results) / wall
 
 
-def chat_turns(client, turns: int) -> list[float]:
-    """TTFT per turn of one conversation growing turn by turn (each reply is kept in it)."""
+def chat_turns(client, turns: int, think: float) -> list[float]:
+    """TTFT per turn of one conversation growing turn by turn (each reply is kept in it), the
+    user taking `think` seconds to read a reply and type the next question."""
     conversation: list[dict] = []
     ttfts = []
     for question in QUESTIONS[:turns]:
@@ -98,6 +101,7 @@ def chat_turns(client, turns: int) -> list[float]:
         reply = stream_once(client, conversation, 160)
         ttfts.append(reply.ttft)
         conversation.append({"role": "assistant", "content": reply.text})
+        time.sleep(think)
     return ttfts
 
 
@@ -134,13 +138,17 @@ def measure(client, args) -> dict[str, float]:
     row: dict[str, float] = {}
     row["decode tok/s, greedy"] = stream_once(client, STORY, args.tokens).rate
     row["decode tok/s, top_p 0.9"] = stream_once(client, STORY, args.tokens, **SAMPLED).rate
-    row["TTFT short prompt, ms"] = 1000 * statistics.median(
+    row["TTFT short prompt, the same again, ms"] = 1000 * statistics.median(
         stream_once(client, SHORT, 8).ttft for _ in range(5)
     )
+    row["TTFT short prompt, a new one each time, ms"] = 1000 * statistics.median(
+        stream_once(client, [{"role": "user", "content": f"Hi! I am visitor {i}."}], 8).ttft for i in range(5)
+    )
     row["8 clients, aggregate tok/s"] = aggregate(client, 8, args.tokens)
-    turns = chat_turns(client, args.turns)
-    row["chat TTFT turn 1, ms"] = 1000 * turns[0]
-    row[f"chat TTFT turn {args.turns}, ms"] = 1000 * turns[-1]
+    for think in (0.0, args.think):
+        turns = chat_turns(client, args.turns, think)
+        row[f"chat TTFT turn 1 ({think:g} s to reply), ms"] = 1000 * turns[0]
+        row[f"chat TTFT turn {args.turns} ({think:g} s to reply), ms"] = 1000 * turns[-1]
     pause, ttft = pause_for_a_long_prompt(client)
     row["a stream's longest pause while a 1,600-token prompt prefills, ms"] = 1000 * pause
     row["that long prompt's TTFT, ms"] = 1000 * ttft
@@ -154,6 +162,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--turns", type=int, default=10)
+    parser.add_argument("--think", type=float, default=2.0, help="seconds a chat user takes per turn")
     args = parser.parse_args()
     if not LLAMA_SERVER.exists():
         sys.exit(f"{LLAMA_SERVER} is missing: run `make llama-server` first")
@@ -175,6 +184,7 @@ def main() -> None:
                 )
             try:
                 client = server.client()
+                client.models.list()  # the client's own first call (≈250 ms of imports) is not the server's
                 first_request[name].append(1000 * stream_once(client, SHORT, 8).ttft)
                 for key, value in measure(client, args).items():
                     rows[name].setdefault(key, []).append(value)

@@ -166,7 +166,7 @@ def test_logits_do_not_depend_on_other_sequences_in_the_cache(cpp) -> None:
 def _cold(engine, messages, params):
     """The reply with nothing in the prompt cache."""
     assert wait_for(lambda: engine.running == 0, timeout=10)
-    engine.scheduler.runner.forget()
+    engine.scheduler.call(engine.scheduler.runner.forget)  # on the inference thread, between steps
     return engine.generate(messages, params)
 
 
@@ -180,22 +180,43 @@ TURNS = [
 ]
 
 
+def _settled(engine) -> bool:
+    """Nothing runs and the idle work (finished replies made reusable) is done."""
+    return wait_for(lambda: engine.running == 0 and not engine.scheduler.runner.redo, timeout=30)
+
+
 def test_a_conversations_next_turn_reuses_its_prefix_and_equals_a_cold_run(cpp) -> None:
-    params = GenerationParams(temperature=0, max_new_tokens=40)
+    """Each turn prefills only the new question and the rest of the last block: the previous
+    reply, decoded one token at a time, was evaluated again as prompt blocks while the engine
+    was idle, so that the next turn reuses it and still equals a cold run."""
+    params = GenerationParams(temperature=0, max_new_tokens=80)
     conversation, cached = [], []
     for question in TURNS:
         conversation.append({"role": "user", "content": question})
-        assert wait_for(lambda: cpp.running == 0, timeout=10)
+        assert _settled(cpp)
         warm = cpp.generate(conversation, params)
         cold = _cold(cpp, conversation, params)
         assert warm.token_ids == cold.token_ids, question
         assert cold.cached_tokens == 0
         cached.append((warm.cached_tokens, warm.prompt_tokens))
         conversation.append({"role": "assistant", "content": warm.text})
-        # the cold run left this turn in the cache: the next turn starts from it, as the warm one
-        # would have (the same prompt, evaluated the same way)
+        # the cold run left this turn in the cache (and its reply is made reusable): the next
+        # turn starts from it, as it would have from the warm one's
     assert all(c % 64 == 0 and c < p for c, p in cached)
-    assert cached[-1][0] >= cached[-1][1] - 150  # only the last reply, the question and a block's rest
+    question_tokens = 40  # the template's turn markers and a short question
+    assert all(p - c < 64 + question_tokens for c, p in cached[1:]), cached  # the reply was reused
+
+
+def test_the_same_prompt_again_starts_from_its_kept_logits(cpp) -> None:
+    """A retry or a regenerated reply: the slot still holds the prompt, so nothing is
+    evaluated before the first token, and the reply is the same."""
+    params = GenerationParams(temperature=0, max_new_tokens=12)
+    first = _cold(cpp, QUESTION, params)
+    assert _settled(cpp)
+    again = cpp.generate(QUESTION, params)
+    assert again.token_ids == first.token_ids and again.cached_tokens == again.prompt_tokens
+    sampled = GenerationParams(temperature=0.8, top_p=0.9, seed=7, max_new_tokens=12)
+    assert cpp.generate(QUESTION, sampled).token_ids == _cold(cpp, QUESTION, sampled).token_ids
 
 
 def test_shared_system_prompts_interleaved_and_edited_conversations_equal_cold_runs(cpp) -> None:
@@ -210,6 +231,13 @@ def test_shared_system_prompts_interleaved_and_edited_conversations_equal_cold_r
         warm = list(pool.map(lambda m: cpp.generate(m, params), [a, b, a, b]))
     assert [w.token_ids for w in warm] == [cold[id(a)], cold[id(b)]] * 2
     assert max(w.cached_tokens for w in warm) >= 128  # the system prompt's blocks were shared
+    # another conversation with the same system prompt works on a copy of the first one's
+    # stream: both stay cached, and the first one's prompt is still whole for a retry
+    assert _cold(cpp, a, params).token_ids == cold[id(a)]
+    branch = cpp.generate(b, params)
+    assert branch.token_ids == cold[id(b)] and branch.cached_tokens >= 128
+    retry = cpp.generate(a, params)
+    assert retry.token_ids == cold[id(a)] and retry.cached_tokens == retry.prompt_tokens
     # a conversation edited in the middle: only the blocks before the edit are reused
     edited = [{**system, "content": system["content"].replace("Europe", "Asia", 1)}, a[1]]
     reply = cpp.generate(edited, params)
@@ -307,21 +335,25 @@ def test_serve_with_llamacpp_through_the_official_client() -> None:
             if c.choices
         ]
         assert "".join(parts) == whole.choices[0].message.content and whole.usage.completion_tokens <= 12
-        # a long shared system prompt: the second request reuses its blocks, and says so
-        long = [{"role": "system", "content": "Answer briefly and kindly. " * 40}, *QUESTION]
+        # a long shared system prompt: the next request reuses its blocks, and says so; the
+        # same prompt again reuses all of it
+        system = {"role": "system", "content": "Answer briefly and kindly. " * 40}
+        long = [system, *QUESTION]
         first = client.chat.completions.create(**{**kw, "messages": long})
+        other = client.chat.completions.create(
+            **{**kw, "messages": [system, {"role": "user", "content": "Name a river."}]}
+        )
         again = client.chat.completions.create(**{**kw, "messages": long})
         assert first.usage.prompt_tokens_details.cached_tokens == 0
+        shared = other.usage.prompt_tokens_details.cached_tokens
+        assert shared >= 192 and shared % 64 == 0
         cached = again.usage.prompt_tokens_details.cached_tokens
-        assert (
-            cached >= 192
-            and cached % 64 == 0
-            and again.choices[0].message.content == first.choices[0].message.content
-        )
+        assert cached == again.usage.prompt_tokens == first.usage.prompt_tokens
+        assert again.choices[0].message.content == first.choices[0].message.content
         with server.http() as http:
             text = http.get("/metrics").text
         assert metric(text, "llmhost_queue_length") == 0
-        assert metric(text, "llmhost_prompt_tokens_cached_total") >= cached
+        assert metric(text, "llmhost_prompt_tokens_cached_total") >= cached + shared
     finally:
         assert server.stop() == 0, server.log
 
@@ -344,7 +376,7 @@ def test_a_long_prompt_admitted_mid_stream_pauses_the_others_for_a_chunk_at_most
             arrivals.append(time.perf_counter())
 
     assert wait_for(lambda: cpp.running == 0, timeout=10)
-    cpp.scheduler.runner.forget()  # the long prompt prefills from scratch
+    cpp.scheduler.call(cpp.scheduler.runner.forget)  # the long prompt prefills from scratch
     thread = threading.Thread(target=running_stream)
     thread.start()
     assert wait_for(lambda: len(arrivals) >= 10, timeout=30)

@@ -222,22 +222,37 @@ class Scheduler:
         with torch.inference_mode():
             self._serve()
 
+    def _busy(self) -> bool:
+        return bool(self._pending or self._active or self._prefilling or self._tasks or self._closed)
+
     def _serve(self) -> None:
+        # a runner may have work for idle times (llama.cpp re-evaluates finished replies so
+        # that the next turn reuses them): done a piece at a time, only while nothing waits
+        idle_work = getattr(self.runner, "idle_work", None)
+        more_idle = False
         while True:
             with self._cv:
-                self._cv.wait_for(
-                    lambda: self._pending or self._active or self._prefilling or self._tasks or self._closed
-                )
+                if not (more_idle and idle_work):
+                    self._cv.wait_for(self._busy)
                 if self._closed:
                     self._fail_all(LlmhostError("the model was unloaded"))
                     return
                 self._purge_cancelled()  # callers who gave up while waiting leave the line now
                 tasks, self._tasks = list(self._tasks), deque()
+                busy = self._busy() or bool(tasks)
             for fn, future in tasks:
                 try:
                     future.set_result(fn())
                 except Exception as err:
                     future.set_exception(err)
+            if not busy and idle_work:
+                try:
+                    more_idle = idle_work()
+                except Exception:  # the runner dropped what failed; requests are not affected
+                    log.exception("idle work failed")
+                    more_idle = False
+                continue
+            more_idle = True  # requests may have finished: see if the runner has work
             try:
                 self._admit()
                 if self._active:

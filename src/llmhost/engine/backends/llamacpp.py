@@ -145,6 +145,12 @@ class LlamaCppRunner:
         self.batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
         self.held: list[list[int]] = [[] for _ in range(slots)]  # the tokens in each slot's cells
         self.prompted = [0] * slots  # how many of them were evaluated as a prompt (reusable)
+        #: The logits after each slot's whole prompt while its cells are intact: the same prompt
+        #: again (a retry, a regenerated reply) starts decoding at once.
+        self.first_logits: list[Any] = [None] * slots
+        #: Free slots whose reply is to be evaluated again as prompt blocks while the engine is
+        #: idle (`idle_work`): the tokens they hold, prompt and reply.
+        self.redo: dict[int, list[int]] = {}
         self.idle_since = [0.0] * slots  # for least recently used among free slots
         self.busy: set[int] = set()
         self.rows: list[int] = []  # the slot of each running row, in the scheduler's order
@@ -161,19 +167,31 @@ class LlamaCppRunner:
         return len(self.busy) + (self._pending is not None) < self.max_batch
 
     def _choose(self, ids: list[int], adapter: str | None = None) -> tuple[int, int]:
-        """The free slot to use and how many prompt tokens it already holds: the longest shared
-        prefix in whole blocks (at least one token is left to evaluate: its logits start the
-        reply) made with the same adapter, else the slot idle the longest."""
+        """The free slot to use and how many prompt tokens it already holds: all of them when a
+        slot holds this very prompt with its logits, else the longest shared prefix in whole
+        blocks (at least one token is left to evaluate: its logits start the reply) made with
+        the same adapter, else the slot idle the longest."""
         best, shared, oldest = -1, 0, float("inf")
         for slot in range(self.max_batch):
             if slot in self.busy or slot == self._pending:
                 continue
             same = self.slot_adapter[slot] == adapter
+            if same and self.first_logits[slot] is not None and self.held[slot][: self.prompted[slot]] == ids:
+                return slot, len(ids)
             n = _common_prefix(self.held[slot][: self.prompted[slot]], ids) if same else 0
             n = min(n, len(ids) - 1) // PREFILL_BLOCK * PREFILL_BLOCK
             if n > shared or (n == shared and self.idle_since[slot] < oldest):
                 best, shared, oldest = slot, n, self.idle_since[slot]
         return best, shared
+
+    def _spare(self, source: int, shared: int) -> int | None:
+        """A free slot to copy `source` into: the one holding the fewest tokens (the least
+        recently used of those), if it holds fewer than `source` would lose."""
+        free = [s for s in range(self.max_batch) if s not in self.busy and s != self._pending and s != source]
+        if not free:
+            return None
+        spare = min(free, key=lambda s: (len(self.held[s]), self.idle_since[s]))
+        return spare if len(self.held[spare]) < len(self.held[source]) - shared else None
 
     def _decode(self, tokens: list[tuple[int, int, int, bool]]) -> None:
         """tokens: (token, position, sequence id, wants logits)."""
@@ -210,11 +228,24 @@ class LlamaCppRunner:
         if self._chunking is not req:  # a new prompt: its slot, and what it can keep there
             self._retire_pending()
             slot, shared = self._choose(ids, req.adapter)
+            if 0 < shared < len(self.held[slot]) and (spare := self._spare(slot, shared)) is not None:
+                # the slot holds more than this prompt shares (another conversation's reply, a
+                # prompt kept for a retry): work on a copy of its stream in a spare slot. The
+                # copy (done by llama.cpp before the next decode) costs a memcpy of the stream
+                # where evaluating the shared prefix again costs a prefill.
+                llama_cpp.llama_memory_seq_cp(self.memory, slot, spare, -1, -1)
+                self.held[spare], self.idle_since[spare] = self.held[slot][:shared], self.idle_since[slot]
+                self.prompted[spare], self.first_logits[spare] = self.prompted[slot], self.first_logits[slot]
+                slot = spare
+            self.redo.pop(slot, None)
             llama_cpp.llama_memory_seq_rm(self.memory, slot, shared, -1)  # the rest of what it held
-            self.held[slot], self.prompted[slot] = ids[:shared], 0
+            self.held[slot] = ids[:shared]
             self.slot_adapter[slot] = req.adapter
-            self._pending, self._chunking = slot, req
+            self._pending = slot
             req.seq.cached_tokens = shared
+            if shared == len(ids):  # this very prompt, evaluated before: its logits are kept
+                return self.first_logits[slot].clone()
+            self.prompted[slot], self.first_logits[slot], self._chunking = 0, None, req
         slot = self._pending
         assert slot is not None
         self._apply(req.adapter)  # decode steps in between may have applied another
@@ -228,7 +259,40 @@ class LlamaCppRunner:
         if end < len(ids):
             return None
         self.prompted[slot], self._chunking = len(ids), None
-        return self._logits(len(part) - 1)
+        logits = self._logits(len(part) - 1)
+        self.first_logits[slot] = logits.clone()  # the sampler's processors may write to `logits`
+        return logits
+
+    def idle_work(self) -> bool:
+        """Evaluate one block of a finished reply again, as a prompt block, while no request
+        runs; True while more remain. A reply's cells were made one decode step at a time, which
+        is not how a cold run evaluates them (see the class notes), so they cannot be reused as
+        they are; made again in whole blocks, the conversation's next turn reuses them and
+        prefills only its new message. (The scheduler calls this only when it is idle, and a
+        request that arrives meanwhile waits for one block at most.)"""
+        import llama_cpp
+
+        if not self.redo:
+            return False
+        slot, tokens = next(iter(self.redo.items()))
+        if len(self.held[slot]) != self.prompted[slot]:  # first block: drop the decoded cells
+            start = self.prompted[slot] // PREFILL_BLOCK * PREFILL_BLOCK
+            llama_cpp.llama_memory_seq_rm(self.memory, slot, start, -1)
+            self.held[slot], self.prompted[slot], self.first_logits[slot] = tokens[:start], start, None
+        self._apply(self.slot_adapter[slot])
+        start = len(self.held[slot])
+        block = tokens[start : start + PREFILL_BLOCK]
+        try:
+            self._decode([(t, start + i, slot, False) for i, t in enumerate(block)])
+        except LlmhostError:
+            del self.redo[slot]
+            self.prompted[slot] = 0  # nothing reused from a slot whose work failed
+            raise
+        self.held[slot] = self.held[slot] + block
+        self.prompted[slot] = len(self.held[slot])
+        if len(self.held[slot]) + PREFILL_BLOCK > len(tokens):
+            del self.redo[slot]
+        return bool(self.redo)
 
     def abort_prefill(self) -> None:
         """Give up the prompt being prefilled (its request was cancelled)."""
@@ -302,8 +366,8 @@ class LlamaCppRunner:
             self._apply(None)
         for slot in range(self.max_batch):  # its cached prompts go with it
             if self.slot_adapter[slot] == adapter_id and slot not in self.busy:
-                llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
-                self.held[slot], self.prompted[slot], self.slot_adapter[slot] = [], 0, None
+                self._empty(slot)
+                self.slot_adapter[slot] = None
         llama_cpp.llama_adapter_lora_free(self.adapters.pop(adapter_id))
 
     def drop(self, keep: list[int]) -> None:
@@ -321,6 +385,9 @@ class LlamaCppRunner:
 
         self.busy.discard(slot)
         self.idle_since[slot] = time.monotonic()
+        held = self.held[slot]
+        if len(held) // PREFILL_BLOCK > self.prompted[slot] // PREFILL_BLOCK:  # a whole block gained
+            self.redo[slot] = held
 
     def _retire_pending(self) -> None:
         """A prefilled request that was not committed (it finished on its first token, or its
@@ -333,12 +400,16 @@ class LlamaCppRunner:
 
     def forget(self) -> None:
         """Empty every free slot's prompt cache (the next requests start cold)."""
-        import llama_cpp
-
         for slot in range(self.max_batch):
             if slot not in self.busy and slot != self._pending:
-                llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
-                self.held[slot], self.prompted[slot] = [], 0
+                self._empty(slot)
+
+    def _empty(self, slot: int) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
+        self.held[slot], self.prompted[slot], self.first_logits[slot] = [], 0, None
+        self.redo.pop(slot, None)
 
     def close(self) -> None:
         import llama_cpp
