@@ -222,6 +222,10 @@ class Scheduler:
         with torch.inference_mode():
             self._serve()
 
+    def _arrived(self) -> bool:
+        """Whether work came in (read without the lock: a runner polls it from native code)."""
+        return bool(self._pending or self._tasks or self._closed)
+
     def _busy(self) -> bool:
         return bool(self._pending or self._active or self._prefilling or self._tasks or self._closed)
 
@@ -247,7 +251,7 @@ class Scheduler:
                     future.set_exception(err)
             if not busy and idle_work:
                 try:
-                    more_idle = idle_work()
+                    more_idle = idle_work(self._arrived)
                 except Exception:  # the runner dropped what failed; requests are not affected
                     log.exception("idle work failed")
                     more_idle = False

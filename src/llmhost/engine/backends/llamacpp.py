@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -184,17 +184,30 @@ class LlamaCppRunner:
                 best, shared, oldest = slot, n, self.idle_since[slot]
         return best, shared
 
+    def _worth(self, slot: int) -> int:
+        """How many tokens a slot's cells can give a later request: its whole prompt when its
+        logits are kept, else its whole blocks (with the reply's, once made again)."""
+        if slot in self.redo:
+            return len(self.redo[slot]) // PREFILL_BLOCK * PREFILL_BLOCK
+        if self.first_logits[slot] is not None:
+            return self.prompted[slot]
+        return self.prompted[slot] // PREFILL_BLOCK * PREFILL_BLOCK
+
     def _spare(self, source: int, shared: int) -> int | None:
-        """A free slot to copy `source` into: the one holding the fewest tokens (the least
-        recently used of those), if it holds fewer than `source` would lose."""
+        """A free slot to copy `source` into, when taking `source` itself would lose more than
+        the spare holds: the free slot worth the least (the least recently used of those)."""
+        lost = self._worth(source) - shared
+        if lost <= 0:
+            return None
         free = [s for s in range(self.max_batch) if s not in self.busy and s != self._pending and s != source]
         if not free:
             return None
-        spare = min(free, key=lambda s: (len(self.held[s]), self.idle_since[s]))
-        return spare if len(self.held[spare]) < len(self.held[source]) - shared else None
+        spare = min(free, key=lambda s: (self._worth(s), self.idle_since[s]))
+        return spare if self._worth(spare) < lost else None
 
-    def _decode(self, tokens: list[tuple[int, int, int, bool]]) -> None:
-        """tokens: (token, position, sequence id, wants logits)."""
+    def _decode(self, tokens: list[tuple[int, int, int, bool]], abortable: bool = False) -> bool:
+        """tokens: (token, position, sequence id, wants logits). False: aborted by the abort
+        callback (`abortable`), the batch's cells removed."""
         import llama_cpp
 
         b = self.batch
@@ -202,8 +215,12 @@ class LlamaCppRunner:
         for i, (token, pos, seq, logits) in enumerate(tokens):
             b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, logits
             b.seq_id[i][0] = seq
-        if (code := llama_cpp.llama_decode(self.ctx, b)) != 0:
+        code = llama_cpp.llama_decode(self.ctx, b)
+        if code == 2 and abortable:
+            return False
+        if code != 0:
             raise LlmhostError(f"llama.cpp could not evaluate the batch (llama_decode returned {code})")
+        return True
 
     def _logits(self, index: int) -> Any:
         import llama_cpp
@@ -228,8 +245,8 @@ class LlamaCppRunner:
         if self._chunking is not req:  # a new prompt: its slot, and what it can keep there
             self._retire_pending()
             slot, shared = self._choose(ids, req.adapter)
-            if 0 < shared < len(self.held[slot]) and (spare := self._spare(slot, shared)) is not None:
-                # the slot holds more than this prompt shares (another conversation's reply, a
+            if shared and (spare := self._spare(slot, shared)) is not None:
+                # the slot offers more than this prompt shares (another conversation's reply, a
                 # prompt kept for a retry): work on a copy of its stream in a spare slot. The
                 # copy (done by llama.cpp before the next decode) costs a memcpy of the stream
                 # where evaluating the shared prefix again costs a prefill.
@@ -263,13 +280,14 @@ class LlamaCppRunner:
         self.first_logits[slot] = logits.clone()  # the sampler's processors may write to `logits`
         return logits
 
-    def idle_work(self) -> bool:
+    def idle_work(self, interrupt: Callable[[], bool] | None = None) -> bool:
         """Evaluate one block of a finished reply again, as a prompt block, while no request
         runs; True while more remain. A reply's cells were made one decode step at a time, which
         is not how a cold run evaluates them (see the class notes), so they cannot be reused as
         they are; made again in whole blocks, the conversation's next turn reuses them and
-        prefills only its new message. (The scheduler calls this only when it is idle, and a
-        request that arrives meanwhile waits for one block at most.)"""
+        prefills only its new message. The scheduler calls this only when it is idle; a request
+        that arrives meanwhile (`interrupt()` turns true) aborts the block within a graph node
+        (llama.cpp removes the block's cells), and the block is evaluated at the next idle time."""
         import llama_cpp
 
         if not self.redo:
@@ -282,12 +300,19 @@ class LlamaCppRunner:
         self._apply(self.slot_adapter[slot])
         start = len(self.held[slot])
         block = tokens[start : start + PREFILL_BLOCK]
+        # polled by llama.cpp's compute thread between graph nodes, only while this block runs
+        callback = llama_cpp.ggml_abort_callback(lambda _: bool(interrupt and interrupt()))
+        llama_cpp.llama_set_abort_callback(self.ctx, callback, None)
         try:
-            self._decode([(t, start + i, slot, False) for i, t in enumerate(block)])
+            done = self._decode([(t, start + i, slot, False) for i, t in enumerate(block)], abortable=True)
         except LlmhostError:
             del self.redo[slot]
             self.prompted[slot] = 0  # nothing reused from a slot whose work failed
             raise
+        finally:
+            llama_cpp.llama_set_abort_callback(self.ctx, llama_cpp.ggml_abort_callback(), None)
+        if not done:
+            return True
         self.held[slot] = self.held[slot] + block
         self.prompted[slot] = len(self.held[slot])
         if len(self.held[slot]) + PREFILL_BLOCK > len(tokens):

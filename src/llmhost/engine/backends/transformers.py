@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,10 @@ def chat_template_of(tokenizer: Any, name: str, override: str | None = None) -> 
     return ChatTemplate(source, name, tokenizer.special_tokens_map, controls)
 
 
+#: Finished requests' keys and values kept for reuse when --kv-cache-gib does not say.
+DEFAULT_PREFIX_GIB = 1.0
+
+
 class TransformersEngine(LocalEngine):
     kind = "transformers"
     serves_adapters = True
@@ -46,6 +51,7 @@ class TransformersEngine(LocalEngine):
         chat_template: str | None,
         max_batch: int = 8,
         max_queue: int = 64,
+        prefix_gib: float = DEFAULT_PREFIX_GIB,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -57,6 +63,7 @@ class TransformersEngine(LocalEngine):
         self._cache_kw = _cache_kwarg(model)
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.prefix_gib = prefix_gib
 
     @classmethod
     def load(
@@ -102,7 +109,8 @@ class TransformersEngine(LocalEngine):
             model.to(device)
         model.eval()
         ctx = settings.context_length or _context_length(model.config)
-        return cls(model, tokenizer, name, ctx, template, settings.max_concurrency, settings.max_queue)
+        kept = DEFAULT_PREFIX_GIB if settings.kv_cache_gib is None else settings.kv_cache_gib
+        return cls(model, tokenizer, name, ctx, template, settings.max_concurrency, settings.max_queue, kept)
 
     # -- prompt preparation ---------------------------------------------------------------
 
@@ -128,7 +136,7 @@ class TransformersEngine(LocalEngine):
         return llguidance.hf.from_tokenizer(self.tokenizer, eos_token=sorted(self.eos_ids))
 
     def runner(self) -> TransformersRunner:
-        return TransformersRunner(self.model, self._cache_kw, self.max_batch)
+        return TransformersRunner(self.model, self._cache_kw, self.max_batch, int(self.prefix_gib * 2**30))
 
 
 class TransformersRunner:
@@ -136,25 +144,46 @@ class TransformersRunner:
 
     Rows are left-padded to a common length; the attention mask hides the padding and each row
     gets its own position ids, so a sequence decodes as it would alone.
+
+    Prompts are evaluated in blocks of `block` positions from position 0, `chunk` tokens per call
+    (chunked prefill: running requests step in between). A finished prompt's keys and values are
+    kept in a PrefixCache (prefix.py), and a finished reply is evaluated again as prompt blocks
+    while the engine is idle (`idle_work`): the next request that starts with the same tokens
+    copies whole blocks and prefills the rest, and still equals a cold run, which evaluates the
+    same blocks.
     """
 
-    def __init__(self, model: Any, cache_kw: str, max_batch: int) -> None:
+    def __init__(self, model: Any, cache_kw: str, max_batch: int, prefix_bytes: int = 0) -> None:
+        from llmhost.engine.backends.prefix import PrefixCache
+
         self.model = model
         self.device = model.device
         self._kw = cache_kw
-        self.max_batch = max_batch if _batchable(model) else 1
+        plain = _batchable(model)
+        self.max_batch = max_batch if plain else 1
+        gpu = self.device.type != "cpu"
+        self.block = 512 if gpu else 64  # a GPU evaluates 512 positions about as fast as 64
+        self.chunk = 4 * self.block if gpu else 2 * self.block  # ≈0.1-0.3 s of prefill per call
+        #: Kept keys and values; cutting them at a block needs plain full-attention layers.
+        self.prefix = PrefixCache(prefix_bytes, self.block) if plain and prefix_bytes > 0 else None
         self._cache: Any = None
         self._mask: Any = None
         self._lens: list[int] = []
         self._staged: tuple[Any, int] | None = None
+        self._pending_req: Any = None  # the request `_staged` belongs to
+        self._chunking: tuple[Any, Any] | None = None  # (request, its cache) while its prompt is evaluated
+        #: Per running row: the tokens fed so far (prompt, then decoded), its adapter, its prompt length.
+        self._rows: list[tuple[list[int], str | None, int]] = []
+        self._redo: deque[tuple[list[int], str | None]] = deque()  # finished replies to make reusable
+        self._redoing: tuple[list[int], str | None, Any] | None = None
         #: LoRA adapters applied per row (lora.py), made on the first adapter added.
         self._lora: Any = None
 
-    def _forward(self, ids: Any, cache: Any, reqs: list[Any], **extra: Any) -> Any:
+    def _forward(self, ids: Any, cache: Any, adapters: list[str | None], **extra: Any) -> Any:
         kwargs = {self._kw: cache, **extra}
         if self._lora is None:
             return self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
-        with self._lora.rows([r.adapter for r in reqs]):
+        with self._lora.rows(adapters):
             return self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
 
     def add_adapter(self, adapter_id: str, path: Path) -> None:
@@ -168,22 +197,69 @@ class TransformersRunner:
     def remove_adapter(self, adapter_id: str) -> None:
         if self._lora is not None:
             self._lora.remove(adapter_id)
+        if self.prefix is not None:
+            self.prefix.drop_adapter(adapter_id)
+        self._redo = deque(job for job in self._redo if job[1] != adapter_id)
+        if self._redoing is not None and self._redoing[1] == adapter_id:
+            self._redoing = None
 
     def prefill(self, req: Any) -> Any:
+        logits = None
+        while logits is None:
+            logits = self.prefill_chunk(req)
+        return logits
+
+    def prefill_chunk(self, req: Any) -> Any:
+        """The next `chunk` tokens of the prompt, in blocks; the logits after the last, else None."""
         import torch
+
+        from llmhost.engine.backends.prefix import Entry
+
+        ids = req.prompt_ids
+        if self._chunking is None or self._chunking[0] is not req:  # a new prompt
+            entry, shared = self.prefix.find(ids, req.adapter) if self.prefix else (None, 0)
+            req.seq.cached_tokens = shared
+            cache = self._cache_from(entry, shared)
+            if entry is not None and shared == len(ids):  # this very prompt: its logits are kept
+                self._staged, self._pending_req = (cache, len(ids)), req
+                return entry.logits.clone()
+            self._chunking = (req, cache)
+        cache = self._chunking[1]
+        begin = cache.get_seq_length()
+        end = min(len(ids), begin + self.chunk)
+        for start in range(begin, end, self.block):
+            part = ids[start : min(start + self.block, end)]
+            out = self._forward(torch.tensor([part], device=self.device), cache, [req.adapter])
+        if end < len(ids):
+            return None
+        self._chunking = None
+        logits = out.logits[0, -1]
+        if self.prefix is not None:  # the sampler's processors may write to `logits`: a copy is kept
+            self.prefix.put(Entry(list(ids), _layers(cache), req.adapter, logits.clone()))
+        self._staged, self._pending_req = (cache, len(ids)), req
+        return logits
+
+    def abort_prefill(self) -> None:
+        self._chunking = None
+
+    def _cache_from(self, entry: Any, shared: int) -> Any:
+        """A cache holding the first `shared` positions of `entry` (views: a cache's update makes
+        new tensors, so the entry's are never written)."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        out = self._forward(torch.tensor([req.prompt_ids], device=self.device), cache, [req])
-        self._staged = (cache, len(req.prompt_ids))
-        return out.logits[0, -1]
+        if entry is not None and shared:
+            for i, (keys, values) in enumerate(entry.layers):
+                cache.update(keys[:, :, :shared], values[:, :, :shared], i)
+        return cache
 
     def commit_prefill(self) -> None:
         import torch
 
-        assert self._staged is not None
+        assert self._staged is not None and self._pending_req is not None
         cache, n = self._staged
-        self._staged = None
+        req, self._staged, self._pending_req = self._pending_req, None, None
+        self._rows.append((list(req.prompt_ids), req.adapter, n))
         ones = torch.ones((1, n), dtype=torch.long, device=self.device)
         if self._cache is None:
             self._cache, self._mask, self._lens = cache, ones, [n]
@@ -202,8 +278,11 @@ class TransformersRunner:
         positions = torch.tensor([[n] for n in self._lens], device=self.device)
         column = torch.ones((len(reqs), 1), dtype=torch.long, device=self.device)
         self._mask = torch.cat([self._mask, column], dim=1)
-        out = self._forward(ids, self._cache, reqs, attention_mask=self._mask, position_ids=positions)
+        adapters = [r.adapter for r in reqs]
+        out = self._forward(ids, self._cache, adapters, attention_mask=self._mask, position_ids=positions)
         self._lens = [n + 1 for n in self._lens]
+        for (tokens, _, _), req in zip(self._rows, reqs, strict=True):
+            tokens.append(req.last_token)
         return out.logits[:, -1]
 
     def has_room(self, req: Any) -> bool:
@@ -212,6 +291,11 @@ class TransformersRunner:
     def drop(self, keep: list[int]) -> None:
         import torch
 
+        kept = set(keep)
+        for i, (tokens, adapter, prompt) in enumerate(self._rows):
+            if i not in kept and self.prefix is not None and len(tokens) // self.block > prompt // self.block:
+                self._redo.append((tokens, adapter))  # a whole block of reply gained
+        self._rows = [self._rows[i] for i in keep]
         if not keep:
             self._cache, self._mask, self._lens = None, None, []
             return
@@ -222,6 +306,79 @@ class TransformersRunner:
             layer.keys = layer.keys.index_select(0, idx)[:, :, trim:]
             layer.values = layer.values.index_select(0, idx)[:, :, trim:]
         self._mask = self._mask.index_select(0, idx)[:, trim:]
+
+    def idle_work(self, interrupt: Callable[[], bool] | None = None) -> bool:
+        """Evaluate one block of a finished reply again, as a prompt block, while no request
+        runs; True while more remain. Its decoded keys and values were made one step at a time
+        in a padded batch, which is not how a cold run evaluates them; made again in whole
+        blocks, a conversation's next turn reuses them and prefills only its new message. A
+        request that arrives meanwhile (`interrupt()`) stops the block at the next layer; the
+        job starts again from what was kept."""
+        import torch
+
+        from llmhost.engine.backends.prefix import Entry
+
+        if self._redoing is None:
+            if not self._redo or self.prefix is None:
+                return False
+            tokens, adapter = self._redo.popleft()
+            tokens = tokens[: len(tokens) // self.block * self.block]
+            entry, shared = self.prefix.find([*tokens, -1], adapter)  # -1: no prompt matches whole
+            self._redoing = (tokens, adapter, self._cache_from(entry, shared))
+        tokens, adapter, cache = self._redoing
+        start = cache.get_seq_length()
+        if start < len(tokens):
+            block = tokens[start : start + self.block]
+            try:
+                with _interruptible(self.model, interrupt):
+                    self._forward(torch.tensor([block], device=self.device), cache, [adapter])
+            except _Interrupted:  # some layers have the block, some not: this cache is dropped
+                self._redo.appendleft((tokens, adapter))
+                self._redoing = None
+                return True
+            # kept after every block: a request that arrives meanwhile reuses what is done
+            self.prefix.put(Entry(tokens[: start + len(block)], _layers(cache), adapter))
+        if cache.get_seq_length() >= len(tokens):
+            self._redoing = None
+        return bool(self._redo or self._redoing)
+
+    def forget(self) -> None:
+        """Drop every kept prefix and pending redo (the next requests start cold)."""
+        if self.prefix is not None:
+            self.prefix.clear()
+        self._redo.clear()
+        self._redoing = None
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _interruptible(model: Any, interrupt: Callable[[], bool] | None) -> Iterator[None]:
+    """Raise _Interrupted before any decoder layer once `interrupt()` is true."""
+    import torch
+
+    if interrupt is None:
+        yield
+        return
+    n = getattr(model.config, "num_hidden_layers", None)
+    stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+
+    def check(*_: Any) -> None:
+        if interrupt():
+            raise _Interrupted
+
+    handles = [layer.register_forward_pre_hook(check) for stack in stacks[:1] for layer in stack]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _layers(cache: Any) -> list[tuple[Any, Any]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def _pad_left(t: Any, width: int) -> Any:
