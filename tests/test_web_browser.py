@@ -167,6 +167,44 @@ def test_stop_keeps_the_partial_reply(web: WebProcess, open_page) -> None:
     assert reply_meta["stopped"] is True and 5 < reply_meta["completion_tokens"] < 512
 
 
+#: Collects, in the page, when the reply's text changes (ms, its length) until the stats line shows.
+WATCH_REPLY = """() => {
+    window.__changes = [];
+    const reply = () => document.querySelectorAll('[data-testid=stChatMessage]')[1];
+    new MutationObserver(() => {
+        const el = reply();
+        if (!el || el.innerText.includes('tokens/s')) return;
+        const n = el.innerText.trim().length, last = window.__changes.at(-1);
+        if (n > 0 && (!last || last[1] !== n)) window.__changes.push([performance.now(), n]);
+    }).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def test_the_page_shows_the_reply_as_fast_as_it_streams_in(web: WebProcess, open_page) -> None:
+    """The browser shows the growing reply at ≥ 0.9× the rate the page receives it (redrawn at
+    most every 50 ms, not on every token): measured in Chromium, from the first visible text to
+    the last, against the tokens/s the page reports."""
+    page = open_page(web.url, greedy=True)
+    _new_chat(page)
+    page.get_by_role("slider", name="Max new tokens").focus()
+    page.keyboard.press("Home")  # 16, then steps of 16: 160 tokens
+    for _ in range(9):
+        page.keyboard.press("ArrowRight")
+    _idle(page)
+    page.evaluate(WATCH_REPLY)
+    _ask(page, "Write a long story about a dragon who learns to cook.")
+    stats = page.get_by_text(re.compile(r"(\d+) tokens · first token [\d.]+ s · ([\d.]+) tokens/s"))
+    stats.wait_for(timeout=120_000)
+    tokens, served = re.search(
+        r"(\d+) tokens · first token [\d.]+ s · ([\d.]+) tokens/s", stats.inner_text()
+    ).groups()
+    changes = page.evaluate("window.__changes")
+    assert int(tokens) == 160 and len(changes) > 10, changes
+    shown = (int(tokens) - 1) / ((changes[-1][0] - changes[0][0]) / 1000)
+    print(f"page shows {shown:.1f} tokens/s of {served} served ({len(changes)} redraws)")
+    assert shown >= 0.9 * float(served), (shown, served, len(changes))
+
+
 def test_chinese_browser_gets_chinese_ui(web: WebProcess, open_page) -> None:
     page = open_page(web.url, locale="zh-CN")
     page.get_by_role("heading", name="llmhost 聊天").wait_for()
