@@ -78,8 +78,8 @@ class LoadSettings(BaseSettings):
         le=4096,
         description="KV cache memory in GiB: for llama.cpp, shared among its slots, one per "
         "concurrent request (default: each slot the model's window up to 4096 tokens); for "
-        "transformers, finished requests' KV kept for prefix reuse (default 1); for vLLM on a CPU "
-        "(default 1).",
+        "transformers, finished requests' KV kept for prefix reuse (default 1, at most a quarter "
+        "of the free memory); for vLLM on a CPU (default 1).",
     )
     max_queue: int = Field(
         64, ge=0, le=100000, description="Most requests waiting for a batch slot; more are refused."

@@ -425,6 +425,8 @@ class LlamaCppRunner:
 
     def forget(self) -> None:
         """Empty every free slot's prompt cache (the next requests start cold)."""
+        if self._chunking is None:  # a request that ended on its first token holds no slot
+            self._retire_pending()
         for slot in range(self.max_batch):
             if slot not in self.busy and slot != self._pending:
                 self._empty(slot)

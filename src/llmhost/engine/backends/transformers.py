@@ -109,7 +109,7 @@ class TransformersEngine(LocalEngine):
             model.to(device)
         model.eval()
         ctx = settings.context_length or _context_length(model.config)
-        kept = DEFAULT_PREFIX_GIB if settings.kv_cache_gib is None else settings.kv_cache_gib
+        kept = settings.kv_cache_gib if settings.kv_cache_gib is not None else _default_kept_gib(device)
         return cls(model, tokenizer, name, ctx, template, settings.max_concurrency, settings.max_queue, kept)
 
     # -- prompt preparation ---------------------------------------------------------------
@@ -379,6 +379,17 @@ def _interruptible(model: Any, interrupt: Callable[[], bool] | None) -> Iterator
 
 def _layers(cache: Any) -> list[tuple[Any, Any]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _default_kept_gib(device: str) -> float:
+    """DEFAULT_PREFIX_GIB, at most a quarter of the memory free once the model is loaded (a 6 GB
+    GPU keeps the rest for the requests that run)."""
+    import torch
+
+    from llmhost.hardware import memory_gib
+
+    free = torch.cuda.mem_get_info()[0] / 2**30 if device.startswith("cuda") else memory_gib()[1]
+    return min(DEFAULT_PREFIX_GIB, free / 4) if free > 0 else DEFAULT_PREFIX_GIB
 
 
 def _pad_left(t: Any, width: int) -> Any:
