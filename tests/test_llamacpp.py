@@ -398,27 +398,14 @@ def test_a_request_arriving_during_idle_work_aborts_it_and_nothing_is_lost(cpp) 
     """A block of idle work (a reply made reusable) is aborted inside llama.cpp when a request
     arrives: llama.cpp removes the block's cells and the job stays; done later, the next turn's
     first logits from what it kept equal a cold runner's exactly."""
-    from types import SimpleNamespace
-
     from llmhost.engine.backends.llamacpp import LlamaCppRunner, physical_cores
-
-    def decode(runner, ids: list[int], n: int):
-        req = SimpleNamespace(prompt_ids=ids, seq=SimpleNamespace(cached_tokens=0), adapter=None)
-        first = logits = runner.prefill(req)
-        runner.commit_prefill()
-        out = []
-        for _ in range(n):
-            req.last_token = int(logits.argmax())
-            out.append(req.last_token)
-            logits = runner.step([req])[0]
-        runner.drop([])
-        return out, first
+    from runners import greedy
 
     warm = LlamaCppRunner(cpp.llm, 1024, 2, physical_cores())
     cold = LlamaCppRunner(cpp.llm, 1024, 2, physical_cores())
     try:
         prompt = cpp.encode_chat([{"role": "user", "content": "Tell me about Lisbon."}])
-        reply, _ = decode(warm, prompt, 150)
+        reply, _ = greedy(warm, prompt, 150)
         (slot,) = warm.redo
         assert warm.idle_work(lambda: True) and slot in warm.redo
         assert len(warm.held[slot]) == len(prompt) // 64 * 64  # the aborted block's cells are gone
@@ -426,7 +413,7 @@ def test_a_request_arriving_during_idle_work_aborts_it_and_nothing_is_lost(cpp) 
             pass
         turn = [*prompt, *reply, *cpp.encode_chat([{"role": "user", "content": "Why?"}])[1:]]
         assert warm._choose(turn)[1] == (len(prompt) + len(reply)) // 64 * 64
-        assert bool((decode(warm, turn, 1)[1] == decode(cold, turn, 1)[1]).all())
+        assert bool((greedy(warm, turn, 1)[1] == greedy(cold, turn, 1)[1]).all())
     finally:
         warm.close()
         cold.close()

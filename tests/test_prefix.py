@@ -13,6 +13,7 @@ import pytest
 from llmhost.config import LoadSettings
 from llmhost.engine import GenerationParams, load
 from llmhost.engine.backends.prefix import Entry, PrefixCache
+from runners import greedy
 from servers import wait_for
 
 TURNS = [
@@ -152,22 +153,6 @@ def test_prefix_cache_finds_whole_blocks_and_evicts_oldest_first() -> None:
     assert cache.find(list(range(3000, 3300)), None)[1] == 296
 
 
-def _decode(runner, ids: list[int], n: int) -> tuple[list[int], object]:
-    """Greedy decoding of n tokens on a bare runner (no scheduler); the first logits too."""
-    from types import SimpleNamespace
-
-    req = SimpleNamespace(prompt_ids=ids, seq=SimpleNamespace(cached_tokens=0), adapter=None, last_token=-1)
-    first = logits = runner.prefill(req)
-    runner.commit_prefill()
-    out = []
-    for _ in range(n):
-        req.last_token = int(logits.argmax())
-        out.append(req.last_token)
-        logits = runner.step([req])[0]
-    runner.drop([])
-    return out, first
-
-
 def test_a_request_arriving_during_idle_work_stops_it_and_nothing_is_lost(hf) -> None:
     """Idle work (a reply made reusable) stops at the next layer when a request arrives: the
     half-evaluated cache is dropped and the job stays queued; done later, the next turn's first
@@ -181,7 +166,7 @@ def test_a_request_arriving_during_idle_work_stops_it_and_nothing_is_lost(hf) ->
     cold = TransformersRunner(hf.model, hf._cache_kw, 2, 2**30)
     prompt = hf.encode_chat([{"role": "user", "content": "Tell me about Lisbon."}])
     with torch.inference_mode():
-        reply, _ = _decode(warm, prompt, 150)
+        reply, _ = greedy(warm, prompt, 150)
         assert len(warm._redo) == 1
         assert warm.idle_work(lambda: True) and len(warm._redo) == 1 and warm._redoing is None
         while warm.idle_work(lambda: False):
@@ -189,4 +174,4 @@ def test_a_request_arriving_during_idle_work_stops_it_and_nothing_is_lost(hf) ->
         turn = [*prompt, *reply, *hf.encode_chat([{"role": "user", "content": "Why?"}])[1:]]
         entry, shared = warm.prefix.find(turn, None)
         assert shared == (len(prompt) + len(reply)) // 64 * 64 and entry.logits is None
-        assert torch.equal(_decode(warm, turn, 1)[1], _decode(cold, turn, 1)[1])
+        assert torch.equal(greedy(warm, turn, 1)[1], greedy(cold, turn, 1)[1])

@@ -19,6 +19,7 @@ from typing import Any
 
 from llmhost.config import LoadSettings
 from llmhost.engine.backends.gguf import GGUFReadError, check_readable
+from llmhost.engine.backends.prefix import common_prefix
 from llmhost.engine.local import LocalEngine
 from llmhost.engine.ref import ModelRef
 from llmhost.engine.template import ChatTemplate, control_tokens
@@ -178,7 +179,7 @@ class LlamaCppRunner:
             same = self.slot_adapter[slot] == adapter
             if same and self.first_logits[slot] is not None and self.held[slot][: self.prompted[slot]] == ids:
                 return slot, len(ids)
-            n = _common_prefix(self.held[slot][: self.prompted[slot]], ids) if same else 0
+            n = common_prefix(self.held[slot][: self.prompted[slot]], ids) if same else 0
             n = min(n, len(ids) - 1) // PREFILL_BLOCK * PREFILL_BLOCK
             if n > shared or (n == shared and self.idle_since[slot] < oldest):
                 best, shared, oldest = slot, n, self.idle_since[slot]
@@ -445,18 +446,6 @@ class LlamaCppRunner:
             llama_cpp.llama_batch_free(self.batch)
             llama_cpp.llama_free(self.ctx)
             self.ctx = None
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the common prefix, by bisection on slice equality (compared in C, not a loop)."""
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 def _controls(llm: Any, template: str | None) -> list[str]:
