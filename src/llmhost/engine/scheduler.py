@@ -71,7 +71,9 @@ class BatchRunner(Protocol):
     """Model-specific half of batching: the engine supplies it. A runner may also prefill in
     chunks: `prefill_chunk(req)` evaluates the next chunk of the prompt and returns None until
     the last, whose logits it returns as `prefill` does; `abort_prefill()` gives up the one in
-    progress (its request was cancelled)."""
+    progress (its request was cancelled). A runner may have work for idle times:
+    `idle_work(interrupt)` does one piece of it and returns whether more remains; it is called
+    only while nothing runs or waits, and stops early once `interrupt()` is true."""
 
     max_batch: int
     device: Any

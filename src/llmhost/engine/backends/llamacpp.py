@@ -173,9 +173,7 @@ class LlamaCppRunner:
         blocks (at least one token is left to evaluate: its logits start the reply) made with
         the same adapter, else the slot idle the longest."""
         best, shared, oldest = -1, 0, float("inf")
-        for slot in range(self.max_batch):
-            if slot in self.busy or slot == self._pending:
-                continue
+        for slot in self._free():
             same = self.slot_adapter[slot] == adapter
             if same and self.first_logits[slot] is not None and self.held[slot][: self.prompted[slot]] == ids:
                 return slot, len(ids)
@@ -184,6 +182,10 @@ class LlamaCppRunner:
             if n > shared or (n == shared and self.idle_since[slot] < oldest):
                 best, shared, oldest = slot, n, self.idle_since[slot]
         return best, shared
+
+    def _free(self) -> list[int]:
+        """Slots no request holds (neither running nor being prefilled)."""
+        return [s for s in range(self.max_batch) if s not in self.busy and s != self._pending]
 
     def _worth(self, slot: int) -> int:
         """How many tokens a slot's cells can give a later request: its whole prompt when its
@@ -200,7 +202,7 @@ class LlamaCppRunner:
         lost = self._worth(source) - shared
         if lost <= 0:
             return None
-        free = [s for s in range(self.max_batch) if s not in self.busy and s != self._pending and s != source]
+        free = [s for s in self._free() if s != source]
         if not free:
             return None
         spare = min(free, key=lambda s: (self._worth(s), self.idle_since[s]))
@@ -428,9 +430,8 @@ class LlamaCppRunner:
         """Empty every free slot's prompt cache (the next requests start cold)."""
         if self._chunking is None:  # a request that ended on its first token holds no slot
             self._retire_pending()
-        for slot in range(self.max_batch):
-            if slot not in self.busy and slot != self._pending:
-                self._empty(slot)
+        for slot in self._free():
+            self._empty(slot)
 
     def _empty(self, slot: int) -> None:
         import llama_cpp

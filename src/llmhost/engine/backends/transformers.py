@@ -168,11 +168,10 @@ class TransformersRunner:
         self.prefix = PrefixCache(prefix_bytes, self.block) if plain and prefix_bytes > 0 else None
         self._cache: Any = None
         self._mask: Any = None
-        self._lens: list[int] = []
-        self._staged: tuple[Any, int] | None = None
-        self._pending_req: Any = None  # the request `_staged` belongs to
+        self._staged: tuple[Any, Any] | None = None  # (request, its cache) once its prompt is evaluated
         self._chunking: tuple[Any, Any] | None = None  # (request, its cache) while its prompt is evaluated
-        #: Per running row: the tokens fed so far (prompt, then decoded), its adapter, its prompt length.
+        #: Per running row: the tokens fed so far (prompt, then decoded; their count is the
+        #: row's next position), its adapter, its prompt length.
         self._rows: list[tuple[list[int], str | None, int]] = []
         self._redo: deque[tuple[list[int], str | None]] = deque()  # finished replies to make reusable
         self._redoing: tuple[list[int], str | None, Any] | None = None
@@ -221,7 +220,7 @@ class TransformersRunner:
             req.seq.cached_tokens = shared
             cache = self._cache_from(entry, shared)
             if entry is not None and shared == len(ids):  # this very prompt: its logits are kept
-                self._staged, self._pending_req = (cache, len(ids)), req
+                self._staged = (req, cache)
                 return entry.logits.clone()
             self._chunking = (req, cache)
         cache = self._chunking[1]
@@ -236,7 +235,7 @@ class TransformersRunner:
         logits = out.logits[0, -1]
         if self.prefix is not None:  # the sampler's processors may write to `logits`: a copy is kept
             self.prefix.put(Entry(list(ids), _layers(cache), req.adapter, logits.clone()))
-        self._staged, self._pending_req = (cache, len(ids)), req
+        self._staged = (req, cache)
         return logits
 
     def abort_prefill(self) -> None:
@@ -256,31 +255,29 @@ class TransformersRunner:
     def commit_prefill(self) -> None:
         import torch
 
-        assert self._staged is not None and self._pending_req is not None
-        cache, n = self._staged
-        req, self._staged, self._pending_req = self._pending_req, None, None
+        assert self._staged is not None
+        (req, cache), self._staged = self._staged, None
+        n = len(req.prompt_ids)
         self._rows.append((list(req.prompt_ids), req.adapter, n))
         ones = torch.ones((1, n), dtype=torch.long, device=self.device)
         if self._cache is None:
-            self._cache, self._mask, self._lens = cache, ones, [n]
+            self._cache, self._mask = cache, ones
             return
         width = max(self._mask.shape[1], n)
         for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
             mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
             mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
         self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(ones, width)])
-        self._lens.append(n)
 
     def step(self, reqs: list[Any]) -> Any:
         import torch
 
         ids = torch.tensor([[r.last_token] for r in reqs], device=self.device)
-        positions = torch.tensor([[n] for n in self._lens], device=self.device)
+        positions = torch.tensor([[len(tokens)] for tokens, _, _ in self._rows], device=self.device)
         column = torch.ones((len(reqs), 1), dtype=torch.long, device=self.device)
         self._mask = torch.cat([self._mask, column], dim=1)
         adapters = [r.adapter for r in reqs]
         out = self._forward(ids, self._cache, adapters, attention_mask=self._mask, position_ids=positions)
-        self._lens = [n + 1 for n in self._lens]
         for (tokens, _, _), req in zip(self._rows, reqs, strict=True):
             tokens.append(req.last_token)
         return out.logits[:, -1]
@@ -297,11 +294,11 @@ class TransformersRunner:
                 self._redo.append((tokens, adapter))  # a whole block of reply gained
         self._rows = [self._rows[i] for i in keep]
         if not keep:
-            self._cache, self._mask, self._lens = None, None, []
+            self._cache, self._mask = None, None
             return
         idx = torch.tensor(keep, device=self.device)
-        self._lens = [self._lens[i] for i in keep]
-        trim = self._mask.shape[1] - max(self._lens)  # columns that are padding in every kept row
+        longest = max(len(tokens) for tokens, _, _ in self._rows)
+        trim = self._mask.shape[1] - longest  # columns that are padding in every kept row
         for layer in self._cache.layers:
             layer.keys = layer.keys.index_select(0, idx)[:, :, trim:]
             layer.values = layer.values.index_select(0, idx)[:, :, trim:]
