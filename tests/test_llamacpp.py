@@ -417,3 +417,70 @@ def test_a_request_arriving_during_idle_work_aborts_it_and_nothing_is_lost(cpp) 
     finally:
         warm.close()
         cold.close()
+
+
+def test_running_slots_stay_one_run_so_a_step_is_one_micro_batch(cpp) -> None:
+    """llama.cpp evaluates each run of consecutive KV streams as a micro-batch of its own (2x
+    the time for 8 rows in reverse order). A step sends its rows in slot order; a new request
+    takes the free slot that keeps the running slots one run (a cached prefix elsewhere is
+    copied there), and its reply still equals a cold run's."""
+    from types import SimpleNamespace
+
+    from llmhost.engine.backends.llamacpp import LlamaCppRunner, physical_cores
+
+    runner = LlamaCppRunner(cpp.llm, 512, 4, physical_cores())
+    cold = LlamaCppRunner(cpp.llm, 512, 4, physical_cores())
+    sent: list[list[int]] = []  # the sequence ids of each llama_decode call
+    decode = runner._decode
+
+    def recording(tokens: list, abortable: bool = False) -> bool:
+        sent.append([t[2] for t in tokens])
+        return decode(tokens, abortable)
+
+    runner._decode = recording
+    system = {"role": "system", "content": "You are a guide to Lisbon. " * 12}
+    chats = [[system, {"role": "user", "content": q}] for q in ("Trams?", "Food?", "Fado?", "Hills?")]
+    live: list[SimpleNamespace] = []
+
+    def request(ids: list[int]) -> SimpleNamespace:
+        return SimpleNamespace(prompt_ids=ids, seq=SimpleNamespace(cached_tokens=0), adapter=None)
+
+    def start(messages: list[dict]) -> SimpleNamespace:
+        req = request(cpp.encode_chat(messages))
+        req.first = runner.prefill(req)
+        req.last_token = int(req.first.argmax())
+        runner.commit_prefill()
+        live.append(req)
+        return req
+
+    def step() -> None:
+        sent.clear()
+        logits = runner.step(live)
+        for req, row in zip(live, logits, strict=True):
+            req.last_token = int(row.argmax())
+        assert sent == [sorted(runner.busy)], sent  # one call, rows in slot order
+
+    def finish(req: SimpleNamespace) -> None:
+        i = live.index(req)
+        del live[i]
+        runner.drop([j for j in range(len(live) + 1) if j != i])
+
+    try:
+        a, _, c = (start(m) for m in chats[:3])
+        assert sorted(runner.busy) == [0, 1, 2]
+        step()
+        finish(a)  # slot 0 keeps a's prompt (and its logits) for a retry
+        start(chats[3])  # shares only the system prompt's block: takes slot 3, not a's
+        assert sorted(runner.busy) == [1, 2, 3]
+        step()
+        finish(c)  # slots 1 and 3 run: two runs, until a request joins them
+        again = start(chats[0])  # a's retry: its prompt is copied from slot 0 into slot 2
+        ids = again.prompt_ids
+        assert sorted(runner.busy) == [1, 2, 3] and runner.held[0][: len(ids)] == ids  # slot 0 keeps it
+        assert again.seq.cached_tokens == len(ids)
+        assert bool((again.first == a.first).all())
+        step()
+        assert bool((cold.prefill(request(ids)) == again.first).all())
+    finally:
+        runner.close()
+        cold.close()

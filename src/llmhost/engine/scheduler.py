@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import functools
 import logging
 import queue
 import threading
@@ -71,7 +72,8 @@ class BatchRunner(Protocol):
     """Model-specific half of batching: the engine supplies it. A runner may also prefill in
     chunks: `prefill_chunk(req)` evaluates the next chunk of the prompt and returns None until
     the last, whose logits it returns as `prefill` does; `abort_prefill()` gives up the one in
-    progress (its request was cancelled). A runner may have work for idle times:
+    progress (its request was cancelled). `torch_threads`, if a runner has it, is the number of
+    intra-op threads torch uses on the inference thread. A runner may have work for idle times:
     `idle_work(interrupt)` does one piece of it and returns whether more remains; it is called
     only while nothing runs or waits, and stops early once `interrupt()` is true."""
 
@@ -106,6 +108,9 @@ class Scheduler:
         self._admitting = 0  # a request taken from the line and being prefilled (holds a place)
         self._prefilling: Request | None = None  # that request, while chunks of its prompt remain
         self._tasks: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
+        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = (
+            weakref.WeakKeyDictionary()
+        )
         #: Most requests ever decoded together in one step (a gauge for tests and metrics).
         self.peak_batch = 0
         _live.add(self)
@@ -152,12 +157,10 @@ class Scheduler:
         adapter: str | None = None,
     ) -> AsyncIterator[Chunk]:
         q: asyncio.Queue[object] = asyncio.Queue()
-
-        def deliver(item: object) -> None:
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(q.put_nowait, item)
-
-        req = self._enqueue(prompt_ids, seq, deliver, cancel, adapter)
+        mailbox = self._mailboxes.get(loop)
+        if mailbox is None:
+            mailbox = self._mailboxes[loop] = _Mailbox(loop)
+        req = self._enqueue(prompt_ids, seq, functools.partial(mailbox.post, q), cancel, adapter)
         return _aiterate(req, q.get)
 
     def close(self) -> None:
@@ -220,6 +223,11 @@ class Scheduler:
     def _run(self) -> None:
         import torch
 
+        # torch's intra-op threads are set per thread (a new thread starts with the count last
+        # set anywhere), so each runner's thread says its own
+        threads = getattr(self.runner, "torch_threads", None)
+        if threads:
+            torch.set_num_threads(threads)
         # this thread only ever runs the model: no autograd, and tensors stay inference tensors
         with torch.inference_mode():
             self._serve()
@@ -382,6 +390,31 @@ def _iterate(req: Request, get: Callable[[], object]) -> Iterator[Chunk]:
                 return
     finally:
         req.cancel.set()  # a caller that stops reading frees the slot within a step
+
+
+class _Mailbox:
+    """Chunks on their way to one event loop's request queues. Waking a loop from another thread
+    is a syscall, and the loop's thread then competes with the model's for the CPU: one wake-up
+    carries everything posted until the loop runs (a whole step's rows), not one per chunk."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: list[tuple[asyncio.Queue[object], object]] = []
+        self.lock = threading.Lock()
+
+    def post(self, q: asyncio.Queue[object], item: object) -> None:
+        with self.lock:
+            self.items.append((q, item))
+            if len(self.items) > 1:
+                return  # a wake-up is on its way
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for q, item in items:
+            q.put_nowait(item)
 
 
 async def _aiterate(req: Request, get: Callable[[], Any]) -> AsyncIterator[Chunk]:

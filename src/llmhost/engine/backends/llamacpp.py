@@ -12,7 +12,6 @@ its last request's KV cache, so a conversation's next turn prefills only what is
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from llmhost.engine.local import LocalEngine
 from llmhost.engine.ref import ModelRef
 from llmhost.engine.template import ChatTemplate, control_tokens
 from llmhost.errors import LlmhostError
+from llmhost.hardware import physical_cores
 
 log = logging.getLogger("llmhost.llamacpp")
 
@@ -34,15 +34,6 @@ def available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("llama_cpp") is not None
-
-
-def physical_cores() -> int:
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1
 
 
 class _Decoder:
@@ -119,6 +110,10 @@ class LlamaCppRunner:
     """
 
     device = "cpu"
+    #: torch only samples here, row by row (49k-element vectors): with its intra-op threads,
+    #: their OpenMP workers spin after each op on the cores llama.cpp's threads need (measured:
+    #: 3-8% of single-stream decode speed)
+    torch_threads = 1
 
     def __init__(self, llm: Any, slot_tokens: int, slots: int, threads: int) -> None:
         import llama_cpp
@@ -196,17 +191,44 @@ class LlamaCppRunner:
             return self.prompted[slot]
         return self.prompted[slot] // PREFILL_BLOCK * PREFILL_BLOCK
 
-    def _spare(self, source: int, shared: int) -> int | None:
-        """A free slot to copy `source` into, when taking `source` itself would lose more than
-        the spare holds: the free slot worth the least (the least recently used of those)."""
-        lost = self._worth(source) - shared
-        if lost <= 0:
-            return None
-        free = [s for s in self._free() if s != source]
-        if not free:
-            return None
-        spare = min(free, key=lambda s: (self._worth(s), self.idle_since[s]))
-        return spare if self._worth(spare) < lost else None
+    def _place(self, source: int, shared: int) -> int:
+        """The free slot a request decodes in, given where its prefix lies (`source` holds
+        `shared` of its tokens). llama.cpp evaluates each run of consecutive busy slots as a
+        micro-batch of its own (its KV streams are viewed as one contiguous range), and a
+        micro-batch costs about as much as a whole decode step: first the slot that adds no run
+        (or joins two), then the one whose cache is worth the least (taking `source` itself
+        loses what it holds beyond the prefix), then `source` itself (no copy), then the least
+        recently used."""
+
+        def key(p: int) -> tuple[int, int, bool, float]:
+            loss = self._worth(p) - shared if p == source else self._worth(p)
+            return (self._splits(p), loss, p != source, self.idle_since[p])
+
+        return min(self._free(), key=key)
+
+    def _rank(self, slot: int) -> tuple[int, float]:
+        """Least worth first, then least recently used: the order in which caches are given up."""
+        return self._worth(slot), self.idle_since[slot]
+
+    def _splits(self, slot: int) -> int:
+        """How many more runs of consecutive busy slots there are once `slot` is busy: 1, 0, -1."""
+        if not self.busy:
+            return 0
+        return 1 - (slot - 1 in self.busy) - (slot + 1 in self.busy)
+
+    def _copy(self, src: int, dst: int) -> None:
+        """Copy a slot's cells and what is known of them into the free slot `dst` (llama.cpp
+        copies the stream's buffer before the next decode: a memcpy, where evaluating the
+        tokens again costs a prefill)."""
+        import llama_cpp
+
+        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+        self.held[dst], self.prompted[dst] = list(self.held[src]), self.prompted[src]
+        self.first_logits[dst], self.idle_since[dst] = self.first_logits[src], self.idle_since[src]
+        self.slot_adapter[dst] = self.slot_adapter[src]
+        self.redo.pop(dst, None)
+        if src in self.redo:
+            self.redo[dst] = self.redo[src]
 
     def _decode(self, tokens: list[tuple[int, int, int, bool]], abortable: bool = False) -> bool:
         """tokens: (token, position, sequence id, wants logits). False: aborted by the abort
@@ -247,16 +269,16 @@ class LlamaCppRunner:
         ids = req.prompt_ids
         if self._chunking is not req:  # a new prompt: its slot, and what it can keep there
             self._retire_pending()
-            slot, shared = self._choose(ids, req.adapter)
-            if shared and (spare := self._spare(slot, shared)) is not None:
-                # the slot offers more than this prompt shares (another conversation's reply, a
-                # prompt kept for a retry): work on a copy of its stream in a spare slot. The
-                # copy (done by llama.cpp before the next decode) costs a memcpy of the stream
-                # where evaluating the shared prefix again costs a prefill.
-                llama_cpp.llama_memory_seq_cp(self.memory, slot, spare, -1, -1)
-                self.held[spare], self.idle_since[spare] = self.held[slot][:shared], self.idle_since[slot]
-                self.prompted[spare], self.first_logits[spare] = self.prompted[slot], self.first_logits[slot]
-                slot = spare
+            source, shared = self._choose(ids, req.adapter)
+            slot = self._place(source, shared)
+            if slot != source and self._worth(slot):  # what it holds moves to a spare, if one is worth less
+                spare = [s for s in self._free() if s not in (slot, source)]
+                if spare and self._worth(low := min(spare, key=self._rank)) < self._worth(slot):
+                    self._copy(slot, low)
+            if slot != source and shared:
+                # the request works on a copy of the prefix: `source` keeps all it holds (another
+                # conversation's reply, a prompt kept for a retry)
+                self._copy(source, slot)
             self.redo.pop(slot, None)
             llama_cpp.llama_memory_seq_rm(self.memory, slot, shared, -1)  # the rest of what it held
             self.held[slot] = ids[:shared]
@@ -342,7 +364,9 @@ class LlamaCppRunner:
         logits: list[Any] = [None] * len(reqs)
         # the current adapter's rows first: one switch fewer per step
         for adapter in sorted(groups, key=lambda a: a != self._applied):
-            rows = groups[adapter]
+            # in slot order: llama.cpp splits a batch whose sequence ids do not ascend into
+            # several micro-batches (rows in reverse order: one each, 2x the time for 8 rows)
+            rows = sorted(groups[adapter], key=lambda r: self.rows[r])
             self._apply(adapter)
             tokens = [(reqs[r].last_token, len(self.held[self.rows[r]]), self.rows[r], True) for r in rows]
             self._decode(tokens)

@@ -155,6 +155,7 @@ class TransformersRunner:
 
     def __init__(self, model: Any, cache_kw: str, max_batch: int, prefix_bytes: int = 0) -> None:
         from llmhost.engine.backends.prefix import PrefixCache
+        from llmhost.hardware import torch_threads
 
         self.model = model
         self.device = model.device
@@ -162,6 +163,8 @@ class TransformersRunner:
         plain = _batchable(model)
         self.max_batch = max_batch if plain else 1
         gpu = self.device.type != "cpu"
+        #: torch's own default: another engine's thread may have set a different count
+        self.torch_threads = torch_threads()
         self.block = 512 if gpu else 64  # a GPU evaluates 512 positions about as fast as 64
         self.chunk = 4 * self.block if gpu else 2 * self.block  # ≈0.1-0.3 s of prefill per call
         #: Kept keys and values; cutting them at a block needs plain full-attention layers.
