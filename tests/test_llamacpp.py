@@ -202,7 +202,7 @@ def test_a_conversations_next_turn_reuses_its_prefix_and_equals_a_cold_run(cpp) 
         conversation.append({"role": "assistant", "content": warm.text})
         # the cold run left this turn in the cache (and its reply is made reusable): the next
         # turn starts from it, as it would have from the warm one's
-    assert all(c % 64 == 0 and c < p for c, p in cached)
+    assert all(c < p for c, p in cached)
     question_tokens = 40  # the template's turn markers and a short question
     assert all(p - c < 64 + question_tokens for c, p in cached[1:]), cached  # the reply was reused
 
@@ -217,6 +217,32 @@ def test_the_same_prompt_again_starts_from_its_kept_logits(cpp) -> None:
     assert again.token_ids == first.token_ids and again.cached_tokens == again.prompt_tokens
     sampled = GenerationParams(temperature=0.8, top_p=0.9, seed=7, max_new_tokens=12)
     assert cpp.generate(QUESTION, sampled).token_ids == _cold(cpp, QUESTION, sampled).token_ids
+
+
+def test_a_new_question_after_the_same_short_prefix_reuses_it_token_by_token(cpp) -> None:
+    """Short prompts lie in their first, partial block. This model's rows are independent below
+    64 (measured at load: `granular`), so a new prompt reuses the tokens it shares with the
+    slot's partial block (the template's default system prompt), not only whole blocks, and
+    still equals a cold run. Without that measurement only whole blocks are reused."""
+    params = GenerationParams(temperature=0, max_new_tokens=16)
+    runner = cpp.scheduler.runner
+    assert runner.granular  # Q4_1: llama.cpp's CPU kernels give a row the same numbers below 64 rows
+    first = [{"role": "user", "content": "Hi! I am visitor 1."}]
+    second = [{"role": "user", "content": "Hi! I am visitor 2, from Lisbon."}]
+    _cold(cpp, first, params)
+    reply = cpp.generate(second, params)
+    assert 0 < reply.cached_tokens < reply.prompt_tokens and reply.cached_tokens % 64, reply.cached_tokens
+    assert reply.token_ids == _cold(cpp, second, params).token_ids
+    assert wait_for(lambda: cpp.running == 0, timeout=10)
+    held, ids = cpp.encode_chat(second), cpp.encode_chat(first)  # the slot holds the cold run's
+    slot = next(s for s in range(runner.max_batch) if runner.held[s][: len(held)] == held)
+    n = next(i for i, (x, y) in enumerate(zip(held, ids, strict=False)) if x != y)
+    assert runner._reusable(slot, ids, n, None) == n
+    runner.granular = False
+    try:
+        assert runner._reusable(slot, ids, n, None) == 0  # whole blocks only
+    finally:
+        runner.granular = True
 
 
 def test_shared_system_prompts_interleaved_and_edited_conversations_equal_cold_runs(cpp) -> None:
@@ -346,7 +372,7 @@ def test_serve_with_llamacpp_through_the_official_client() -> None:
         again = client.chat.completions.create(**{**kw, "messages": long})
         assert first.usage.prompt_tokens_details.cached_tokens == 0
         shared = other.usage.prompt_tokens_details.cached_tokens
-        assert shared >= 192 and shared % 64 == 0
+        assert shared >= 192  # the system prompt: its whole blocks, and the part in the last one
         cached = again.usage.prompt_tokens_details.cached_tokens
         assert cached == again.usage.prompt_tokens == first.usage.prompt_tokens
         assert again.choices[0].message.content == first.choices[0].message.content

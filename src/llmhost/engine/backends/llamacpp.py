@@ -158,6 +158,32 @@ class LlamaCppRunner:
         self.adapters: dict[str, Any] = {}
         self.slot_adapter: list[str | None] = [None] * slots  # what each slot's cells were made with
         self._applied: str | None = None
+        #: Whether the part of a prompt past its last whole block may be reused token by token.
+        self.granular = self._rows_independent()
+
+    def _rows_independent(self) -> bool:
+        """Whether llama.cpp computes a position alike in any batch below PREFILL_BLOCK rows for
+        this model, here: measured, not assumed. Then the cells of a prompt's last, partial
+        block are what a cold run of another prompt computes for the same tokens in its own
+        partial block, and a prompt that shares part of it reuses that part (a new question
+        after the same system prompt). True for Q4_0, Q4_1 and Q8_0 on llama.cpp's CPU kernels;
+        false for K-quants, whose repacked kernels vary with the row count, and for a build
+        whose tiled attention starts below 64 rows. Costs two prefills of 63 tokens at load."""
+        import llama_cpp
+
+        n = PREFILL_BLOCK - 1
+        ids = [(i * 7919) % (self.n_vocab - 256) + 128 for i in range(n)]  # any tokens will do
+        last = []
+        for sizes in ([n], [1, n // 2 - 1, n - n // 2]):
+            llama_cpp.llama_memory_seq_rm(self.memory, 0, -1, -1)
+            start = 0
+            for size in sizes:
+                part = ids[start : start + size]
+                self._decode([(t, start + i, 0, start + i == n - 1) for i, t in enumerate(part)])
+                start += size
+            last.append(self._logits(sizes[-1] - 1))
+        llama_cpp.llama_memory_seq_rm(self.memory, 0, -1, -1)
+        return bool((last[0] == last[1]).all())
 
     def has_room(self, req: Any) -> bool:
         return len(self.busy) + (self._pending is not None) < self.max_batch
@@ -165,18 +191,30 @@ class LlamaCppRunner:
     def _choose(self, ids: list[int], adapter: str | None = None) -> tuple[int, int]:
         """The free slot to use and how many prompt tokens it already holds: all of them when a
         slot holds this very prompt with its logits, else the longest shared prefix in whole
-        blocks (at least one token is left to evaluate: its logits start the reply) made with
-        the same adapter, else the slot idle the longest."""
+        blocks (`_reusable`) made with the same adapter, else the slot idle the longest."""
         best, shared, oldest = -1, 0, float("inf")
         for slot in self._free():
             same = self.slot_adapter[slot] == adapter
             if same and self.first_logits[slot] is not None and self.held[slot][: self.prompted[slot]] == ids:
                 return slot, len(ids)
             n = common_prefix(self.held[slot][: self.prompted[slot]], ids) if same else 0
-            n = min(n, len(ids) - 1) // PREFILL_BLOCK * PREFILL_BLOCK
+            n = self._reusable(slot, ids, n, adapter)
             if n > shared or (n == shared and self.idle_since[slot] < oldest):
                 best, shared, oldest = slot, n, self.idle_since[slot]
         return best, shared
+
+    def _reusable(self, slot: int, ids: list[int], n: int, adapter: str | None) -> int:
+        """How many of the `n` tokens a slot shares with a prompt it may give (at least one is
+        left to evaluate: its logits start the reply): whole blocks, which a cold run evaluates
+        as the same batches; and where rows are independent (`granular`, no adapter), the part
+        of the prompt's last, partial block that lies in the slot's own last partial block,
+        both evaluated in batches below PREFILL_BLOCK rows."""
+        n = min(n, len(ids) - 1)
+        partial = len(ids) // PREFILL_BLOCK * PREFILL_BLOCK  # where the prompt's last block starts
+        own = self.prompted[slot] // PREFILL_BLOCK * PREFILL_BLOCK  # where the slot's starts
+        if self.granular and adapter is None and n > partial and own == partial:
+            return n
+        return n // PREFILL_BLOCK * PREFILL_BLOCK
 
     def _free(self) -> list[int]:
         """Slots no request holds (neither running nor being prefilled)."""
