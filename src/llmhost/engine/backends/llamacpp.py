@@ -158,8 +158,10 @@ class LlamaCppRunner:
         self.adapters: dict[str, Any] = {}
         self.slot_adapter: list[str | None] = [None] * slots  # what each slot's cells were made with
         self._applied: str | None = None
-        #: Whether the part of a prompt past its last whole block may be reused token by token.
-        self.granular = self._rows_independent()
+        #: Whether the part of a prompt past its last whole block may be reused token by token:
+        #: measured at the first prefill (the engine's warm-up), on the thread that decodes. A
+        #: decode from another thread (this constructor's) left later ones a third slower.
+        self.granular: bool | None = None
 
     def _rows_independent(self) -> bool:
         """Whether llama.cpp computes a position alike in any batch below PREFILL_BLOCK rows for
@@ -168,7 +170,7 @@ class LlamaCppRunner:
         partial block, and a prompt that shares part of it reuses that part (a new question
         after the same system prompt). True for Q4_0, Q4_1 and Q8_0 on llama.cpp's CPU kernels;
         false for K-quants, whose repacked kernels vary with the row count, and for a build
-        whose tiled attention starts below 64 rows. Costs two prefills of 63 tokens at load."""
+        whose tiled attention starts below 64 rows. Costs two prefills of 63 tokens, once."""
         import llama_cpp
 
         n = PREFILL_BLOCK - 1
@@ -307,6 +309,8 @@ class LlamaCppRunner:
         ids = req.prompt_ids
         if self._chunking is not req:  # a new prompt: its slot, and what it can keep there
             self._retire_pending()
+            if self.granular is None:  # the first prompt: every slot is still empty
+                self.granular = self._rows_independent()
             source, shared = self._choose(ids, req.adapter)
             slot = self._place(source, shared)
             if slot != source and self._worth(slot):  # what it holds moves to a spare, if one is worth less
