@@ -337,3 +337,21 @@ def test_a_request_cancelled_while_its_prompt_is_prefilled_is_dropped_there(make
     assert runner.aborted == 1
     assert collect(running).text == expected([1], 40)[1:]
     assert wait_for(lambda: scheduler.running == 0)
+
+
+def test_each_runners_thread_uses_the_torch_threads_it_declares(make, monkeypatch) -> None:
+    """torch's intra-op thread count is per thread, and a new thread starts with the count last
+    set anywhere: each inference thread sets its runner's own (llama.cpp's 1, transformers'
+    torch's default), whatever the other engines' threads did."""
+    from llmhost.hardware import physical_cores, torch_threads
+
+    one, two = FakeRunner(), FakeRunner()
+    one.torch_threads, two.torch_threads = 1, 2
+    first, second = make(one), make(two)
+    assert first.call(torch.get_num_threads) == 1
+    assert second.call(torch.get_num_threads) == 2  # started after the first set 1
+    assert first.call(torch.get_num_threads) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert torch_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    assert torch_threads() == physical_cores()

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-@functools.cache
 def physical_cores() -> int:
     try:
         import psutil
@@ -28,6 +27,7 @@ def torch_threads() -> int:
     return int(value) if value.isdigit() and int(value) > 0 else physical_cores()
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
