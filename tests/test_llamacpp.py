@@ -449,10 +449,10 @@ def test_running_slots_stay_one_run_so_a_step_is_one_micro_batch(cpp) -> None:
     """llama.cpp evaluates each run of consecutive KV streams as a micro-batch of its own (2x
     the time for 8 rows in reverse order). A step sends its rows in slot order; a new request
     takes the free slot that keeps the running slots one run (a cached prefix elsewhere is
-    copied there), and its reply still equals a cold run's."""
+    copied there), a gap left by a finished one is closed, and replies still equal cold runs."""
     from types import SimpleNamespace
 
-    from llmhost.engine.backends.llamacpp import LlamaCppRunner, physical_cores
+    from llmhost.engine.backends.llamacpp import LlamaCppRunner, _runs, physical_cores
 
     runner = LlamaCppRunner(cpp.llm, 512, 4, physical_cores())
     cold = LlamaCppRunner(cpp.llm, 512, 4, physical_cores())
@@ -492,21 +492,61 @@ def test_running_slots_stay_one_run_so_a_step_is_one_micro_batch(cpp) -> None:
         runner.drop([j for j in range(len(live) + 1) if j != i])
 
     try:
-        a, _, c = (start(m) for m in chats[:3])
+        a, _, c = (start(m) for m in chats[:3])  # slots 0, 1, 2
         assert sorted(runner.busy) == [0, 1, 2]
         step()
         finish(a)  # slot 0 keeps a's prompt (and its logits) for a retry
         start(chats[3])  # shares only the system prompt's block: takes slot 3, not a's
         assert sorted(runner.busy) == [1, 2, 3]
         step()
-        finish(c)  # slots 1 and 3 run: two runs, until a request joins them
-        again = start(chats[0])  # a's retry: its prompt is copied from slot 0 into slot 2
+        finish(c)  # slots 1 and 3 would run as two micro-batches: a running row moves
+        assert _runs(runner.busy) == 1
+        step()
+        # the row moved into the slot used the longest ago (a's); c's retry starts from c's
+        # kept prompt, next to the running slots
+        again = start(chats[2])
         ids = again.prompt_ids
-        assert sorted(runner.busy) == [1, 2, 3] and runner.held[0][: len(ids)] == ids  # slot 0 keeps it
+        assert _runs(runner.busy) == 1 and len(runner.busy) == 3
         assert again.seq.cached_tokens == len(ids)
-        assert bool((again.first == a.first).all())
+        assert bool((again.first == c.first).all())
         step()
         assert bool((cold.prefill(request(ids)) == again.first).all())
+    finally:
+        runner.close()
+        cold.close()
+
+
+def test_a_gap_left_by_a_finished_request_is_closed_and_the_moved_row_decodes_on(cpp) -> None:
+    """When a request in the middle of the running slots finishes, a running row moves into a
+    free slot (a copy of its KV stream) so that the others are one run again; the moved row's
+    reply goes on exactly as it would have."""
+    from types import SimpleNamespace
+
+    from llmhost.engine.backends.llamacpp import LlamaCppRunner, physical_cores
+    from runners import greedy
+
+    runner = LlamaCppRunner(cpp.llm, 512, 4, physical_cores())
+    cold = LlamaCppRunner(cpp.llm, 512, 4, physical_cores())
+    try:
+        prompts = [cpp.encode_chat([{"role": "user", "content": q}]) for q in ("Rome?", "Oslo?", "Lima?")]
+        reqs = []
+        for ids in prompts:
+            req = SimpleNamespace(prompt_ids=ids, seq=SimpleNamespace(cached_tokens=0), adapter=None)
+            req.last_token = int(runner.prefill(req).argmax())
+            runner.commit_prefill()
+            reqs.append(req)
+        out: list[list[int]] = [[r.last_token] for r in reqs]
+        for n in range(20):
+            if n == 5:  # the middle request ends: slots 0 and 2 would run as two micro-batches
+                runner.drop([0, 2])
+                del reqs[1], out[1]
+                assert sorted(runner.busy) in ([0, 1], [1, 2], [2, 3]), runner.busy
+            logits = runner.step(reqs)
+            for req, row, tokens in zip(reqs, logits, out, strict=True):
+                req.last_token = int(row.argmax())
+                tokens.append(req.last_token)
+        for ids, tokens in zip([prompts[0], prompts[2]], out, strict=True):
+            assert greedy(cold, ids, len(tokens))[0] == tokens
     finally:
         runner.close()
         cold.close()
