@@ -180,6 +180,11 @@ TURNS = [
 ]
 
 
+def _runs(slots: set[int]) -> int:
+    """How many runs of consecutive slots there are (llama.cpp evaluates each as a micro-batch)."""
+    return sum(1 for s in slots if s - 1 not in slots)
+
+
 def _settled(engine) -> bool:
     """Nothing runs and the idle work (finished replies made reusable) is done."""
     return wait_for(lambda: engine.running == 0 and not engine.scheduler.runner.redo, timeout=30)
@@ -452,7 +457,7 @@ def test_running_slots_stay_one_run_so_a_step_is_one_micro_batch(cpp) -> None:
     copied there), a gap left by a finished one is closed, and replies still equal cold runs."""
     from types import SimpleNamespace
 
-    from llmhost.engine.backends.llamacpp import LlamaCppRunner, _runs, physical_cores
+    from llmhost.engine.backends.llamacpp import LlamaCppRunner, physical_cores
 
     runner = LlamaCppRunner(cpp.llm, 512, 4, physical_cores())
     cold = LlamaCppRunner(cpp.llm, 512, 4, physical_cores())

@@ -242,19 +242,13 @@ class LlamaCppRunner:
 
         def key(p: int) -> tuple[int, int, bool, float]:
             loss = self._worth(p) - shared if p == source else self._worth(p)
-            return (self._splits(p), loss, p != source, self.idle_since[p])
+            return (_joins(p, self.busy), loss, p != source, self.idle_since[p])
 
         return min(self._free(), key=key)
 
     def _rank(self, slot: int) -> tuple[int, float]:
         """Least worth first, then least recently used: the order in which caches are given up."""
         return self._worth(slot), self.idle_since[slot]
-
-    def _splits(self, slot: int) -> int:
-        """How many more runs of consecutive busy slots there are once `slot` is busy: 1, 0, -1."""
-        if not self.busy:
-            return 0
-        return 1 - (slot - 1 in self.busy) - (slot + 1 in self.busy)
 
     def _vacate(self, slot: int, keep: int) -> None:
         """Before the free `slot` is overwritten: its cache moves to the free slot worth the least
@@ -271,14 +265,13 @@ class LlamaCppRunner:
         per step. A move is a stream copy (≈5 ms once); a micro-batch costs 3-8 ms every step."""
         while True:
             taken = self.busy | ({self._pending} if self._pending is not None else set())
-            runs = _runs(taken)
-            moves = [
-                (_runs(taken - {src} | {dst}), self._rank(dst), src, dst)
-                for src in self.busy
-                for dst in self._free()
-            ]
+            moves = []  # (change in the number of runs, what dst holds, src, dst)
+            for src in self.busy:
+                rest = taken - {src}
+                left = _joins(src, rest)  # the runs that go with src
+                moves += [(_joins(dst, rest) - left, self._rank(dst), src, dst) for dst in self._free()]
             best = min(moves, default=None)
-            if best is None or best[0] >= runs:
+            if best is None or best[0] >= 0:
                 return
             _, _, src, dst = best
             self._vacate(dst, src)
@@ -546,9 +539,10 @@ class LlamaCppRunner:
             self.ctx = None
 
 
-def _runs(slots: set[int]) -> int:
-    """How many runs of consecutive slots there are."""
-    return sum(1 for s in slots if s - 1 not in slots)
+def _joins(slot: int, taken: set[int]) -> int:
+    """How the number of runs of consecutive slots in `taken` changes once `slot` is taken too:
+    1 (a run of its own), 0 (it extends one), -1 (it joins two)."""
+    return 1 - (slot - 1 in taken) - (slot + 1 in taken)
 
 
 def _controls(llm: Any, template: str | None) -> list[str]:
