@@ -321,10 +321,11 @@ class TransformersRunner:
         if self._redoing is None:
             if not self._redo or self.prefix is None:
                 return False
-            tokens, adapter = self._redo.popleft()
+            tokens, adapter = self._redo[0]  # taken off only once it is `_redoing`: never neither
             tokens = tokens[: len(tokens) // self.block * self.block]
             entry, shared = self.prefix.find([*tokens, -1], adapter)  # -1: no prompt matches whole
             self._redoing = (tokens, adapter, self._cache_from(entry, shared))
+            self._redo.popleft()
         tokens, adapter, cache = self._redoing
         start = cache.get_seq_length()
         if start < len(tokens):
