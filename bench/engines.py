@@ -58,7 +58,7 @@ def native(engine, tokens: int, clients: int) -> dict:
     """The binding's own generate loop, no llmhost on top; one sequence at a time."""
     from llama_cpp import Llama
 
-    from llmhost.engine.backends.llamacpp import physical_cores
+    from llmhost.hardware import physical_cores
     from llmhost.store.embedded import embedded_gguf
 
     llm = Llama(model_path=str(embedded_gguf()[0]), n_ctx=2048, n_threads=physical_cores(), verbose=False)

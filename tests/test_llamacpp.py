@@ -250,6 +250,22 @@ def test_a_new_question_after_the_same_short_prefix_reuses_it_token_by_token(cpp
         runner.granular = True
 
 
+def test_a_short_reply_in_a_partial_block_is_made_again_and_the_next_turn_reuses_all_of_it(cpp) -> None:
+    """Rows being independent below 64 (`granular`), the idle work evaluates a reply's last,
+    partial block again too: a next turn whose prompt ends in that same block (short turns)
+    prefills only its new message, and still equals a cold run."""
+    params = GenerationParams(temperature=0, max_new_tokens=6)
+    conversation = [{"role": "user", "content": "Hi!"}]
+    first = _cold(cpp, conversation, params)
+    conversation += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Ok."}]
+    assert _settled(cpp)
+    warm = cpp.generate(conversation, params)
+    assert warm.prompt_tokens < 64  # one partial block: before, only its prompt part was reused
+    assert warm.cached_tokens > first.prompt_tokens, (warm.cached_tokens, first.prompt_tokens)
+    assert warm.cached_tokens >= first.prompt_tokens + len(first.token_ids) - 1
+    assert warm.token_ids == _cold(cpp, conversation, params).token_ids
+
+
 def test_shared_system_prompts_interleaved_and_edited_conversations_equal_cold_runs(cpp) -> None:
     from concurrent.futures import ThreadPoolExecutor
 

@@ -141,9 +141,10 @@ class LlamaCppRunner:
         self.batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
         self.held: list[list[int]] = [[] for _ in range(slots)]  # the tokens in each slot's cells
         self.prompted = [0] * slots  # how many of them were evaluated as a prompt (reusable)
-        #: The logits after each slot's whole prompt while its cells are intact: the same prompt
-        #: again (a retry, a regenerated reply) starts decoding at once.
+        #: The logits after each slot's whole prompt (its first `logits_at` tokens) while those
+        #: cells are intact: the same prompt again (a retry, a regenerated reply) decodes at once.
         self.first_logits: list[Any] = [None] * slots
+        self.logits_at = [0] * slots
         #: Free slots whose reply is to be evaluated again as prompt blocks while the engine is
         #: idle (`idle_work`): the tokens they hold, prompt and reply.
         self.redo: dict[int, list[int]] = {}
@@ -197,7 +198,8 @@ class LlamaCppRunner:
         best, shared, oldest = -1, 0, float("inf")
         for slot in self._free():
             same = self.slot_adapter[slot] == adapter
-            if same and self.first_logits[slot] is not None and self.held[slot][: self.prompted[slot]] == ids:
+            kept = self.first_logits[slot] is not None
+            if same and kept and self.held[slot][: self.logits_at[slot]] == ids:
                 return slot, len(ids)
             n = common_prefix(self.held[slot][: self.prompted[slot]], ids) if same else 0
             n = self._reusable(slot, ids, n, adapter)
@@ -222,14 +224,18 @@ class LlamaCppRunner:
         """Slots no request holds (neither running nor being prefilled)."""
         return [s for s in range(self.max_batch) if s not in self.busy and s != self._pending]
 
+    def _fine(self, slot: int) -> bool:
+        """Whether a slot's cells past its last whole block may be reused token by token."""
+        return bool(self.granular) and self.slot_adapter[slot] is None
+
     def _worth(self, slot: int) -> int:
-        """How many tokens a slot's cells can give a later request: its whole prompt when its
-        logits are kept, else its whole blocks (with the reply's, once made again)."""
-        if slot in self.redo:
-            return len(self.redo[slot]) // PREFILL_BLOCK * PREFILL_BLOCK
-        if self.first_logits[slot] is not None:
-            return self.prompted[slot]
-        return self.prompted[slot] // PREFILL_BLOCK * PREFILL_BLOCK
+        """How many tokens a slot's cells can give a later request: what was evaluated as a
+        prompt (with the reply, once made again), in whole blocks unless `_fine`; its whole
+        prompt when its logits are kept."""
+        n = len(self.redo[slot]) if slot in self.redo else self.prompted[slot]
+        if not self._fine(slot):
+            n = n // PREFILL_BLOCK * PREFILL_BLOCK
+        return max(n, self.logits_at[slot] if self.first_logits[slot] is not None else 0)
 
     def _place(self, source: int, shared: int) -> int:
         """The free slot a request decodes in, given where its prefix lies (`source` holds
@@ -289,7 +295,8 @@ class LlamaCppRunner:
 
         llama_cpp.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
         self.held[dst], self.prompted[dst] = list(self.held[src]), self.prompted[src]
-        self.first_logits[dst], self.idle_since[dst] = self.first_logits[src], self.idle_since[src]
+        self.first_logits[dst], self.logits_at[dst] = self.first_logits[src], self.logits_at[src]
+        self.idle_since[dst] = self.idle_since[src]
         self.slot_adapter[dst] = self.slot_adapter[src]
         self.redo.pop(dst, None)
         if src in self.redo:
@@ -351,6 +358,7 @@ class LlamaCppRunner:
             self._pending = slot
             req.seq.cached_tokens = shared
             if shared == len(ids):  # this very prompt, evaluated before: its logits are kept
+                self.prompted[slot] = len(ids)  # the cells past it (a reply made again) are gone
                 return self.first_logits[slot].clone()
             self.prompted[slot], self.first_logits[slot], self._chunking = 0, None, req
         slot = self._pending
@@ -368,6 +376,7 @@ class LlamaCppRunner:
         self.prompted[slot], self._chunking = len(ids), None
         logits = self._logits(len(part) - 1)
         self.first_logits[slot] = logits.clone()  # the sampler's processors may write to `logits`
+        self.logits_at[slot] = len(ids)
         return logits
 
     def idle_work(self, interrupt: Callable[[], bool] | None = None) -> bool:
@@ -375,7 +384,9 @@ class LlamaCppRunner:
         runs; True while more remain. A reply's cells were made one decode step at a time, which
         is not how a cold run evaluates them (see the class notes), so they cannot be reused as
         they are; made again in whole blocks, the conversation's next turn reuses them and
-        prefills only its new message. The scheduler calls this only when it is idle; a request
+        prefills only its new message. Where rows are independent (`_fine`), the last, partial
+        block is evaluated again too, as a cold run evaluates a prompt that ends in it. The
+        scheduler calls this only when it is idle; a request
         that arrives meanwhile (`interrupt()` turns true) aborts the block within a graph node
         (llama.cpp removes the block's cells), and the block is evaluated at the next idle time."""
         import llama_cpp
@@ -383,13 +394,21 @@ class LlamaCppRunner:
         if not self.redo:
             return False
         slot, tokens = next(iter(self.redo.items()))
+        fine = self._fine(slot)
+        whole = len(tokens) // PREFILL_BLOCK * PREFILL_BLOCK  # where the last, partial block starts
         if len(self.held[slot]) != self.prompted[slot]:  # first block: drop the decoded cells
-            start = self.prompted[slot] // PREFILL_BLOCK * PREFILL_BLOCK
+            start = self.prompted[slot]
+            if not (fine and start >= whole):  # a block that ends up whole is evaluated whole
+                start = start // PREFILL_BLOCK * PREFILL_BLOCK
             llama_cpp.llama_memory_seq_rm(self.memory, slot, start, -1)
-            self.held[slot], self.prompted[slot], self.first_logits[slot] = tokens[:start], start, None
+            self.held[slot], self.prompted[slot] = tokens[:start], start
+            if self.logits_at[slot] > start:
+                self.first_logits[slot] = None
         self._apply(self.slot_adapter[slot])
         start = len(self.held[slot])
-        block = tokens[start : start + PREFILL_BLOCK]
+        # whole blocks, then (`fine`) the last partial one, as a cold run of the next turn
+        # evaluates it when that turn's prompt ends in the same block
+        block = tokens[start : start + PREFILL_BLOCK] if start < whole else tokens[start:]
         # polled by llama.cpp's compute thread between graph nodes, only while this block runs
         callback = llama_cpp.ggml_abort_callback(lambda _: bool(interrupt and interrupt()))
         llama_cpp.llama_set_abort_callback(self.ctx, callback, None)
@@ -405,7 +424,7 @@ class LlamaCppRunner:
             return True
         self.held[slot] = self.held[slot] + block
         self.prompted[slot] = len(self.held[slot])
-        if len(self.held[slot]) + PREFILL_BLOCK > len(tokens):
+        if len(self.held[slot]) == len(tokens) or (len(self.held[slot]) == whole and not fine):
             del self.redo[slot]
         return bool(self.redo)
 
@@ -503,8 +522,9 @@ class LlamaCppRunner:
 
         self.busy.discard(slot)
         self.idle_since[slot] = time.monotonic()
-        held = self.held[slot]
-        if len(held) // PREFILL_BLOCK > self.prompted[slot] // PREFILL_BLOCK:  # a whole block gained
+        held, prompted = self.held[slot], self.prompted[slot]
+        gained = len(held) // PREFILL_BLOCK > prompted // PREFILL_BLOCK  # a whole block
+        if gained or (self._fine(slot) and len(held) > prompted):  # or, `fine`, any token
             self.redo[slot] = held
 
     def _retire_pending(self) -> None:
@@ -527,7 +547,7 @@ class LlamaCppRunner:
         import llama_cpp
 
         llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
-        self.held[slot], self.prompted[slot], self.first_logits[slot] = [], 0, None
+        self.held[slot], self.prompted[slot], self.first_logits[slot], self.logits_at[slot] = [], 0, None, 0
         self.redo.pop(slot, None)
 
     def close(self) -> None:
