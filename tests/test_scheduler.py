@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -355,3 +356,78 @@ def test_each_runners_thread_uses_the_torch_threads_it_declares(make, monkeypatc
     assert torch_threads() == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "")
     assert torch_threads() == physical_cores()
+
+
+def _stream(scheduler, prompt, n):
+    """A request through the asyncio path (the server's): its chunks with their arrival times."""
+    import asyncio
+
+    async def consume():
+        arrived = []
+        async for chunk in scheduler.submit_async(*seq(prompt, n), asyncio.get_running_loop()):
+            arrived.append((time.monotonic(), chunk))
+        return arrived
+
+    return asyncio.run(consume())
+
+
+def test_an_event_loop_is_woken_at_a_pace_while_chunks_keep_coming(make, monkeypatch) -> None:
+    """Each wake-up of an event loop from the inference thread costs the model CPU time: while a
+    stream's chunks come faster than STREAM_PACE_S, one wake-up carries several, yet the first
+    visible chunk and the last go at once and none waits much longer than the pace."""
+    from llmhost.engine import scheduler as module
+
+    wakes: list[float] = []
+    wake = module._Mailbox._wake
+    monkeypatch.setattr(module._Mailbox, "_wake", lambda box: (wakes.append(time.monotonic()), wake(box)))
+    scheduler = make(FakeRunner(step_delay=0.002))  # ≈10 chunks per pace
+    start = time.monotonic()
+    arrived = _stream(scheduler, [1], 60)  # tokens 2..61 (63 is the end of sequence)
+    assert "".join(c.text for _, c in arrived) == expected([1], 60)
+    assert arrived[-1][1].finish_reason == "length"
+    took = arrived[-1][0] - start
+    assert 3 <= len(wakes) <= took / module.STREAM_PACE_S + 3 < 60, (len(wakes), took)
+    assert wakes[0] - start < module.STREAM_PACE_S  # the first chunk was not held
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(arrived)]
+    assert max(gaps) < module.STREAM_PACE_S + 0.1  # slack for a loaded machine
+    # slower than the pace, every chunk is sent at once
+    wakes.clear()
+    slow = make(FakeRunner(step_delay=module.STREAM_PACE_S * 1.5))
+    assert len(_stream(slow, [1], 8)) == 8 and len(wakes) == 8
+
+
+def test_held_chunks_go_before_the_thread_turns_to_a_prompt(make) -> None:
+    """A chunk held for the pace is sent before the inference thread prefills another prompt (or
+    does anything but a decode step), not after it."""
+    import asyncio
+
+    class SlowPrompts(FakeRunner):
+        steps = 0
+
+        def step(self, reqs):
+            self.steps += 1
+            return super().step(reqs)
+
+        def prefill(self, req):
+            if req.prompt_ids[0] == 40:  # the second request's prompt: 300 ms
+                self.began, self.decoded = time.monotonic(), 1 + self.steps  # the first's chunks so far
+                time.sleep(0.3)
+            return super().prefill(req)
+
+    runner = SlowPrompts(max_batch=2, step_delay=0.002)
+    scheduler = make(runner)
+
+    async def both():
+        loop = asyncio.get_running_loop()
+        arrived, task = [], None
+        async for _ in scheduler.submit_async(*seq([1], 60), loop):
+            arrived.append(time.monotonic())
+            if len(arrived) == 20:  # mid-stream, another request comes in
+                task = loop.create_task(anext(scheduler.submit_async(*seq([40], 2), loop)))
+        await task
+        return arrived
+
+    arrived = asyncio.run(both())
+    assert len(arrived) == 60 and runner.decoded >= 20
+    # every chunk decoded before that prompt came out before its prefill ended
+    assert sum(t < runner.began + 0.3 for t in arrived) >= runner.decoded
