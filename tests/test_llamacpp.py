@@ -266,6 +266,25 @@ def test_a_short_reply_in_a_partial_block_is_made_again_and_the_next_turn_reuses
     assert warm.token_ids == _cold(cpp, conversation, params).token_ids
 
 
+def test_a_conversation_goes_on_in_its_own_slot_and_short_prompts_keep_theirs(cpp) -> None:
+    """Each next turn, even sent the moment the reply ends, decodes in the slot that holds the
+    turn before (it loses only the tail of the reply it carries on from): no copies of stale
+    turns in other slots, so the slots holding short prompts keep them, and a new short
+    prompt after a long chat still reuses the system prompt in their partial block."""
+    runner = cpp.scheduler.runner
+    params = GenerationParams(temperature=0, max_new_tokens=60)
+    _cold(cpp, [{"role": "user", "content": "Hi! I am visitor 1."}], GenerationParams(max_new_tokens=4))
+    conversation = []
+    for question in TURNS[:5]:
+        conversation.append({"role": "user", "content": question})
+        reply = cpp.generate(conversation, params)  # no waiting for the idle work
+        conversation.append({"role": "assistant", "content": reply.text})
+    assert wait_for(lambda: cpp.running == 0, timeout=10)
+    assert sum(len(held) > 64 for held in runner.held) == 1, [len(h) for h in runner.held]
+    new = [{"role": "user", "content": "Hi! I am visitor 2, from Lisbon."}]
+    assert cpp.generate(new, GenerationParams(max_new_tokens=4)).cached_tokens > 0
+
+
 def test_shared_system_prompts_interleaved_and_edited_conversations_equal_cold_runs(cpp) -> None:
     from concurrent.futures import ThreadPoolExecutor
 

@@ -141,10 +141,10 @@ class LlamaCppRunner:
         self.batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
         self.held: list[list[int]] = [[] for _ in range(slots)]  # the tokens in each slot's cells
         self.prompted = [0] * slots  # how many of them were evaluated as a prompt (reusable)
-        #: The logits after each slot's whole prompt (its first `logits_at` tokens) while those
+        #: The logits after each slot's last prompt (its first `logits_at` tokens) while those
         #: cells are intact: the same prompt again (a retry, a regenerated reply) decodes at once.
         self.first_logits: list[Any] = [None] * slots
-        self.logits_at = [0] * slots
+        self.logits_at = [0] * slots  # the length of that prompt, whether or not they are kept
         #: Free slots whose reply is to be evaluated again as prompt blocks while the engine is
         #: idle (`idle_work`): the tokens they hold, prompt and reply.
         self.redo: dict[int, list[int]] = {}
@@ -237,20 +237,28 @@ class LlamaCppRunner:
             n = n // PREFILL_BLOCK * PREFILL_BLOCK
         return max(n, self.logits_at[slot] if self.first_logits[slot] is not None else 0)
 
-    def _place(self, source: int, shared: int) -> int:
+    def _place(self, source: int, shared: int, ids: list[int]) -> int:
         """The free slot a request decodes in, given where its prefix lies (`source` holds
-        `shared` of its tokens). llama.cpp evaluates each run of consecutive busy slots as a
-        micro-batch of its own (its KV streams are viewed as one contiguous range), and a
+        `shared` of its prompt `ids`). llama.cpp evaluates each run of consecutive busy slots as
+        a micro-batch of its own (its KV streams are viewed as one contiguous range), and a
         micro-batch costs about as much as a whole decode step: first the slot that adds no run
-        (or joins two), then the one whose cache is worth the least (taking `source` itself
-        loses what it holds beyond the prefix), then `source` itself (no copy), then the least
-        recently used."""
+        (or joins two), then the one whose cache is worth the least, then `source` itself (no
+        copy), then the least recently used. Taking a slot loses what it is worth (`source`:
+        beyond the prefix), except where the prompt starts with all of the slot's last prompt
+        (a conversation's next turn): that slot loses at most the tail of the reply the prompt
+        carries on from, and is taken before an empty one. (Moving the conversation elsewhere
+        would spend the caches of short prompts, worth little each, on its stale turns.)"""
 
-        def key(p: int) -> tuple[int, int, bool, float]:
-            loss = self._worth(p) - shared if p == source else self._worth(p)
-            return (_joins(p, self.busy), loss, p != source, self.idle_since[p])
+        def key(p: int) -> tuple[int, int, int, float]:
+            follows = self._follows(p, ids)
+            loss = 0 if follows else self._worth(p) - shared if p == source else self._worth(p)
+            return (_joins(p, self.busy), loss, 0 if p == source else 1 if follows else 2, self.idle_since[p])
 
         return min(self._free(), key=key)
+
+    def _follows(self, slot: int, ids: list[int]) -> bool:
+        """Whether a prompt starts with all of the slot's last prompt (it carries on from it)."""
+        return self.logits_at[slot] > 0 and common_prefix(self.held[slot], ids) >= self.logits_at[slot]
 
     def _rank(self, slot: int) -> tuple[int, float]:
         """Least worth first, then least recently used: the order in which caches are given up."""
@@ -344,8 +352,8 @@ class LlamaCppRunner:
             if self.granular is None:  # the first prompt: every slot is still empty
                 self.granular = self._rows_independent()
             source, shared = self._choose(ids, req.adapter)
-            slot = self._place(source, shared)
-            if slot != source:
+            slot = self._place(source, shared, ids)
+            if slot != source and not self._follows(slot, ids):  # else its cache is stale
                 self._vacate(slot, source)
             if slot != source and shared:
                 # the request works on a copy of the prefix: `source` keeps all it holds (another
