@@ -426,13 +426,7 @@ class _Mailbox:
         woken less than STREAM_PACE_S ago)."""
         with self.lock:
             self.items.append((q, item))
-            if self.waking:
-                return True
-            if not urgent and time.monotonic() - self.woke < STREAM_PACE_S:
-                return False
-            self.waking = True
-        self._wake()
-        return True
+        return self.due(urgent)
 
     def due(self, now: bool) -> bool:
         """Wake the loop for held items if their time has come (`now`: at once); False while
