@@ -252,13 +252,17 @@ class LlamaCppRunner:
         def key(p: int) -> tuple[int, int, int, float]:
             follows = self._follows(p, ids)
             loss = 0 if follows else self._worth(p) - shared if p == source else self._worth(p)
-            return (_joins(p, self.busy), loss, 0 if p == source else 1 if follows else 2, self.idle_since[p])
+            rank = 0 if p == source and shared else 1 if follows else 2  # a source of nothing is any slot
+            return (_joins(p, self.busy), loss, rank, self.idle_since[p])
 
         return min(self._free(), key=key)
 
     def _follows(self, slot: int, ids: list[int]) -> bool:
-        """Whether a prompt starts with all of the slot's last prompt (it carries on from it)."""
-        return self.logits_at[slot] > 0 and common_prefix(self.held[slot], ids) >= self.logits_at[slot]
+        """Whether a prompt starts with all of the slot's last prompt (it carries on from it).
+        A slot whose reply is being made again holds only part of it meanwhile: what it is to
+        hold counts."""
+        held = self.redo.get(slot, self.held[slot])
+        return self.logits_at[slot] > 0 and common_prefix(held, ids) >= self.logits_at[slot]
 
     def _rank(self, slot: int) -> tuple[int, float]:
         """Least worth first, then least recently used: the order in which caches are given up."""
