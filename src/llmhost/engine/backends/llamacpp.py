@@ -237,7 +237,7 @@ class LlamaCppRunner:
             n = n // PREFILL_BLOCK * PREFILL_BLOCK
         return max(n, self.logits_at[slot] if self.first_logits[slot] is not None else 0)
 
-    def _place(self, source: int, shared: int, ids: list[int]) -> int:
+    def _place(self, source: int, shared: int, ids: list[int]) -> tuple[int, bool]:
         """The free slot a request decodes in, given where its prefix lies (`source` holds
         `shared` of its prompt `ids`). llama.cpp evaluates each run of consecutive busy slots as
         a micro-batch of its own (its KV streams are viewed as one contiguous range), and a
@@ -247,15 +247,18 @@ class LlamaCppRunner:
         beyond the prefix), except where the prompt starts with all of the slot's last prompt
         (a conversation's next turn): that slot loses at most the tail of the reply the prompt
         carries on from, and is taken before an empty one. (Moving the conversation elsewhere
-        would spend the caches of short prompts, worth little each, on its stale turns.)"""
+        would spend the caches of short prompts, worth little each, on its stale turns.)
+        Returns the slot and whether the prompt carries on from it (its cache is then stale)."""
 
-        def key(p: int) -> tuple[int, int, int, float]:
+        def key(p: int) -> tuple[int, int, int, float, bool]:
             follows = self._follows(p, ids)
             loss = 0 if follows else self._worth(p) - shared if p == source else self._worth(p)
             rank = 0 if p == source and shared else 1 if follows else 2  # a source of nothing is any slot
-            return (_joins(p, self.busy), loss, rank, self.idle_since[p])
+            return (_joins(p, self.busy), loss, rank, self.idle_since[p], follows)
 
-        return min(self._free(), key=key)
+        keys = {p: key(p) for p in self._free()}
+        slot = min(keys, key=keys.__getitem__)
+        return slot, keys[slot][-1]
 
     def _follows(self, slot: int, ids: list[int]) -> bool:
         """Whether a prompt starts with all of the slot's last prompt (it carries on from it).
@@ -356,8 +359,8 @@ class LlamaCppRunner:
             if self.granular is None:  # the first prompt: every slot is still empty
                 self.granular = self._rows_independent()
             source, shared = self._choose(ids, req.adapter)
-            slot = self._place(source, shared, ids)
-            if slot != source and not self._follows(slot, ids):  # else its cache is stale
+            slot, stale = self._place(source, shared, ids)
+            if slot != source and not stale:
                 self._vacate(slot, source)
             if slot != source and shared:
                 # the request works on a copy of the prefix: `source` keeps all it holds (another
