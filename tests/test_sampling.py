@@ -1,12 +1,25 @@
 """Sampling without sorting the vocabulary: the tokens top-k / top-p keep are the ones a full sort
-keeps, and sampling only ever picks among them."""
+keeps (numpy's way on the CPU, torch's on a GPU), and sampling only ever picks among them, as
+often as their probabilities say."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from llmhost.engine.params import GenerationParams
-from llmhost.engine.sampling import _nucleus, sample_next
+from llmhost.engine.sampling import _kept, _nucleus, sample_next
+
+
+def torch_way(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
+    return _nucleus(logits, top_p, top_k)[1]
+
+
+def numpy_way(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
+    return torch.from_numpy(_kept(logits.numpy(), top_p, top_k)[0])
+
+
+WAYS = pytest.mark.parametrize("keep", [torch_way, numpy_way], ids=["torch", "numpy"])
 
 VOCAB = 49152
 
@@ -30,7 +43,8 @@ def model_like(seed: int, peak: float) -> torch.Tensor:
     return logits
 
 
-def test_the_kept_tokens_are_the_full_sorts() -> None:
+@WAYS
+def test_the_kept_tokens_are_the_full_sorts(keep) -> None:
     """The same set, but for float rounding at its edge: the cumulative sums add in another
     order, so a token whose mass before it is within rounding of top_p may go either way."""
     for seed in range(30):
@@ -38,7 +52,7 @@ def test_the_kept_tokens_are_the_full_sorts() -> None:
             logits = model_like(seed, peak)
             for top_p in (0.5, 0.9, 0.95):
                 for top_k in (0, 40):
-                    _, ids = _nucleus(logits, top_p, top_k)
+                    ids = keep(logits, top_p, top_k)
                     mine, theirs = set(ids.tolist()), full_sort_keeps(logits, top_p, top_k)
                     edge = mine ^ theirs
                     assert len(edge) <= 2, (seed, peak, top_p, top_k, len(edge))
@@ -47,10 +61,11 @@ def test_the_kept_tokens_are_the_full_sorts() -> None:
                         assert all(float(logits[t]) <= floor + 1e-4 for t in edge)
 
 
-def test_a_flat_distribution_grows_the_candidates_to_the_whole_nucleus() -> None:
+@WAYS
+def test_a_flat_distribution_grows_the_candidates_to_the_whole_nucleus(keep) -> None:
     logits = torch.zeros(VOCAB)  # every token equally likely: the nucleus is 90% of the vocabulary
-    _, ids = _nucleus(logits, 0.9, 0)
-    assert abs(len(ids) - 0.9 * VOCAB) <= 1
+    assert abs(len(keep(logits, 0.9, 0)) - 0.9 * VOCAB) <= 1
+    assert len(keep(logits, 0.9, 40)) == 36  # the top 40, then 90% of them
 
 
 def test_samples_stay_in_the_nucleus_and_a_seed_repeats() -> None:
@@ -61,3 +76,35 @@ def test_samples_stay_in_the_nucleus_and_a_seed_repeats() -> None:
     assert set(picks) <= allowed and len(set(picks)) > 1
     again = [sample_next(logits, params, torch.Generator().manual_seed(s)) for s in range(200)]
     assert picks == again
+
+
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_samples_come_as_often_as_their_probability(top_k) -> None:
+    """Four allowed tokens (the rest masked, as a grammar does) with probabilities .5, .3, .15 and
+    .05: top_p 0.9 (or top_k 3) keeps three, each drawn as often as its share of their mass."""
+    logits = torch.full((VOCAB,), float("-inf"))
+    ids = [7, 1234, 40000, 5]
+    logits[ids] = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    params = GenerationParams(temperature=1.0, top_p=1.0 if top_k else 0.9, top_k=top_k)
+    g = torch.Generator().manual_seed(0)
+    picks = [sample_next(logits, params, g) for _ in range(6000)]
+    assert set(picks) == set(ids[:3])
+    for token, p in zip(ids, (0.5, 0.3, 0.15), strict=False):
+        assert abs(picks.count(token) / len(picks) - p / 0.95) < 0.025, (token, picks.count(token))
+
+
+def test_the_whole_vocabulary_is_sampled_as_its_softmax() -> None:
+    """top_p 1 and no top_k: every token may come, as often as its probability."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).repeat(10)  # 40 tokens, 4 levels
+    params = GenerationParams(temperature=1.0, top_p=1.0)
+    g = torch.Generator().manual_seed(0)
+    picks = torch.tensor([sample_next(logits, params, g) for _ in range(8000)]) % 4
+    probs = torch.tensor([2.0, 1.0, 0.0, -1.0]).softmax(-1)
+    for level in range(4):
+        assert abs(float((picks == level).float().mean()) - float(probs[level])) < 0.02
+
+
+def test_greedy_takes_the_first_of_equal_maxima_on_every_device_path() -> None:
+    logits = torch.zeros(VOCAB)
+    logits[[300, 200, 900]] = 5.0
+    assert sample_next(logits, GenerationParams(temperature=0), None) == 200
