@@ -487,6 +487,56 @@ def test_a_request_arriving_during_idle_work_aborts_it_and_nothing_is_lost(cpp) 
         cold.close()
 
 
+def test_the_fast_prefix_cache_reuses_a_reply_as_decoded_with_no_idle_work(cpp) -> None:
+    """`--prefix-cache fast`: a finished reply's decoded cells are reused as they are, token by
+    token, as llama-server does. A next turn sent at once keeps the prompt and the whole reply
+    and evaluates only its new message; nothing is queued for idle work. Its logits are a cold
+    run's within float noise, not bit for bit (that is what the exact default is for)."""
+    from llmhost.engine.backends.llamacpp import LlamaCppRunner, physical_cores
+    from runners import greedy
+
+    fast = LlamaCppRunner(cpp.llm, 1024, 2, physical_cores(), exact=False)
+    cold = LlamaCppRunner(cpp.llm, 1024, 2, physical_cores())
+    try:
+        prompt = cpp.encode_chat([{"role": "user", "content": "Tell me about Lisbon."}])
+        reply, _ = greedy(fast, prompt, 150)
+        assert not fast.redo and not fast.idle_work(lambda: False)
+        question = cpp.encode_chat([{"role": "user", "content": "Why?"}])[1:]
+        turn = [*prompt, *reply, *question]
+        assert fast._choose(turn)[1] == len(prompt) + len(reply)  # not a whole number of blocks
+        warm_first, cold_first = greedy(fast, turn, 1)[1], greedy(cold, turn, 1)[1]
+        assert float((warm_first - cold_first).abs().max()) < 2.0  # wrong cells are off by 10s
+        assert int(cold_first.argmax()) in warm_first.topk(3).indices.tolist()
+        # the same prompt again: its kept logits, as in the exact mode
+        assert fast._choose(turn)[1] == len(turn)
+    finally:
+        fast.close()
+        cold.close()
+
+
+def test_serve_with_the_fast_prefix_cache_reuses_each_reply_at_once() -> None:
+    """Through the server and the official client: with `--prefix-cache fast`, each turn of a
+    conversation sent the moment the reply ends reports all but its new message as cached."""
+    from servers import ServerProcess
+
+    server = ServerProcess("--engine", "llamacpp", "--prefix-cache", "fast", "--context-length", "2048")
+    try:
+        client = server.client()
+        conversation: list[dict] = []
+        for question in TURNS[:4]:
+            conversation.append({"role": "user", "content": question})
+            reply = client.chat.completions.create(
+                model="smollm2-135m-instruct", messages=conversation, max_tokens=60, temperature=0
+            )
+            usage = reply.usage
+            if len(conversation) > 1:  # the template's turn markers and a short question
+                new = usage.prompt_tokens - usage.prompt_tokens_details.cached_tokens
+                assert 0 < new < 40, (usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens)
+            conversation.append({"role": "assistant", "content": reply.choices[0].message.content})
+    finally:
+        assert server.stop() == 0, server.log
+
+
 def test_running_slots_stay_one_run_so_a_step_is_one_micro_batch(cpp) -> None:
     """llama.cpp evaluates each run of consecutive KV streams as a micro-batch of its own (2x
     the time for 8 rows in reverse order). A step sends its rows in slot order; a new request

@@ -175,3 +175,50 @@ def test_a_request_arriving_during_idle_work_stops_it_and_nothing_is_lost(hf) ->
         entry, shared = warm.prefix.find(turn, None)
         assert shared == (len(prompt) + len(reply)) // 64 * 64 and entry.logits is None
         assert torch.equal(greedy(warm, turn, 1)[1], greedy(cold, turn, 1)[1])
+
+
+def test_the_fast_prefix_cache_keeps_decoded_rows_of_a_padded_batch_as_they_are(hf) -> None:
+    """`--prefix-cache fast`: a finished request's decoded keys and values are kept as they are
+    and shared token by token, taken from its row of the left-padded batch. Two conversations
+    of different lengths decode together; each one's next turn, sent at once, keeps its prompt
+    and whole reply and evaluates only the new message, its logits a cold run's within float
+    noise; nothing is queued for idle work."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from llmhost.engine.backends.transformers import TransformersRunner
+
+    assert wait_for(lambda: hf.running == 0, timeout=30)
+    fast = TransformersRunner(hf.model, hf._cache_kw, 2, 2**30, exact=False)
+    cold = TransformersRunner(hf.model, hf._cache_kw, 2, 2**30)
+    prompts = [
+        hf.encode_chat([{"role": "user", "content": "Tell me about Lisbon."}]),
+        hf.encode_chat(
+            [{"role": "system", "content": "Be brief. " * 20}, {"role": "user", "content": "Hi!"}]
+        ),
+    ]
+    reqs = [
+        SimpleNamespace(prompt_ids=p, seq=SimpleNamespace(cached_tokens=0), adapter=None) for p in prompts
+    ]
+    replies: list[list[int]] = [[], []]
+    with torch.inference_mode():
+        for req in reqs:
+            req.last_token = int(fast.prefill(req).argmax())
+            fast.commit_prefill()
+        for _ in range(40):
+            for req, reply in zip(reqs, replies, strict=True):
+                reply.append(req.last_token)
+            logits = fast.step(reqs)
+            for req, row in zip(reqs, logits, strict=True):
+                req.last_token = int(row.argmax())
+        fast.drop([])
+        assert not fast._redo and not fast.idle_work(lambda: False)
+        question = hf.encode_chat([{"role": "user", "content": "Why?"}])[1:]
+        for prompt, reply in zip(prompts, replies, strict=True):
+            turn = [*prompt, *reply, *question]
+            entry, shared = fast.prefix.find(turn, None)
+            assert shared == len(prompt) + len(reply) and entry.logits is None
+            warm_first, cold_first = greedy(fast, turn, 1)[1], greedy(cold, turn, 1)[1]
+            assert float((warm_first - cold_first).abs().max()) < 1e-2  # padding or a wrong row: far off
+            cold.forget()

@@ -84,6 +84,14 @@ class LoadSettings(BaseSettings):
     max_queue: int = Field(
         64, ge=0, le=100000, description="Most requests waiting for a batch slot; more are refused."
     )
+    prefix_cache: Literal["exact", "fast"] = Field(
+        "exact",
+        description="How the local engines reuse a kept prompt prefix. exact: a greedy reply equals "
+        "a cold run's; a reply's cells are made reusable while the engine is idle, so a next turn "
+        "sent the moment a reply ends prefills that reply too. fast: a reply's cells are reused as "
+        "decoded, as llama-server, vLLM and Ollama do: a next turn prefills only its new message, "
+        "and replies may differ from a cold run's in the logits' last bits.",
+    )
 
     # vLLM only (--engine vllm); the names and meanings are vLLM's own
     tensor_parallel_size: int = Field(

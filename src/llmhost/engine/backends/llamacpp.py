@@ -105,6 +105,10 @@ class LlamaCppRunner:
       prompts are evaluated in blocks of PREFILL_BLOCK positions and only whole blocks are
       reused: every block is then the very batch a cold run evaluates.
 
+    With `exact` off (`--prefix-cache fast`), a reply's decoded cells are reused as they are,
+    token by token, as llama-server does: no reply is evaluated again, and a next turn sent at
+    once prefills only its new message.
+
     The low-level API is used because the binding's `Llama` class decodes one sequence only; that
     object is kept for the model, its tokenizer and metadata.
     """
@@ -115,9 +119,10 @@ class LlamaCppRunner:
     #: 3-8% of single-stream decode speed)
     torch_threads = 1
 
-    def __init__(self, llm: Any, slot_tokens: int, slots: int, threads: int) -> None:
+    def __init__(self, llm: Any, slot_tokens: int, slots: int, threads: int, exact: bool = True) -> None:
         import llama_cpp
 
+        self.exact = exact
         self.max_batch = slots
         self.slot_tokens = slot_tokens
         self.n_vocab = llm.n_vocab()
@@ -214,6 +219,8 @@ class LlamaCppRunner:
         of the prompt's last, partial block that lies in the slot's own last partial block,
         both evaluated in batches below PREFILL_BLOCK rows."""
         n = min(n, len(ids) - 1)
+        if not self.exact:
+            return n
         partial = len(ids) // PREFILL_BLOCK * PREFILL_BLOCK  # where the prompt's last block starts
         own = self.prompted[slot] // PREFILL_BLOCK * PREFILL_BLOCK  # where the slot's starts
         if self.granular and adapter is None and n > partial and own == partial:
@@ -226,7 +233,7 @@ class LlamaCppRunner:
 
     def _fine(self, slot: int) -> bool:
         """Whether a slot's cells past its last whole block may be reused token by token."""
-        return bool(self.granular) and self.slot_adapter[slot] is None
+        return not self.exact or (bool(self.granular) and self.slot_adapter[slot] is None)
 
     def _worth(self, slot: int) -> int:
         """How many tokens a slot's cells can give a later request: what was evaluated as a
@@ -356,7 +363,7 @@ class LlamaCppRunner:
         ids = req.prompt_ids
         if self._chunking is not req:  # a new prompt: its slot, and what it can keep there
             self._retire_pending()
-            if self.granular is None:  # the first prompt: every slot is still empty
+            if self.exact and self.granular is None:  # the first prompt: every slot is still empty
                 self.granular = self._rows_independent()
             source, shared = self._choose(ids, req.adapter)
             slot, stale = self._place(source, shared, ids)
@@ -538,6 +545,9 @@ class LlamaCppRunner:
         self.busy.discard(slot)
         self.idle_since[slot] = time.monotonic()
         held, prompted = self.held[slot], self.prompted[slot]
+        if not self.exact:  # the decoded cells are reused as they are
+            self.prompted[slot] = len(held)
+            return
         gained = len(held) // PREFILL_BLOCK > prompted // PREFILL_BLOCK  # a whole block
         if gained or (self._fine(slot) and len(held) > prompted):  # or, `fine`, any token
             self.redo[slot] = held
@@ -627,6 +637,7 @@ class LlamaCppEngine(LocalEngine):
         )
         self.decoder = _Decoder(llm)
         self.max_queue = settings.max_queue
+        self.exact = settings.prefix_cache == "exact"
         meta = llm.metadata
         eos = {llm.token_eos()}
         for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
@@ -680,4 +691,4 @@ class LlamaCppEngine(LocalEngine):
         return llguidance.llamacpp.lltokenizer_from_vocab(vocab, eos_token=sorted(self.eos_ids))
 
     def runner(self) -> LlamaCppRunner:
-        return LlamaCppRunner(self.llm, self.context_length, self.max_batch, physical_cores())
+        return LlamaCppRunner(self.llm, self.context_length, self.max_batch, physical_cores(), self.exact)

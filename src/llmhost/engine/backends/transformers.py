@@ -52,6 +52,7 @@ class TransformersEngine(LocalEngine):
         max_batch: int = 8,
         max_queue: int = 64,
         prefix_gib: float = DEFAULT_PREFIX_GIB,
+        exact: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -64,6 +65,7 @@ class TransformersEngine(LocalEngine):
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefix_gib = prefix_gib
+        self.exact = exact
 
     @classmethod
     def load(
@@ -110,7 +112,10 @@ class TransformersEngine(LocalEngine):
         model.eval()
         ctx = settings.context_length or _context_length(model.config)
         kept = settings.kv_cache_gib if settings.kv_cache_gib is not None else _default_kept_gib(device)
-        return cls(model, tokenizer, name, ctx, template, settings.max_concurrency, settings.max_queue, kept)
+        exact = settings.prefix_cache == "exact"
+        return cls(
+            model, tokenizer, name, ctx, template, settings.max_concurrency, settings.max_queue, kept, exact
+        )
 
     # -- prompt preparation ---------------------------------------------------------------
 
@@ -136,7 +141,8 @@ class TransformersEngine(LocalEngine):
         return llguidance.hf.from_tokenizer(self.tokenizer, eos_token=sorted(self.eos_ids))
 
     def runner(self) -> TransformersRunner:
-        return TransformersRunner(self.model, self._cache_kw, self.max_batch, int(self.prefix_gib * 2**30))
+        kept = int(self.prefix_gib * 2**30)
+        return TransformersRunner(self.model, self._cache_kw, self.max_batch, kept, self.exact)
 
 
 class TransformersRunner:
@@ -150,10 +156,14 @@ class TransformersRunner:
     kept in a PrefixCache (prefix.py), and a finished reply is evaluated again as prompt blocks
     while the engine is idle (`idle_work`): the next request that starts with the same tokens
     copies whole blocks and prefills the rest, and still equals a cold run, which evaluates the
-    same blocks.
+    same blocks. With `exact` off (`--prefix-cache fast`), a finished request's decoded keys and
+    values are kept as they are and shared token by token: a next turn sent at once prefills only
+    its new message, and may differ from a cold run in the last bits.
     """
 
-    def __init__(self, model: Any, cache_kw: str, max_batch: int, prefix_bytes: int = 0) -> None:
+    def __init__(
+        self, model: Any, cache_kw: str, max_batch: int, prefix_bytes: int = 0, exact: bool = True
+    ) -> None:
         from llmhost.engine.backends.prefix import PrefixCache
         from llmhost.hardware import torch_threads
 
@@ -168,7 +178,9 @@ class TransformersRunner:
         self.block = 512 if gpu else 64  # a GPU evaluates 512 positions about as fast as 64
         self.chunk = 4 * self.block if gpu else 2 * self.block  # ≈0.1-0.3 s of prefill per call
         #: Kept keys and values; cutting them at a block needs plain full-attention layers.
-        self.prefix = PrefixCache(prefix_bytes, self.block) if plain and prefix_bytes > 0 else None
+        self.exact = exact
+        share = self.block if exact else 1  # the unit of reuse: a whole block, or any token
+        self.prefix = PrefixCache(prefix_bytes, share) if plain and prefix_bytes > 0 else None
         self._cache: Any = None
         self._mask: Any = None
         self._staged: tuple[Any, Any] | None = None  # (request, its cache) once its prompt is evaluated
@@ -291,9 +303,15 @@ class TransformersRunner:
     def drop(self, keep: list[int]) -> None:
         import torch
 
+        from llmhost.engine.backends.prefix import Entry
+
         kept = set(keep)
         for i, (tokens, adapter, prompt) in enumerate(self._rows):
-            if i not in kept and self.prefix is not None and len(tokens) // self.block > prompt // self.block:
+            if i in kept or self.prefix is None:
+                continue
+            if not self.exact:  # the decoded keys and values, as they are
+                self.prefix.put(Entry(list(tokens), self._row_layers(i, len(tokens)), adapter))
+            elif len(tokens) // self.block > prompt // self.block:
                 self._redo.append((tokens, adapter))  # a whole block of reply gained
         self._rows = [self._rows[i] for i in keep]
         if not keep:
@@ -306,6 +324,13 @@ class TransformersRunner:
             layer.keys = layer.keys.index_select(0, idx)[:, :, trim:]
             layer.values = layer.values.index_select(0, idx)[:, :, trim:]
         self._mask = self._mask.index_select(0, idx)[:, trim:]
+
+    def _row_layers(self, row: int, n: int) -> list[tuple[Any, Any]]:
+        """A running row's last `n` positions of keys and values (rows are left-padded), copied."""
+        return [
+            (layer.keys[row : row + 1, :, -n:].clone(), layer.values[row : row + 1, :, -n:].clone())
+            for layer in self._cache.layers
+        ]
 
     def idle_work(self, interrupt: Callable[[], bool] | None = None) -> bool:
         """Evaluate one block of a finished reply again, as a prompt block, while no request
