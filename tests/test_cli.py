@@ -81,6 +81,11 @@ def test_generate_reads_stdin_and_raw_mode(tiny_dir):
             2,
             "--engine: Input should be 'auto', 'transformers', 'llamacpp'",
         ),
+        (
+            ["generate", "hi", "--prefix-cache", "lossy"],
+            2,
+            "--prefix-cache: Input should be 'exact' or 'fast'",
+        ),
         (["web", "--host", "0.0.0.0"], 2, "puts the chat page on the network with no login"),
         (["web", "--server", "ftp://example"], 2, "invalid option --server: must be an http(s) URL"),
         (["web", "some-model", "--server", "http://127.0.0.1:9/v1"], 2, "not both"),

@@ -124,6 +124,11 @@ class LoadSettings(BaseSettings):
                 raise ValueError(f"cannot split it like a shell would ({err}): check its quotes") from None
         return value
 
+    @property
+    def exact_prefix(self) -> bool:
+        """Whether a reused prefix must give a cold run's replies (`--prefix-cache exact`)."""
+        return self.prefix_cache == "exact"
+
     def read_chat_template(self) -> str | None:
         """The --chat-template file's text (None when not given); unreadable is a clear error."""
         if self.chat_template is None:

@@ -89,7 +89,8 @@ def _kept(z: np.ndarray, top_p: float, top_k: int) -> tuple[np.ndarray, np.ndarr
     import numpy as np
 
     e = np.exp(z - z.max())
-    need = top_p * float(e.sum(dtype=np.float64))
+    mass = float(e.sum(dtype=np.float64))
+    need = top_p * mass
     ratio = _FIRST_RATIO
     while True:
         ids = np.flatnonzero(e >= ratio)
@@ -102,7 +103,7 @@ def _kept(z: np.ndarray, top_p: float, top_k: int) -> tuple[np.ndarray, np.ndarr
         ids = ids[:top_k]
     weights = e[ids]
     if top_p < 1.0:  # among the top k, as if the rest were masked; else among all
-        total = weights.sum(dtype=np.float64) if top_k else need / top_p
+        total = weights.sum(dtype=np.float64) if top_k else mass
         probs = weights.astype(np.float64) / total  # float32 sums drift over thousands of tokens
         # drop a token when the tokens before it already reach top_p
         keep = max(1, int(((np.cumsum(probs) - probs) < top_p).sum()))
@@ -115,8 +116,8 @@ _FIRST_K = 64
 
 
 def _nucleus(logits: torch.Tensor, top_p: float, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """On a GPU: the logits and ids of the tokens top-k then top-p keep, most likely first: the smallest set
-    whose probability reaches top_p (the first always stays). Found among the `k` most likely
+    """On a GPU: the logits and ids of the tokens top-k then top-p keep, most likely first: the
+    smallest set whose probability reaches top_p (the first always stays). Found among the `k` most likely
     (k grown ×8 until their probability reaches top_p), not by sorting the whole vocabulary: the
     same set a full sort gives, at a fraction of its cost per token."""
     import torch

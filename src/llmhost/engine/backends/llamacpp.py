@@ -637,7 +637,7 @@ class LlamaCppEngine(LocalEngine):
         )
         self.decoder = _Decoder(llm)
         self.max_queue = settings.max_queue
-        self.exact = settings.prefix_cache == "exact"
+        self.exact = settings.exact_prefix
         meta = llm.metadata
         eos = {llm.token_eos()}
         for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):

@@ -112,9 +112,16 @@ class TransformersEngine(LocalEngine):
         model.eval()
         ctx = settings.context_length or _context_length(model.config)
         kept = settings.kv_cache_gib if settings.kv_cache_gib is not None else _default_kept_gib(device)
-        exact = settings.prefix_cache == "exact"
         return cls(
-            model, tokenizer, name, ctx, template, settings.max_concurrency, settings.max_queue, kept, exact
+            model,
+            tokenizer,
+            name,
+            ctx,
+            template,
+            settings.max_concurrency,
+            settings.max_queue,
+            kept,
+            settings.exact_prefix,
         )
 
     # -- prompt preparation ---------------------------------------------------------------
