@@ -9,8 +9,8 @@ top_p 0.9); one stream's time to first token on a short prompt (the same one aga
 one each time); the first request after start; 8 concurrent clients' aggregate tokens/s; a
 chat growing turn by turn, ≈180 prompt tokens at turn 1 (a new trip to plan, so no server has
 it cached) to ≈1,700 at turn 10 (the time to first token at turn 1 and at the last turn, the
-next question sent at once, and after a user's `--think` seconds: llmhost's exact prefix cache
-makes a reply reusable while idle); a 1,600-token prompt arriving while a stream decodes (the
+next question sent at once, and after a user's `--think` seconds); a 1,600-token prompt
+arriving while a stream decodes (the
 stream's longest pause, the long prompt's time to first token). llama-server runs as
 `-t <cores> -np 8 -c 16384 -fa on --jinja`; llmhost with `--engine llamacpp --max-concurrency 8`
 and the same KV cache size. A second table runs the chat rows on llmhost with

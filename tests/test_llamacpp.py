@@ -3,6 +3,7 @@ parameters and scheduler as the transformers engine. Needs `pip install llmhost[
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import threading
 import time
@@ -27,6 +28,26 @@ def cpp():
     engine = load(None, LoadSettings(engine="llamacpp", context_length=2048))
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def blocks():
+    """The engine with ggml's default kernels: the exact scheme that K-quants get (whole blocks,
+    replies made reusable while idle), here on the embedded model."""
+    from llmhost.engine.backends.llamacpp import LlamaCppEngine
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LlamaCppEngine, "reference_kernels", False)
+        engine = load(None, LoadSettings(engine="llamacpp", context_length=2048))
+    assert engine.scheduler.runner.invariant is False
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(params=["reference", "blocks"])
+def either(request):
+    """Each exact scheme in turn: reference kernels (the embedded model's) and whole blocks."""
+    return request.getfixturevalue("cpp" if request.param == "reference" else "blocks")
 
 
 def test_greedy_equals_the_bindings_own_sampler(cpp) -> None:
@@ -190,17 +211,17 @@ def _settled(engine) -> bool:
     return wait_for(lambda: engine.running == 0 and not engine.scheduler.runner.redo, timeout=30)
 
 
-def test_a_conversations_next_turn_reuses_its_prefix_and_equals_a_cold_run(cpp) -> None:
-    """Each turn prefills only the new question and the rest of the last block: the previous
-    reply, decoded one token at a time, was evaluated again as prompt blocks while the engine
-    was idle, so that the next turn reuses it and still equals a cold run."""
+def test_a_conversations_next_turn_reuses_its_prefix_and_equals_a_cold_run(either) -> None:
+    """Each turn prefills only the new question (and, with whole blocks, the rest of the last
+    block) and still equals a cold run: the previous reply's decoded cells are a cold run's
+    (reference kernels), or the reply was evaluated again as prompt blocks while idle."""
     params = GenerationParams(temperature=0, max_new_tokens=80)
     conversation, cached = [], []
     for question in TURNS:
         conversation.append({"role": "user", "content": question})
-        assert _settled(cpp)
-        warm = cpp.generate(conversation, params)
-        cold = _cold(cpp, conversation, params)
+        assert _settled(either)
+        warm = either.generate(conversation, params)
+        cold = _cold(either, conversation, params)
         assert warm.token_ids == cold.token_ids, question
         assert cold.cached_tokens == 0
         cached.append((warm.cached_tokens, warm.prompt_tokens))
@@ -210,6 +231,8 @@ def test_a_conversations_next_turn_reuses_its_prefix_and_equals_a_cold_run(cpp) 
     assert all(c < p for c, p in cached)
     question_tokens = 40  # the template's turn markers and a short question
     assert all(p - c < 64 + question_tokens for c, p in cached[1:]), cached  # the reply was reused
+    if either.scheduler.runner.invariant:  # all of it, its last partial block too
+        assert all(p - c < question_tokens for c, p in cached[1:]), cached
 
 
 def test_the_same_prompt_again_starts_from_its_kept_logits(cpp) -> None:
@@ -224,22 +247,22 @@ def test_the_same_prompt_again_starts_from_its_kept_logits(cpp) -> None:
     assert cpp.generate(QUESTION, sampled).token_ids == _cold(cpp, QUESTION, sampled).token_ids
 
 
-def test_a_new_question_after_the_same_short_prefix_reuses_it_token_by_token(cpp) -> None:
+def test_a_new_question_after_the_same_short_prefix_reuses_it_token_by_token(blocks) -> None:
     """Short prompts lie in their first, partial block. This model's rows are independent below
     64 (measured at load: `granular`), so a new prompt reuses the tokens it shares with the
     slot's partial block (the template's default system prompt), not only whole blocks, and
     still equals a cold run. Without that measurement only whole blocks are reused."""
     params = GenerationParams(temperature=0, max_new_tokens=16)
-    runner = cpp.scheduler.runner
+    runner = blocks.scheduler.runner
     assert runner.granular  # Q4_1: llama.cpp's CPU kernels give a row the same numbers below 64 rows
     first = [{"role": "user", "content": "Hi! I am visitor 1."}]
     second = [{"role": "user", "content": "Hi! I am visitor 2, from Lisbon."}]
-    _cold(cpp, first, params)
-    reply = cpp.generate(second, params)
+    _cold(blocks, first, params)
+    reply = blocks.generate(second, params)
     assert 0 < reply.cached_tokens < reply.prompt_tokens and reply.cached_tokens % 64, reply.cached_tokens
-    assert reply.token_ids == _cold(cpp, second, params).token_ids
-    assert wait_for(lambda: cpp.running == 0, timeout=10)
-    held, ids = cpp.encode_chat(second), cpp.encode_chat(first)  # the slot holds the cold run's
+    assert reply.token_ids == _cold(blocks, second, params).token_ids
+    assert wait_for(lambda: blocks.running == 0, timeout=10)
+    held, ids = blocks.encode_chat(second), blocks.encode_chat(first)  # the slot holds the cold run's
     slot = next(s for s in range(runner.max_batch) if runner.held[s][: len(held)] == held)
     n = next(i for i, (x, y) in enumerate(zip(held, ids, strict=False)) if x != y)
     assert runner._reusable(slot, ids, n, None) == n
@@ -250,41 +273,41 @@ def test_a_new_question_after_the_same_short_prefix_reuses_it_token_by_token(cpp
         runner.granular = True
 
 
-def test_a_short_reply_in_a_partial_block_is_made_again_and_the_next_turn_reuses_all_of_it(cpp) -> None:
+def test_a_short_reply_in_a_partial_block_is_made_again_and_the_next_turn_reuses_all_of_it(blocks) -> None:
     """Rows being independent below 64 (`granular`), the idle work evaluates a reply's last,
     partial block again too: a next turn whose prompt ends in that same block (short turns)
     prefills only its new message, and still equals a cold run."""
     params = GenerationParams(temperature=0, max_new_tokens=6)
     conversation = [{"role": "user", "content": "Hi!"}]
-    first = _cold(cpp, conversation, params)
+    first = _cold(blocks, conversation, params)
     conversation += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Ok."}]
-    assert _settled(cpp)
-    warm = cpp.generate(conversation, params)
+    assert _settled(blocks)
+    warm = blocks.generate(conversation, params)
     assert warm.prompt_tokens < 64  # one partial block: before, only its prompt part was reused
     assert warm.cached_tokens > first.prompt_tokens, (warm.cached_tokens, first.prompt_tokens)
     assert warm.cached_tokens >= first.prompt_tokens + len(first.token_ids) - 1
-    assert warm.token_ids == _cold(cpp, conversation, params).token_ids
+    assert warm.token_ids == _cold(blocks, conversation, params).token_ids
 
 
-def test_a_conversation_goes_on_in_its_own_slot_and_short_prompts_keep_theirs(cpp) -> None:
+def test_a_conversation_goes_on_in_its_own_slot_and_short_prompts_keep_theirs(blocks) -> None:
     """Each next turn, even sent the moment the reply ends, decodes in the slot that holds the
     turn before (it loses only the tail of the reply it carries on from): no copies of stale
     turns in other slots, so the slots holding short prompts keep them, and a new short
     prompt after a long chat still reuses the system prompt in their partial block."""
-    runner = cpp.scheduler.runner
+    runner = blocks.scheduler.runner
     params = GenerationParams(temperature=0, max_new_tokens=60)
-    _cold(cpp, [{"role": "user", "content": "Hi! I am visitor 1."}], GenerationParams(max_new_tokens=4))
+    _cold(blocks, [{"role": "user", "content": "Hi! I am visitor 1."}], GenerationParams(max_new_tokens=4))
     conversation = []
     for turn, question in enumerate(TURNS[:5]):
         conversation.append({"role": "user", "content": question})
-        reply = cpp.generate(conversation, params)  # no waiting for the idle work
+        reply = blocks.generate(conversation, params)  # no waiting for the idle work
         conversation.append({"role": "assistant", "content": reply.text})
         if turn == 0:  # the next turn comes while the reply is being made again (half done)
             assert wait_for(lambda: any(len(runner.held[s]) < len(t) for s, t in runner.redo.items()), 10)
-    assert _settled(cpp)  # replies made again in other slots would show now
+    assert _settled(blocks)  # replies made again in other slots would show now
     assert sum(len(held) > 64 for held in runner.held) == 1, [len(h) for h in runner.held]
     new = [{"role": "user", "content": "Hi! I am visitor 2, from Lisbon."}]
-    assert cpp.generate(new, GenerationParams(max_new_tokens=4)).cached_tokens > 0
+    assert blocks.generate(new, GenerationParams(max_new_tokens=4)).cached_tokens > 0
 
 
 def test_shared_system_prompts_interleaved_and_edited_conversations_equal_cold_runs(cpp) -> None:
@@ -412,7 +435,7 @@ def test_serve_with_llamacpp_through_the_official_client() -> None:
             **{**kw, "messages": [system, {"role": "user", "content": "Name a river."}]}
         )
         again = client.chat.completions.create(**{**kw, "messages": long})
-        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        assert first.usage.prompt_tokens_details.cached_tokens < 8  # the template's opening (QUESTION's)
         shared = other.usage.prompt_tokens_details.cached_tokens
         assert shared >= 192  # the system prompt: its whole blocks, and the part in the last one
         cached = again.usage.prompt_tokens_details.cached_tokens
@@ -469,8 +492,8 @@ def test_a_request_arriving_during_idle_work_aborts_it_and_nothing_is_lost(cpp) 
     from llmhost.engine.backends.llamacpp import LlamaCppRunner, physical_cores
     from runners import greedy
 
-    warm = LlamaCppRunner(cpp.llm, 1024, 2, physical_cores())
-    cold = LlamaCppRunner(cpp.llm, 1024, 2, physical_cores())
+    warm = LlamaCppRunner(cpp.llm, 1024, 2, physical_cores(), reference=False)  # K-quants' scheme
+    cold = LlamaCppRunner(cpp.llm, 1024, 2, physical_cores(), reference=False)
     try:
         prompt = cpp.encode_chat([{"role": "user", "content": "Tell me about Lisbon."}])
         reply, _ = greedy(warm, prompt, 150)
@@ -512,6 +535,130 @@ def test_the_fast_prefix_cache_reuses_a_reply_as_decoded_with_no_idle_work(cpp) 
     finally:
         fast.close()
         cold.close()
+
+
+def test_reference_kernels_make_a_replys_decoded_cells_those_of_a_cold_run(cpp) -> None:
+    """The exact default on the embedded model (Q4_1): ggml's reference kernels compute every
+    position alike in any batch (measured at load: `invariant`), so a finished reply's cells,
+    decoded one token at a time past 256 cells (where the default kernels split a lone row's
+    attention between the threads), are reused as they are: a next turn sent at once keeps
+    prompt and reply, nothing is queued for idle work, and its logits equal a cold runner's bit
+    for bit. With the default kernels (`fast`) the same reuse is off (the control)."""
+    from llmhost.engine.backends.llamacpp import LlamaCppRunner, physical_cores
+    from runners import greedy
+
+    assert cpp.scheduler.runner.invariant and cpp.scheduler.runner.backends
+    runners = [LlamaCppRunner(cpp.llm, 1024, 2, physical_cores(), exact=e) for e in (True, False, True)]
+    warm, fast, cold = runners
+    try:
+        prompt = cpp.encode_chat([{"role": "user", "content": "Tell me about Lisbon."}])
+        question = cpp.encode_chat([{"role": "user", "content": "Why?"}])[1:]
+        diffs = []
+        for runner in (warm, fast):
+            reply, _ = greedy(runner, prompt, 300)
+            assert len(prompt) + len(reply) > 300 and not runner.redo and not runner.idle_work(lambda: False)
+            turn = [*prompt, *reply, *question]
+            assert runner._choose(turn)[1] == len(prompt) + len(reply)  # not a whole number of blocks
+            diffs.append(float((greedy(runner, turn, 1)[1] - greedy(cold, turn, 1)[1]).abs().max()))
+        assert warm.invariant and diffs[0] == 0.0
+        assert diffs[1] > 0.0, "the default kernels' decoded cells were a cold run's too"
+    finally:
+        for runner in runners:
+            runner.close()
+
+
+def test_the_cpu_backend_is_found_under_a_context_and_without_it_the_blocks_scheme_stays(
+    cpp, monkeypatch
+) -> None:
+    """`ggml_cpu` finds the one CPU backend of each context (llama.cpp hands it to the abort
+    callback's setter) and puts the registry's lookup back; where ggml's libraries cannot be
+    reached, no backend is found and the runner measures itself onto the blocks scheme."""
+    from llmhost.engine.backends import ggml_cpu
+    from llmhost.engine.backends.llamacpp import LlamaCppRunner, physical_cores
+    from runners import greedy
+
+    libs = ggml_cpu._load()
+    assert libs is not None
+    reg = libs.ggml.ggml_backend_reg_by_name(b"CPU")
+    before = ctypes.c_void_p.from_address(reg + ggml_cpu._PROC_OFFSET).value
+    runner = LlamaCppRunner(cpp.llm, 256, 1, physical_cores())
+    try:
+        (backend,) = runner.backends
+        assert libs.cpu.ggml_backend_is_cpu(backend) and backend not in cpp.scheduler.runner.backends
+        assert ctypes.c_void_p.from_address(reg + ggml_cpu._PROC_OFFSET).value == before
+    finally:
+        runner.close()
+    monkeypatch.setattr(ggml_cpu, "_load", lambda: None)
+    runner = LlamaCppRunner(cpp.llm, 1024, 1, physical_cores())
+    try:
+        assert runner.backends == []
+        greedy(runner, cpp.encode_chat(QUESTION), 8)
+        assert runner.invariant is False and runner.granular and runner.redo  # the reply, made again
+    finally:
+        runner.close()
+
+
+def test_reference_kernels_make_a_long_reply_the_same_alone_and_beside_others(cpp) -> None:
+    """A request decoding alone past 256 cells took the default kernels' split attention and
+    beside others did not (logits off by up to 1.3); with the reference kernels its teacher-
+    forced logits are bit-identical alone and beside another request's row."""
+    from types import SimpleNamespace
+
+    from llmhost.engine.backends.llamacpp import LlamaCppRunner, physical_cores
+
+    def request(text: str) -> SimpleNamespace:
+        ids = cpp.encode_chat([{"role": "user", "content": text}])
+        return SimpleNamespace(prompt_ids=ids, seq=SimpleNamespace(cached_tokens=0), adapter=None)
+
+    runner = LlamaCppRunner(cpp.llm, 1024, 2, physical_cores())
+    try:
+        long_prompt = "Write a story about a dragon who learns to cook. " * 24  # ≈280 tokens
+        runs = []
+        for company in (False, True):
+            runner.forget()
+            rows = [request(long_prompt)]
+            if company:
+                rows.insert(0, request("Count to ten."))
+            logits = []
+            for req in rows:
+                logits = [runner.prefill(req)]
+                runner.commit_prefill()
+                req.last_token = int(logits[0].argmax())
+            assert len(rows[-1].prompt_ids) > 256
+            for step in range(12):
+                logits.append(runner.step(rows)[-1])
+                for req in rows:
+                    req.last_token = 100 + step  # the same forced tokens each time
+            runner.drop([])
+            runs.append(logits)
+        assert max(float((a - b).abs().max()) for a, b in zip(*runs, strict=True)) == 0.0
+    finally:
+        runner.close()
+
+
+def test_serve_exact_reuses_each_reply_at_once_and_equals_cold_runs(cpp) -> None:
+    """Through the server and the official client, the default `--prefix-cache exact`: each turn
+    of a conversation sent the moment the reply ends reports all but its new message as cached,
+    and every reply equals a cold run's (the in-process engine, cache emptied first)."""
+    from servers import ServerProcess
+
+    server = ServerProcess("--engine", "llamacpp", "--context-length", "2048")
+    try:
+        client = server.client()
+        conversation: list[dict] = []
+        for question in TURNS[:4]:
+            conversation.append({"role": "user", "content": question})
+            reply = client.chat.completions.create(
+                model="smollm2-135m-instruct", messages=conversation, max_tokens=60, temperature=0
+            )
+            usage, text = reply.usage, reply.choices[0].message.content
+            if len(conversation) > 1:  # the template's turn markers and a short question
+                new = usage.prompt_tokens - usage.prompt_tokens_details.cached_tokens
+                assert 0 < new < 40, (usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens)
+            assert text == _cold(cpp, conversation, GenerationParams(temperature=0, max_new_tokens=60)).text
+            conversation.append({"role": "assistant", "content": text})
+    finally:
+        assert server.stop() == 0, server.log
 
 
 def test_serve_with_the_fast_prefix_cache_reuses_each_reply_at_once() -> None:

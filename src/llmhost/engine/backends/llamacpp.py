@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llmhost.config import LoadSettings
+from llmhost.engine.backends import ggml_cpu
 from llmhost.engine.backends.gguf import GGUFReadError, check_readable
 from llmhost.engine.backends.prefix import common_prefix
 from llmhost.engine.local import LocalEngine
@@ -101,13 +102,19 @@ class LlamaCppRunner:
       the split differs by up to 1.1), and freeing cells lets running sequences' next tokens
       land out of position order (up to 1.5). A stream per slot holds one sequence from cell 0,
       as a cold run does, so none of this happens, and freeing is exact;
-    - a position's numbers also depend on which tokens were evaluated with it in one batch, so
-      prompts are evaluated in blocks of PREFILL_BLOCK positions and only whole blocks are
-      reused: every block is then the very batch a cold run evaluates.
+    - a position's numbers also depend on which tokens were evaluated with it in one batch:
+      ggml's default attention kernels tile prompt blocks of 64 rows and split a lone decode
+      step's KV cells between the threads (`ggml_cpu`). Its reference kernels compute every
+      position alike in any batch for most quantizations, measured at the first prefill
+      (`invariant`): then a slot's cells are reused as they are, token by token, a reply's
+      decoded cells included, and a next turn sent at once prefills only its new message.
+      Where they do not (K-quants' repacked matmuls vary with the row count), prompts are
+      evaluated in blocks of PREFILL_BLOCK positions, only whole blocks are reused (every block
+      is the very batch a cold run evaluates), and a reply is evaluated again as prompt blocks
+      while the engine is idle (`idle_work`).
 
-    With `exact` off (`--prefix-cache fast`), a reply's decoded cells are reused as they are,
-    token by token, as llama-server does: no reply is evaluated again, and a next turn sent at
-    once prefills only its new message.
+    With `exact` off (`--prefix-cache fast`), the default kernels are kept and a reply's decoded
+    cells are reused as they are, as llama-server does, whatever they round to.
 
     The low-level API is used because the binding's `Llama` class decodes one sequence only; that
     object is kept for the model, its tokenizer and metadata.
@@ -119,7 +126,9 @@ class LlamaCppRunner:
     #: 3-8% of single-stream decode speed)
     torch_threads = 1
 
-    def __init__(self, llm: Any, slot_tokens: int, slots: int, threads: int, exact: bool = True) -> None:
+    def __init__(
+        self, llm: Any, slot_tokens: int, slots: int, threads: int, exact: bool = True, reference: bool = True
+    ) -> None:
         import llama_cpp
 
         self.exact = exact
@@ -164,10 +173,65 @@ class LlamaCppRunner:
         self.adapters: dict[str, Any] = {}
         self.slot_adapter: list[str | None] = [None] * slots  # what each slot's cells were made with
         self._applied: str | None = None
-        #: Whether the part of a prompt past its last whole block may be reused token by token:
-        #: measured at the first prefill (the engine's warm-up), on the thread that decodes. A
-        #: decode from another thread (this constructor's) left later ones a third slower.
+        #: The context's CPU backends, whose reference kernels `exact` tries (`reference`: the
+        #: tests of the other scheme turn them off).
+        self.backends = ggml_cpu.cpu_backends(self.ctx) if exact and reference else []
+        #: Measured at the first prefill (the engine's warm-up), on the thread that decodes (a
+        #: decode from another thread, this constructor's, left later ones a third slower):
+        #: whether every position computes alike in any batch, a decode step alone included,
+        #: under the reference kernels (then they stay on) ...
+        self.invariant: bool | None = None
+        #: ... and whether the part of a prompt past its last whole block may be reused token
+        #: by token (true where `invariant`).
         self.granular: bool | None = None
+
+    def _measure(self) -> None:
+        """Which exactness scheme this model gets here (see the class notes); logged."""
+        self.invariant = False
+        if self.backends:
+            ggml_cpu.set_reference(self.backends, True)
+            self.invariant = self._decoded_equal_prefilled()
+            if not self.invariant:
+                ggml_cpu.set_reference(self.backends, False)
+        self.granular = self.invariant or self._rows_independent()
+        log.info(
+            "llama.cpp, exact prefix cache: %s",
+            "reference kernels, every cell reused as it is (a reply's too)"
+            if self.invariant
+            else "a reply's cells are made reusable while idle; "
+            + ("partial blocks reused" if self.granular else "whole blocks reused"),
+        )
+
+    def _decoded_equal_prefilled(self) -> bool:
+        """Whether a prompt's last logits come out the same evaluated as prompt blocks (one
+        whole, one partial) and as one whole block then decode steps, alone and beside another
+        slot's row (a stream copy): a reply's decoded cells are then the cells a cold run of the
+        next turn makes. Costs a prefill of 96 tokens and 32 decode steps, once."""
+        import llama_cpp
+
+        n = PREFILL_BLOCK + PREFILL_BLOCK // 2
+        ids = self._probe(n)
+        slots = [0, 1] if self.max_batch > 1 else [0]
+        for s in slots:
+            llama_cpp.llama_memory_seq_rm(self.memory, s, -1, -1)
+        for start in (0, PREFILL_BLOCK):
+            part = ids[start : start + PREFILL_BLOCK]
+            self._decode([(t, start + i, 0, start + i == n - 1) for i, t in enumerate(part)])
+        prefilled = self._logits(n - 1 - PREFILL_BLOCK)
+        llama_cpp.llama_memory_seq_rm(self.memory, 0, -1, -1)
+        self._decode([(t, i, 0, False) for i, t in enumerate(ids[:PREFILL_BLOCK])])
+        for s in slots[1:]:
+            llama_cpp.llama_memory_seq_cp(self.memory, 0, s, -1, -1)
+        for pos in range(PREFILL_BLOCK, n):
+            self._decode([(ids[pos], pos, s, pos == n - 1) for s in slots])
+        decoded = [self._logits(i) for i in range(len(slots))]
+        for s in slots:
+            llama_cpp.llama_memory_seq_rm(self.memory, s, -1, -1)
+        return all(bool((d == prefilled).all()) for d in decoded)
+
+    def _probe(self, n: int) -> list[int]:
+        """`n` ordinary tokens to measure with (which ones does not matter)."""
+        return [(i * 7919) % (self.n_vocab - 256) + 128 for i in range(n)]
 
     def _rows_independent(self) -> bool:
         """Whether llama.cpp computes a position alike in any batch below PREFILL_BLOCK rows for
@@ -180,7 +244,7 @@ class LlamaCppRunner:
         import llama_cpp
 
         n = PREFILL_BLOCK - 1
-        ids = [(i * 7919) % (self.n_vocab - 256) + 128 for i in range(n)]  # any tokens will do
+        ids = self._probe(n)
         last = []
         for sizes in ([n], [1, n // 2 - 1, n - n // 2]):
             llama_cpp.llama_memory_seq_rm(self.memory, 0, -1, -1)
@@ -219,7 +283,7 @@ class LlamaCppRunner:
         of the prompt's last, partial block that lies in the slot's own last partial block,
         both evaluated in batches below PREFILL_BLOCK rows."""
         n = min(n, len(ids) - 1)
-        if not self.exact:
+        if self._as_decoded(adapter):
             return n
         partial = len(ids) // PREFILL_BLOCK * PREFILL_BLOCK  # where the prompt's last block starts
         own = self.prompted[slot] // PREFILL_BLOCK * PREFILL_BLOCK  # where the slot's starts
@@ -230,6 +294,12 @@ class LlamaCppRunner:
     def _free(self) -> list[int]:
         """Slots no request holds (neither running nor being prefilled)."""
         return [s for s in range(self.max_batch) if s not in self.busy and s != self._pending]
+
+    def _as_decoded(self, adapter: str | None) -> bool:
+        """Whether cells made with `adapter` are reused as they are, token by token, decoded ones
+        included: `fast`, or exact where the model is `invariant` (the plain model: LoRA's own
+        matmuls were not measured)."""
+        return not self.exact or (bool(self.invariant) and adapter is None)
 
     def _fine(self, slot: int) -> bool:
         """Whether a slot's cells past its last whole block may be reused token by token."""
@@ -364,7 +434,7 @@ class LlamaCppRunner:
         if self._chunking is not req:  # a new prompt: its slot, and what it can keep there
             self._retire_pending()
             if self.exact and self.granular is None:  # the first prompt: every slot is still empty
-                self.granular = self._rows_independent()
+                self._measure()
             source, shared = self._choose(ids, req.adapter)
             slot, stale = self._place(source, shared, ids)
             if slot != source and not stale:
@@ -545,7 +615,7 @@ class LlamaCppRunner:
         self.busy.discard(slot)
         self.idle_since[slot] = time.monotonic()
         held, prompted = self.held[slot], self.prompted[slot]
-        if not self.exact:  # the decoded cells are reused as they are
+        if self._as_decoded(self.slot_adapter[slot]):  # the decoded cells are reused as they are
             self.prompted[slot] = len(held)
             return
         gained = len(held) // PREFILL_BLOCK > prompted // PREFILL_BLOCK  # a whole block
@@ -615,6 +685,9 @@ def load(ref: ModelRef, settings: LoadSettings) -> LlamaCppEngine:
 class LlamaCppEngine(LocalEngine):
     kind = "llamacpp"
     serves_adapters = True
+    #: Whether the exact prefix cache tries ggml's reference kernels (`LlamaCppRunner`); off, it
+    #: gets the scheme K-quants get (the tests of that scheme turn it off)
+    reference_kernels = True
 
     def __init__(self, llm: Any, name: str, template: str | None, settings: LoadSettings) -> None:
         import llama_cpp
@@ -691,4 +764,7 @@ class LlamaCppEngine(LocalEngine):
         return llguidance.llamacpp.lltokenizer_from_vocab(vocab, eos_token=sorted(self.eos_ids))
 
     def runner(self) -> LlamaCppRunner:
-        return LlamaCppRunner(self.llm, self.context_length, self.max_batch, physical_cores(), self.exact)
+        cores = physical_cores()
+        return LlamaCppRunner(
+            self.llm, self.context_length, self.max_batch, cores, self.exact, self.reference_kernels
+        )
