@@ -636,13 +636,15 @@ def test_reference_kernels_make_a_long_reply_the_same_alone_and_beside_others(cp
         runner.close()
 
 
-def test_serve_exact_reuses_each_reply_at_once_and_equals_cold_runs(cpp) -> None:
-    """Through the server and the official client, the default `--prefix-cache exact`: each turn
-    of a conversation sent the moment the reply ends reports all but its new message as cached,
-    and every reply equals a cold run's (the in-process engine, cache emptied first)."""
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_serve_reuses_each_reply_at_once(cpp, mode) -> None:
+    """Through the server and the official client, with either prefix cache: each turn of a
+    conversation sent the moment the reply ends reports all but its new message as cached; with
+    `exact`, the default, every reply also equals a cold run's (the in-process engine, its cache
+    emptied first)."""
     from servers import ServerProcess
 
-    server = ServerProcess("--engine", "llamacpp", "--context-length", "2048")
+    server = ServerProcess("--engine", "llamacpp", "--prefix-cache", mode, "--context-length", "2048")
     try:
         client = server.client()
         conversation: list[dict] = []
@@ -655,31 +657,10 @@ def test_serve_exact_reuses_each_reply_at_once_and_equals_cold_runs(cpp) -> None
             if len(conversation) > 1:  # the template's turn markers and a short question
                 new = usage.prompt_tokens - usage.prompt_tokens_details.cached_tokens
                 assert 0 < new < 40, (usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens)
-            assert text == _cold(cpp, conversation, GenerationParams(temperature=0, max_new_tokens=60)).text
+            if mode == "exact":
+                cold = _cold(cpp, conversation, GenerationParams(temperature=0, max_new_tokens=60))
+                assert text == cold.text
             conversation.append({"role": "assistant", "content": text})
-    finally:
-        assert server.stop() == 0, server.log
-
-
-def test_serve_with_the_fast_prefix_cache_reuses_each_reply_at_once() -> None:
-    """Through the server and the official client: with `--prefix-cache fast`, each turn of a
-    conversation sent the moment the reply ends reports all but its new message as cached."""
-    from servers import ServerProcess
-
-    server = ServerProcess("--engine", "llamacpp", "--prefix-cache", "fast", "--context-length", "2048")
-    try:
-        client = server.client()
-        conversation: list[dict] = []
-        for question in TURNS[:4]:
-            conversation.append({"role": "user", "content": question})
-            reply = client.chat.completions.create(
-                model="smollm2-135m-instruct", messages=conversation, max_tokens=60, temperature=0
-            )
-            usage = reply.usage
-            if len(conversation) > 1:  # the template's turn markers and a short question
-                new = usage.prompt_tokens - usage.prompt_tokens_details.cached_tokens
-                assert 0 < new < 40, (usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens)
-            conversation.append({"role": "assistant", "content": reply.choices[0].message.content})
     finally:
         assert server.stop() == 0, server.log
 
