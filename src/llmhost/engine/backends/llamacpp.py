@@ -203,21 +203,22 @@ class LlamaCppRunner:
         )
 
     def _decoded_equal_prefilled(self) -> bool:
-        """Whether a prompt's last logits come out the same evaluated as prompt blocks (one
-        whole, one partial) and as one whole block then decode steps, alone and beside another
-        slot's row (a stream copy): a reply's decoded cells are then the cells a cold run of the
-        next turn makes. Costs a prefill of 96 tokens and 32 decode steps, once."""
+        """Whether a prompt's last logits come out the same evaluated as a partial block then a
+        whole one, and as a whole block then decode steps, alone and beside another slot's row
+        (a stream copy): every cell took a different batch each way, so a reply's decoded cells
+        are then the cells a cold run of the next turn makes, in whatever block it puts them.
+        Costs a prefill of 96 tokens, another of 64 and 32 decode steps, once."""
         import llama_cpp
 
-        n = PREFILL_BLOCK + PREFILL_BLOCK // 2
+        half = PREFILL_BLOCK // 2
+        n = PREFILL_BLOCK + half
         ids = self._probe(n)
         slots = [0, 1] if self.max_batch > 1 else [0]
         for s in slots:
             llama_cpp.llama_memory_seq_rm(self.memory, s, -1, -1)
-        for start in (0, PREFILL_BLOCK):
-            part = ids[start : start + PREFILL_BLOCK]
-            self._decode([(t, start + i, 0, start + i == n - 1) for i, t in enumerate(part)])
-        prefilled = self._logits(n - 1 - PREFILL_BLOCK)
+        for start, end in ((0, half), (half, n)):
+            self._decode([(ids[p], p, 0, p == n - 1) for p in range(start, end)])
+        prefilled = self._logits(n - 1 - half)
         llama_cpp.llama_memory_seq_rm(self.memory, 0, -1, -1)
         self._decode([(t, i, 0, False) for i, t in enumerate(ids[:PREFILL_BLOCK])])
         for s in slots[1:]:
