@@ -66,19 +66,20 @@ class _Libs:
 
 
 _libs: _Libs | None = None
+_unreachable = False  # tried once and failed: not tried (nor logged) again for every runner
 #: the recording function and the lookup while it is installed: ctypes callbacks must outlive
 #: every call into them, including one another thread began just before the lookup was restored
 _keep: list[Any] = []
 
 
 def _load() -> _Libs | None:
-    global _libs
-    if _libs is None:
+    global _libs, _unreachable
+    if _libs is None and not _unreachable:
         try:
             _libs = _Libs()
         except (OSError, AttributeError, ImportError) as err:
+            _unreachable = True
             log.info("llama.cpp's CPU backend cannot be reached (%s): its default kernels stay", err)
-            return None
     return _libs
 
 
