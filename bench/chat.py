@@ -64,7 +64,7 @@ KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 2  # SmolLM2-135M: 30 layers, 3 KV heads 
 
 
 class LlamaServer:
-    def __init__(self, gguf: Path, threads: int) -> None:
+    def __init__(self, gguf: Path, threads: int, repack: bool) -> None:
         import socket
 
         with socket.socket() as s:
@@ -72,6 +72,7 @@ class LlamaServer:
             port = s.getsockname()[1]
         cmd = [str(LLAMA_SERVER), "-m", str(gguf), "-t", str(threads), "-np", "8", "-c", str(CTX)]
         cmd += ["-fa", "on", "--jinja", "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
+        cmd += [] if repack else ["--no-repack"]  # as llmhost decided for this CPU (AMX may fault)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -189,18 +190,21 @@ def main() -> None:
     args = parser.parse_args()
     if not LLAMA_SERVER.exists():
         sys.exit(f"{LLAMA_SERVER} is missing: run `make llama-server` first")
+    from llmhost.engine.backends.ggml_repack import decide
     from llmhost.hardware import physical_cores
     from llmhost.store.embedded import embedded_gguf
 
     gguf, _ = embedded_gguf()
     threads = physical_cores()
+    repack = bool(decide("auto", gguf).use)  # the weights' layout both servers use
+    print(f"weight repack: {'on' if repack else 'off'}", flush=True)
     kv_gib = CTX * KV_BYTES_PER_TOKEN / 2**30
     names = ("llama-server", "llmhost", "llmhost fast")
     rows: dict[str, dict[str, list[float]]] = {name: {} for name in names}
     for _ in range(args.rounds):
         for name in names:  # a fresh server per round: the first request after start is a row
             if name == "llama-server":
-                server = LlamaServer(gguf, threads)
+                server = LlamaServer(gguf, threads, repack)
             else:
                 flags = ["--max-concurrency", "8", "--kv-cache-gib", f"{kv_gib:.4f}"]
                 if name == "llmhost fast":

@@ -56,12 +56,11 @@ def in_process(which: str, tokens: int, clients: int) -> dict:
 
 def native(engine, tokens: int, clients: int) -> dict:
     """The binding's own generate loop, no llmhost on top; one sequence at a time."""
-    from llama_cpp import Llama
-
-    from llmhost.hardware import physical_cores
+    from llmhost.engine.backends.ggml_repack import open_model
     from llmhost.store.embedded import embedded_gguf
 
-    llm = Llama(model_path=str(embedded_gguf()[0]), n_ctx=2048, n_threads=physical_cores(), verbose=False)
+    # the weight repack llmhost's engine uses here (off where this CPU's AMX faults)
+    llm = open_model(embedded_gguf()[0], bool(engine.llm.model_params.use_extra_bufts), n_ctx=2048)
     ids = engine.encode_chat(STORY)
 
     def run() -> tuple[float, float, int]:

@@ -6,7 +6,9 @@ so unit tests run the real loading and decoding code in milliseconds per token.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -33,6 +35,23 @@ if _vllm.exists():
     os.environ.setdefault("LLMHOST_VLLM_PYTHON", str(_vllm))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_process_outlives_the_run():
+    """Whatever a test started and left running (a server a failed test did not stop) ends with
+    the session. (A crash of pytest itself: the servers die with it, procs.owned_popen.)"""
+    yield
+    import psutil
+
+    left = psutil.Process().children(recursive=True)
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(left, timeout=10)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
 @pytest.fixture(scope="session")
 def home() -> Path:
     return Path(_home)
@@ -51,6 +70,33 @@ def embedded(embedded_dir: Path):
     from llmhost.engine import load
 
     return load()
+
+
+def words(text: str) -> str:
+    """A text's words, letters and digits only, one space apart: what a page or a terminal shows
+    of a reply once markdown rendering and wrapping are set aside."""
+    return " ".join(re.findall(r"\w+", text))
+
+
+@pytest.fixture(scope="session")
+def embedded_says(embedded):
+    """`embedded_says(question)`: the start of the embedded model's greedy answer, computed here.
+    A model's words come from its kernels, which differ between CPUs (AVX2, AVX-512, AMX), so a
+    front end's reply is compared with this reference from the same machine and engine, never
+    with a word one CPU happens to produce. The last word is dropped: it may be cut mid-word."""
+    from llmhost.engine import GenerationParams
+
+    said: dict[str, str] = {}
+
+    def says(question: str) -> str:
+        if question not in said:
+            messages = [{"role": "user", "content": question}]
+            reply = embedded.generate(messages, GenerationParams(temperature=0, max_new_tokens=12)).text
+            said[question] = words(reply).rpartition(" ")[0]
+            assert said[question], f"the reference reply {reply!r} has too few words to compare"
+        return said[question]
+
+    return says
 
 
 @pytest.fixture(scope="session")

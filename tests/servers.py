@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from llmhost.procs import ServerProcess
+from llmhost.procs import ServerProcess, owned_popen
 
 __all__ = ["RecordingProxy", "ServerProcess", "WebProcess", "metric", "wait_for"]
 
@@ -103,7 +103,7 @@ class WebProcess:
             "--db",
             str(db),
         ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = owned_popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self.url = ""
         ready = threading.Event()

@@ -12,6 +12,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
+from conftest import words
 from llmhost.cli import app
 
 runner = CliRunner()
@@ -199,7 +200,7 @@ def test_version():
 
 
 @pytest.mark.slow
-def test_generate_subprocess_on_embedded_model(embedded_dir):
+def test_generate_subprocess_on_embedded_model(embedded_says):
     out = subprocess.run(
         [sys.executable, "-m", "llmhost", "generate", "What is the capital of France?", "--temperature", "0"],
         capture_output=True,
@@ -207,11 +208,11 @@ def test_generate_subprocess_on_embedded_model(embedded_dir):
         timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    assert "Paris" in out.stdout
+    assert embedded_says("What is the capital of France?") in words(out.stdout)
 
 
 @pytest.mark.slow
-def test_chat_subprocess_ctrl_c_stops_reply_not_chat(embedded_dir):
+def test_chat_subprocess_ctrl_c_stops_reply_not_chat(embedded_says):
     """A real terminal-like session: Ctrl-C mid-reply stops it; the chat answers the next question."""
     proc = subprocess.Popen(
         [sys.executable, "-u", "-m", "llmhost", "chat", "--temperature", "0", "--max-new-tokens", "400"],
@@ -232,7 +233,7 @@ def test_chat_subprocess_ctrl_c_stops_reply_not_chat(embedded_dir):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert "stopped" in err
-    assert "Paris" in out
+    assert embedded_says("What is the capital of France?") in words(out)
     assert "Traceback" not in err
 
 

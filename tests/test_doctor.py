@@ -187,3 +187,42 @@ def test_doctor_says_how_to_install_vllm_when_it_is_missing(monkeypatch) -> None
     monkeypatch.setenv("LLMHOST_VLLM_PYTHON", "/bin/false")
     found = engines()["vllm"]
     assert found.startswith("not found: install vLLM in a virtualenv of its own") and "--vllm-python" in found
+
+
+def test_doctor_shows_the_weight_repack_decision(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from llmhost.hardware import cpu_info
+    from llmhost.store.probes import llama_cpp_version
+
+    monkeypatch.setenv("LLMHOST_HOME", str(tmp_path))  # no verdict kept yet
+    monkeypatch.delenv("LLMHOST_WEIGHT_REPACK", raising=False)
+
+    def repack() -> str | None:
+        return build_report(NvidiaReport(problem="none"), TorchFacts(None, None), tmp_path).repack
+
+    if llama_cpp_version() is None:
+        assert repack() is None
+        return
+    if cpu_info().amx:
+        assert repack() == "decided at the first load: this CPU advertises AMX: probed once, in a child " \
+            "process, at the first load"  # fmt: skip
+    else:
+        assert repack() == "on: no AMX on this CPU: the repacked kernels are AVX ones the CPU runs"
+    monkeypatch.setenv("LLMHOST_WEIGHT_REPACK", "off")
+    assert repack() == "off: --weight-repack off"
+    monkeypatch.setenv("LLMHOST_WEIGHT_REPACK", "sometimes")
+    assert repack() == "unknown: an LLMHOST_* setting is invalid (weight_repack)"
+
+
+def test_a_safetensors_header_claiming_more_than_the_file_is_one_error_naming_it(tiny_dir, tmp_path) -> None:
+    import shutil
+
+    from llmhost.errors import DamagedModelError
+
+    folder = tmp_path / "huge"
+    shutil.copytree(tiny_dir, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes((2**60).to_bytes(8, "little") + weights.read_bytes()[8:])
+    with pytest.raises(DamagedModelError) as err:
+        shape_from_folder(folder)
+    assert str(weights) in str(err.value) and f"claims {2**60} bytes" in str(err.value)
+    assert "damaged or incomplete" in str(err.value)

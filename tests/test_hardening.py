@@ -223,18 +223,22 @@ def damaged(tmp_path_factory, tiny_dir) -> dict[str, Path]:
     header = root / "cut-header"
     shutil.copytree(tiny_dir, header)
     (header / "model.safetensors").write_bytes(data[:100])
+    huge = root / "huge-header"  # a header length of 2**60 bytes: read as claimed, a MemoryError
+    shutil.copytree(tiny_dir, huge)
+    (huge / "model.safetensors").write_bytes((2**60).to_bytes(8, "little") + data[8:])
     gguf = embedded_gguf()[0].read_bytes()
     (root / "cut.gguf").write_bytes(gguf[: len(gguf) // 3])
     (root / "cut-header.gguf").write_bytes(gguf[:1000])
     return {
         "weights": weights,
         "header": header,
+        "huge-header": huge,
         "gguf": root / "cut.gguf",
         "gguf-header": root / "cut-header.gguf",
     }
 
 
-@pytest.mark.parametrize("which", ["weights", "header"])
+@pytest.mark.parametrize("which", ["weights", "header", "huge-header"])
 @pytest.mark.parametrize("command", ["generate", "serve"])
 def test_a_truncated_safetensors_file_is_one_line_naming_it(damaged, which, command) -> None:
     args = [str(damaged[which]), "hi"] if command == "generate" else [str(damaged[which]), "--port", "0"]

@@ -130,8 +130,9 @@ def test_backends_are_named_after_their_engine() -> None:
     assert set(ENGINES) == values
     folder = PACKAGE / "engine" / "backends"
     # besides the engines: the converters (GGUF, Qwen-1), the script vLLM's Python runs and the
-    # transformers engine's per-row LoRA and prefix cache, and llama.cpp's CPU backend switch
-    others = {"__init__", "gguf", "ggml_cpu", "qwen1", "vllm_child", "lora", "prefix"}
+    # transformers engine's per-row LoRA and prefix cache, llama.cpp's CPU backend switch and its
+    # weight repack decision
+    others = {"__init__", "gguf", "ggml_cpu", "ggml_repack", "qwen1", "vllm_child", "lora", "prefix"}
     assert {p.stem for p in folder.glob("*.py")} == values | others
     for engine in ENGINES:
         source = (folder / f"{engine}.py").read_text(encoding="utf-8")

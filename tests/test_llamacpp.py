@@ -33,12 +33,12 @@ def cpp():
 @pytest.fixture(scope="module")
 def blocks():
     """The engine with ggml's default kernels: the exact scheme that K-quants get (whole blocks,
-    replies made reusable while idle), here on the embedded model."""
-    from llmhost.engine.backends.llamacpp import LlamaCppEngine
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(LlamaCppEngine, "reference_kernels", False)
-        engine = load(None, LoadSettings(engine="llamacpp", context_length=2048))
+    replies made reusable while idle), here on the embedded model; and with the weight repack
+    off (`cpp` has it as this CPU was found to run it)."""
+    settings = LoadSettings(
+        engine="llamacpp", context_length=2048, reference_kernels=False, weight_repack="off"
+    )
+    engine = load(None, settings)
     assert engine.scheduler.runner.invariant is False
     yield engine
     engine.close()
@@ -54,21 +54,14 @@ def test_greedy_equals_the_bindings_own_sampler(cpp) -> None:
     """llmhost samples from llama.cpp's logits; under greedy decoding that must give exactly what
     llama-cpp-python's own sampler gives. (Its Q4_1 kernels answer differently from the float32
     transformers model: this 135M model is that sensitive.)"""
-    from llama_cpp import Llama
-
-    from llmhost.engine.backends.llamacpp import physical_cores
+    from llmhost.engine.backends.ggml_repack import open_model
     from llmhost.store.embedded import embedded_gguf
 
     result = cpp.generate(QUESTION, GenerationParams(temperature=0, max_new_tokens=20))
-    # the binding's own single-sequence context, with the window and batch size llmhost uses
-    llm = Llama(
-        model_path=str(embedded_gguf()[0]),
-        n_ctx=2048,
-        n_batch=512,
-        flash_attn=True,
-        n_threads=physical_cores(),
-        verbose=False,
-    )
+    # the binding's own single-sequence context, with the window, batch size and weight repack
+    # llmhost uses (the repack is what this CPU was found to run)
+    repack = bool(cpp.llm.model_params.use_extra_bufts)
+    llm = open_model(embedded_gguf()[0], repack, n_ctx=2048, n_batch=512, flash_attn=True)
     native = []
     for tok in llm.generate(cpp.encode_chat(QUESTION), temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0):
         if tok in cpp.eos_ids or len(native) == 20:
@@ -80,6 +73,21 @@ def test_greedy_equals_the_bindings_own_sampler(cpp) -> None:
     )
     assert result.ttft_s is not None and result.decode_tps and result.decode_tps > 0
     assert cpp.name == "smollm2-135m-instruct" and cpp.context_length == 2048
+
+
+def test_the_engine_answers_with_the_weight_repack_off_and_on(cpp, blocks) -> None:
+    """The real engine loads with ggml's extra buffer types forced off (`blocks`) and, where this
+    CPU runs them (store/probes.py: everywhere but where AMX faults), on (`cpp`): both answer."""
+    from llmhost.store.probes import repack_decision
+
+    params = GenerationParams(temperature=0, max_new_tokens=12)
+    assert blocks.llm.model_params.use_extra_bufts is False
+    assert blocks.generate(QUESTION, params).text.strip()
+    decision = repack_decision("auto")  # `cpp` decided (and probed, on an AMX CPU) at its load
+    if not decision.use:
+        pytest.skip(f"the weight repack is off on this machine: {decision.reason}")
+    assert cpp.llm.model_params.use_extra_bufts is True
+    assert cpp.generate(QUESTION, params).text.strip()
 
 
 def test_stream_equals_generate_and_is_deterministic(cpp) -> None:

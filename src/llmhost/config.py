@@ -94,6 +94,19 @@ class LoadSettings(BaseSettings):
         "cells reused as decoded, as llama-server, vLLM and Ollama do: replies may differ from a "
         "cold run's in the logits' last bits.",
     )
+    weight_repack: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="llama.cpp: repack weights at load for ggml's fastest CPU kernels (AVX Q4_0/IQ4_NL "
+        "layouts, AMX tiles); llama-server's --no-repack is off. auto: on, except where the CPU "
+        "advertises AMX and a one-time probe in a child process finds that it faults (some virtual "
+        "machines); `llmhost doctor` shows the decision.",
+    )
+    reference_kernels: bool = Field(
+        True,
+        description="llama.cpp with --prefix-cache exact: try ggml's reference kernels, which make a "
+        "reply's decoded cells reusable as they are (measured at load). Off: the default kernels, "
+        "and replies are made reusable while the engine is idle.",
+    )
 
     # vLLM only (--engine vllm); the names and meanings are vLLM's own
     tensor_parallel_size: int = Field(

@@ -27,16 +27,46 @@ def torch_threads() -> int:
     return int(value) if value.isdigit() and int(value) > 0 else physical_cores()
 
 
+@dataclass(frozen=True)
+class CpuInfo:
+    """What /proc/cpuinfo says of the first CPU: its model name and feature flags."""
+
+    model: str
+    flags: frozenset[str]
+
+    @property
+    def amx(self) -> bool:
+        """Whether the CPU advertises Intel AMX tiles (Sapphire Rapids and later). Some virtual
+        machines advertise them while the tile instructions fault: see store/probes.py."""
+        return "amx_tile" in self.flags
+
+
+def parse_cpuinfo(text: str) -> CpuInfo:
+    """The first CPU's entry of a /proc/cpuinfo text (x86 `model name`/`flags`; Arm `Features`)."""
+    model, flags = "", frozenset[str]()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "Model", "cpu model") and not model:
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = frozenset(value.split())
+        elif not line.strip() and (model or flags):
+            break  # the end of the first CPU's entry
+    return CpuInfo(model or platform.processor() or platform.machine(), flags)
+
+
 @functools.cache
-def cpu_flags() -> frozenset[str]:
+def cpu_info() -> CpuInfo:
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+    except OSError:  # not Linux
+        text = ""
+    return parse_cpuinfo(text)
+
+
+def cpu_flags() -> frozenset[str]:
+    return cpu_info().flags
 
 
 def cpu_supports_bf16(flags: frozenset[str] | None = None) -> bool:

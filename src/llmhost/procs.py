@@ -29,13 +29,29 @@ class ChildFailed(LlmhostError):
     pass
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent() -> None:  # runs in the child between fork and exec
     # SIGKILL, not SIGTERM: with the launcher gone their output pipe is broken, and a page seen
     # once kept running after a SIGTERM death signal (its shutdown depends on printing)
     with contextlib.suppress(Exception):
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+
+
+def owned_popen(cmd: list[str], *, group: bool = True, tied: bool = True, **kw: Any) -> subprocess.Popen:
+    """A child that does not outlive this process: `tied`, killed when the thread that starts it
+    dies (Linux; a crash of ours included); with `group`, in a process group of its own, which
+    `stop_group` ends whole (workers it started too)."""
+    preexec = die_with_parent if sys.platform == "linux" and tied else None
+    return subprocess.Popen(cmd, start_new_session=group, preexec_fn=preexec, **kw)
+
+
+def stop_group(proc: subprocess.Popen, timeout: float) -> int:
+    """`terminate`, then SIGKILL to what is left of the child's process group."""
+    code = terminate(proc, timeout)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    return code
 
 
 class Child:
@@ -61,16 +77,16 @@ class Child:
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
         log.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log, "w", encoding="utf-8")  # noqa: SIM115 (closed by the reader thread)
-        self.proc = subprocess.Popen(
+        self.proc = owned_popen(
             cmd,
+            group=group,
+            tied=die_with_parent,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             text=True,
             errors="replace",
             env=env,
-            start_new_session=group,
-            preexec_fn=_die_with_parent if sys.platform == "linux" and die_with_parent else None,
         )
         self.lines_seen = threading.Condition()
         self._reader = threading.Thread(target=self._read, name=f"{name}-output", daemon=True)
@@ -111,10 +127,10 @@ class Child:
         return ChildFailed(f"the {self.name} {what}; its last output:\n{last}\n(full log: {self.log_path})")
 
     def stop(self, timeout: float = 10) -> None:
-        terminate(self.proc, timeout)
-        if self.group:  # workers the child left behind
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.group:  # workers the child left behind go too
+            stop_group(self.proc, timeout)
+        else:
+            terminate(self.proc, timeout)
 
 
 def terminate(proc: subprocess.Popen, timeout: float) -> int:
@@ -160,7 +176,8 @@ class ServerProcess:
     ) -> None:
         cmd = [sys.executable, "-u", "-m", "llmhost", "serve", "--port", "0", *args]
         environ = {k: v for k, v in os.environ.items() if k not in drop_env}
-        self.proc = subprocess.Popen(
+        # its own process group (a vLLM child and its workers go with it) that dies with its starter
+        self.proc = owned_popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**environ, **(env or {})}
         )
         self.lines: list[str] = []
@@ -194,4 +211,4 @@ class ServerProcess:
         return httpx.Client(base_url=self.url, timeout=120, **kw)
 
     def stop(self, timeout: float = 30) -> int:
-        return terminate(self.proc, timeout)
+        return stop_group(self.proc, timeout)

@@ -40,7 +40,7 @@ def _print(r: Report) -> None:
     )
     torch = r.torch
     build = f"CUDA {torch.cuda}" if torch.cuda else "CPU build"
-    console.print(f"  torch {torch.version or 'not installed'} ({build})")
+    console.print(f"  torch {torch.version or 'not installed'} ({build}); CPU {r.cpu}")
     n = r.nvidia
     if n.gpus:
         console.print(
@@ -55,6 +55,8 @@ def _print(r: Report) -> None:
     else:
         console.print(f"[bold]GPUs[/bold]  none: {n.problem or 'no NVIDIA GPU'}")
     console.print("[bold]Engines[/bold]  " + "; ".join(f"{k}: {v}" for k, v in r.engines.items()))
+    if r.repack:
+        console.print(f"  llama.cpp weight repack (--weight-repack): {r.repack}")
     mark = "[green]ok[/green]" if r.advice.ok else "[yellow]fix[/yellow]"
     console.print(f"[bold]Verdict[/bold] {mark}: {r.advice.message}")
     if r.advice.command:

@@ -5,11 +5,13 @@ special tokens as variables (`bos_token`, `eos_token`, ...), a time budget, and 
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import secrets
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -90,6 +92,11 @@ class ChatTemplate:
                 )
         except TemplateError as err:
             raise ChatTemplateError(f"the chat template refused these messages: {err}") from None
+        except (RecursionError, MemoryError) as err:  # a template that recurses or grows without end
+            raise ChatTemplateError(
+                f"the chat template of {self.model} failed on these messages ({type(err).__name__}): fix "
+                "the template or pass another with --chat-template"
+            ) from None
         return rendered[0]
 
     def marker(self) -> Marker:
@@ -158,26 +165,46 @@ def control_tokens(special: Iterable[str], added: Iterable[str], source: str | N
     return [*special, *(t for t in added if source and t in source and not t.isspace())]
 
 
+class _OutOfTime(BaseException):
+    """Raised inside the render once its time is up: a BaseException, so that no `except
+    Exception` in a filter or test swallows it (Python drops the trace function once it raises,
+    so a swallowed one would leave the loop running unwatched)."""
+
+
+@functools.cache
+def _watched_prefix() -> str:
+    """Where Jinja's own Python code lives: its filters, tests and loop objects run a template's
+    loops too (`select`, `map`, `join` over long lists), so their lines are watched as well."""
+    import jinja2
+
+    return str(Path(jinja2.__file__).parent)
+
+
 @contextlib.contextmanager
 def _time_budget(seconds: float, model: str) -> Iterator[None]:
-    """Abandon rendering after `seconds`: a trace function on the template's own compiled code
-    (only there, so the cost is a clock read per template line) raises once time is up."""
+    """Abandon rendering after `seconds`: a trace function on the template's compiled code and
+    Jinja's own (only there, so the cost is a clock read per line of theirs) raises once time is
+    up, and the render's thread stops with it."""
     deadline = time.monotonic() + seconds
+    jinja = _watched_prefix()
 
     def check(frame: FrameType, event: str, arg: Any) -> Any:
         if time.monotonic() > deadline:
-            raise ChatTemplateError(
-                f"the chat template of {model} did not finish rendering within {seconds:g} s (it loops "
-                "too long for these messages): fix the template or pass another with --chat-template"
-            )
+            raise _OutOfTime
         return check
 
     def on_call(frame: FrameType, event: str, arg: Any) -> Any:
-        return check(frame, event, arg) if frame.f_code.co_filename == _TEMPLATE_CODE else None
+        name = frame.f_code.co_filename
+        return check(frame, event, arg) if name == _TEMPLATE_CODE or name.startswith(jinja) else None
 
     previous = sys.gettrace()
     sys.settrace(on_call)
     try:
         yield
+    except _OutOfTime:
+        raise ChatTemplateError(
+            f"the chat template of {model} did not finish rendering within {seconds:g} s (it loops "
+            "too long for these messages): fix the template or pass another with --chat-template"
+        ) from None
     finally:
         sys.settrace(previous)

@@ -68,6 +68,11 @@ def load(path: Path, model: Any, optimizer: Any, scheduler: Any, rank: int = 0) 
     import torch
     from safetensors.torch import load_file
 
+    from llmhost.store.weights import check_safetensors
+
+    mine = path / f"rng-{rank}.safetensors"
+    rng_file = mine if mine.exists() else path / "rng-0.safetensors"
+    check_safetensors(path / "adapter.safetensors", rng_file)
     weights = load_file(str(path / "adapter.safetensors"))
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -76,8 +81,7 @@ def load(path: Path, model: Any, optimizer: Any, scheduler: Any, rank: int = 0) 
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     scheduler.load_state_dict(state.pop("scheduler"))
-    mine = path / f"rng-{rank}.safetensors"
-    rng = load_file(str(mine if mine.exists() else path / "rng-0.safetensors"))
+    rng = load_file(str(rng_file))
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])

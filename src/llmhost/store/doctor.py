@@ -152,6 +152,9 @@ class Report:
     on_gpu: bool = False
     engines: dict[str, str] = field(default_factory=dict)
     """Engine → what is installed, or how to install it."""
+    cpu: str = ""
+    repack: str | None = None
+    """llama.cpp's weight repack on this CPU, and why (None: llama.cpp is not installed)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -180,7 +183,34 @@ def build_report(nvidia: NvidiaReport, torch: TorchFacts, store_dir: Any, contex
         recommendation=recommend(fit_list, on_gpu),
         on_gpu=on_gpu,
         engines=engines(),
+        cpu=_cpu(),
+        repack=_repack(),
     )
+
+
+def _cpu() -> str:
+    from llmhost.hardware import cpu_info, physical_cores
+
+    cpu = cpu_info()
+    return f"{cpu.model}, {physical_cores()} cores" + (", AMX" if cpu.amx else "")
+
+
+def _repack() -> str | None:
+    """What a llama.cpp load decides now (store/probes.py), with the LLMHOST_WEIGHT_REPACK setting."""
+    from llmhost.config import LoadSettings
+    from llmhost.store.probes import llama_cpp_version, repack_decision
+
+    if llama_cpp_version() is None:
+        return None
+    from pydantic import ValidationError
+
+    try:
+        setting = LoadSettings().weight_repack
+    except ValidationError as err:  # a bad LLMHOST_* variable: say so instead of failing
+        return f"unknown: an LLMHOST_* setting is invalid ({err.errors()[0]['loc'][0]})"
+    decision = repack_decision(setting)
+    state = "decided at the first load" if decision.use is None else "on" if decision.use else "off"
+    return f"{state}: {decision.reason}"
 
 
 def engines() -> dict[str, str]:

@@ -86,11 +86,10 @@ def shape_from_folder(folder: Path) -> Shape:
 
 def _count_params(file: Path) -> int:
     """Sum of tensor sizes from a safetensors header (8-byte length, then JSON)."""
-    with open(file, "rb") as fh:
-        length = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(length))
+    from llmhost.store.weights import safetensors_header
+
     total = 0
-    for name, info in header.items():
+    for name, info in safetensors_header(file).items():
         if name == "__metadata__":
             continue
         n = 1

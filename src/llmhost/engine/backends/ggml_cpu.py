@@ -13,7 +13,10 @@ registry's `ggml_backend_set_abort_callback` and calls it with each backend of t
 for that one call the registry's lookup answers with a function that records the backend.
 
 Nothing here is required: on a build without these libraries or symbols (another backend, an
-older ggml), `cpu_backends` finds none and the engine keeps its other exactness scheme.
+older ggml), or a registry that is not the CPU library's own static data, `cpu_backends` finds
+none and the engine keeps its other exactness scheme, as it does with `--no-reference-kernels`
+(LLMHOST_REFERENCE_KERNELS=0). The reference kernels are ggml's plain C loops: they use no
+instruction the default kernels do not (no AMX: see ggml_repack.py).
 """
 
 from __future__ import annotations
@@ -36,16 +39,35 @@ _SET_ABORT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_v
 _lock = threading.Lock()
 
 
+def _maps() -> list[tuple[int, int, str, Path]]:
+    """The process's mappings (Linux): start, end, permissions and file of each."""
+    found = []
+    with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+        for line in maps:
+            fields = line.rstrip("\n").split(maxsplit=5)
+            if len(fields) == 6:
+                start, _, end = fields[0].partition("-")
+                found.append((int(start, 16), int(end, 16), fields[1], Path(fields[5])))
+    return found
+
+
 def _loaded(folder: Path, stem: str) -> str:
     """The file of a library the process has mapped from `folder` (Linux): a wheel installs
     libggml.so, .so.0 and .so.0.25.3 as copies, not links, and opening another copy than the
     one libllama loaded would give a second ggml with registries of its own."""
-    with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-        for line in maps:
-            path = Path(line.rstrip("\n").split(maxsplit=5)[-1])
-            if path.parent == folder and (path.name == f"{stem}.so" or path.name.startswith(f"{stem}.so.")):
-                return str(path)
+    for *_, path in _maps():
+        if path.parent == folder and (path.name == f"{stem}.so" or path.name.startswith(f"{stem}.so.")):
+            return str(path)
     raise OSError(f"{stem} is not loaded from {folder}")
+
+
+def _writable_in(file: str, address: int, size: int) -> bool:
+    """Whether [address, address + size) lies in a writable mapping of `file`: the registry's
+    lookup slot is patched only where it is the CPU library's own static data."""
+    return any(
+        start <= address and address + size <= end and "w" in perms and str(path) == file
+        for start, end, perms, path in _maps()
+    )
 
 
 class _Libs:
@@ -56,7 +78,8 @@ class _Libs:
 
         folder = Path(binding._lib._name).resolve().parent
         self.ggml = ctypes.CDLL(_loaded(folder, "libggml"))
-        self.cpu = ctypes.CDLL(_loaded(folder, "libggml-cpu"))
+        self.cpu_file = _loaded(folder, "libggml-cpu")
+        self.cpu = ctypes.CDLL(self.cpu_file)
         self.ggml.ggml_backend_reg_by_name.restype = ctypes.c_void_p
         self.ggml.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
         self.cpu.ggml_backend_cpu_set_use_ref.argtypes = [ctypes.c_void_p, ctypes.c_bool]
@@ -92,7 +115,11 @@ def cpu_backends(ctx: Any) -> list[int]:
     if libs is None:
         return []
     reg = libs.ggml.ggml_backend_reg_by_name(b"CPU")
-    if not reg or ctypes.c_int.from_address(reg).value not in _API_VERSIONS:
+    size = ctypes.sizeof(ctypes.c_void_p)
+    if not reg or not _writable_in(libs.cpu_file, reg, _PROC_OFFSET + size):
+        log.info("llama.cpp's CPU registry does not lie in its CPU library's data: its default kernels stay")
+        return []
+    if ctypes.c_int.from_address(reg).value not in _API_VERSIONS:
         log.info("llama.cpp's CPU registry is not one this llmhost knows: its default kernels stay")
         return []
     caller, found = threading.get_ident(), []

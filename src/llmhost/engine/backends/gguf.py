@@ -110,6 +110,8 @@ def _convert_lora(adapter: Path, out: Path, arch: str, heads: int, kv_heads: int
     import numpy as np
     from safetensors.numpy import load_file
 
+    from llmhost.store.weights import check_safetensors
+
     config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
     if arch not in LORA_ARCHS:
         raise GGUFReadError(
@@ -122,7 +124,9 @@ def _convert_lora(adapter: Path, out: Path, arch: str, heads: int, kv_heads: int
     writer.add_string("adapter.type", "lora")
     writer.add_float32("adapter.lora.alpha", float(config.get("lora_alpha", config.get("r", 8))))
     pattern = re.compile(r"layers\.(\d+)\.(\w+\.\w+)\.lora_([AB])\.weight$")
-    for name, tensor in sorted(load_file(str(adapter / "adapter_model.safetensors")).items()):
+    weights = adapter / "adapter_model.safetensors"
+    check_safetensors(weights)
+    for name, tensor in sorted(load_file(str(weights)).items()):
         m = pattern.search(name)
         if not m or m.group(2) not in LORA_TENSORS:
             raise GGUFReadError(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llmhost.config import LoadSettings
-from llmhost.engine.backends import ggml_cpu
+from llmhost.engine.backends import ggml_cpu, ggml_repack
 from llmhost.engine.backends.gguf import GGUFReadError, check_readable
 from llmhost.engine.backends.prefix import common_prefix
 from llmhost.engine.local import LocalEngine
@@ -686,9 +686,6 @@ def load(ref: ModelRef, settings: LoadSettings) -> LlamaCppEngine:
 class LlamaCppEngine(LocalEngine):
     kind = "llamacpp"
     serves_adapters = True
-    #: Whether the exact prefix cache tries ggml's reference kernels (`LlamaCppRunner`); off, it
-    #: gets the scheme K-quants get (the tests of that scheme turn it off)
-    reference_kernels = True
 
     def __init__(self, llm: Any, name: str, template: str | None, settings: LoadSettings) -> None:
         import llama_cpp
@@ -712,6 +709,9 @@ class LlamaCppEngine(LocalEngine):
         self.decoder = _Decoder(llm)
         self.max_queue = settings.max_queue
         self.exact = settings.exact_prefix
+        #: Whether the exact prefix cache tries ggml's reference kernels (`LlamaCppRunner`); off, it
+        #: gets the scheme K-quants get
+        self.reference_kernels = settings.reference_kernels
         meta = llm.metadata
         eos = {llm.token_eos()}
         for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
@@ -728,12 +728,11 @@ class LlamaCppEngine(LocalEngine):
     def load(cls, gguf: Path, settings: LoadSettings, name: str) -> LlamaCppEngine:
         if not available():
             raise LlmhostError(f"the llama.cpp engine is not installed: {INSTALL}")
-        from llama_cpp import Llama
-
         # this object reads the model, its tokenizer and metadata; decoding happens in the
         # runner's own multi-sequence context, so its own context is kept minimal
+        repack = ggml_repack.decide(settings.weight_repack, gguf)
         try:
-            llm = Llama(model_path=str(gguf), n_ctx=64, n_batch=64, n_threads=physical_cores(), verbose=False)
+            llm = ggml_repack.open_model(gguf, bool(repack.use))
         except ValueError as err:  # llama.cpp says only "Failed to load model from file"
             check_readable(gguf)  # a damaged file is GGUFReadError, which the caller words
             raise LlmhostError(

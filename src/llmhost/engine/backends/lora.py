@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from llmhost.errors import LlmhostError
+from llmhost.store.weights import check_safetensors
 
 #: peft's saved names: base_model.model.<module>.lora_A.weight (some versions keep the adapter's name).
 _KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
@@ -51,7 +52,9 @@ class RowLora:
         rank, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         pairs: dict[str, dict[str, Any]] = {}
-        for key, tensor in load_file(str(path / "adapter_model.safetensors")).items():
+        weights = path / "adapter_model.safetensors"
+        check_safetensors(weights)
+        for key, tensor in load_file(str(weights)).items():
             m = _KEY.match(key)
             if m is None:
                 raise LlmhostError(

@@ -175,9 +175,12 @@ def _convert_weights(source: Path, out: Path, config: dict[str, Any]) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from llmhost.store.weights import check_safetensors
+
     shards = sorted(source.glob("*.safetensors"))
     if not shards:
         raise QwenConversionError(f"{source} holds no .safetensors weights")
+    check_safetensors(*shards)
     index: dict[str, str] = {}
     total = 0
     for shard in shards:

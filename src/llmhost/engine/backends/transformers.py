@@ -500,8 +500,11 @@ def _unreadable_file(folder: Path) -> Path | None:
     """Which weights or JSON file of a folder cannot be read (to name it in the error)."""
     from safetensors import safe_open
 
+    from llmhost.store.weights import safetensors_header
+
     for file in sorted(folder.glob("*.safetensors")):
         try:
+            safetensors_header(file)
             with safe_open(str(file), "pt") as f:
                 f.keys()
         except Exception:
