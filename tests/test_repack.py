@@ -122,3 +122,27 @@ def test_the_real_probe_runs_the_repack_on_the_embedded_model(verdicts) -> None:
     if cpu_info().amx and decision.use is False:
         pytest.skip(f"the repack faults on this machine, as the probe is there to find: {decision.reason}")
     assert decision.use is True and "probed now" in decision.reason, decision.reason
+
+
+def test_an_amx_machine_whose_probe_crashes_loads_without_the_repack_and_probes_once(
+    verdicts, intel, monkeypatch
+) -> None:
+    """The whole decision at load, on an AMX CPU (the recorded one) whose probe faults for real:
+    the first load probes and turns the repack off; later loads read the verdict, no child."""
+    from llmhost import hardware
+    from llmhost.engine.backends import ggml_repack
+
+    monkeypatch.setattr(hardware, "cpu_info", lambda: intel)
+    monkeypatch.setattr(ggml_repack, "cpu_info", lambda: intel)
+    runs: list[Path] = []
+
+    def crashing(model: Path) -> list[str]:
+        runs.append(model)
+        return [sys.executable, "-c", "import ctypes; ctypes.string_at(0)"]
+
+    monkeypatch.setattr(ggml_repack, "_child_command", crashing)
+    first = ggml_repack.decide("auto", Path("model.gguf"))
+    assert first.use is False and "SIGSEGV" in first.reason and len(runs) == 1
+    later = ggml_repack.decide("auto", Path("other.gguf"))
+    assert later.use is False and "AMX faults on this machine" in later.reason and len(runs) == 1
+    assert ggml_repack.decide("on", Path("model.gguf")).use is True and len(runs) == 1

@@ -62,10 +62,14 @@ def _probe_model(model: Path) -> Path:
         return model
 
 
+def _child_command(model: Path) -> list[str]:
+    return [sys.executable, "-c", f"from {__name__} import _child; _child()", str(model)]
+
+
 def probe(model: Path, timeout: float = PROBE_TIMEOUT_S, child: list[str] | None = None) -> RepackDecision:
     """Run the repack on `model` in a child process; keep and return the verdict. `child` is
     the command (default: this module's `_child` under this Python)."""
-    cmd = child or [sys.executable, "-c", f"from {__name__} import _child; _child()", str(model)]
+    cmd = child or _child_command(model)
     started = time.monotonic()
     log.info("llama.cpp: probing once whether repacked weights run on this CPU (%s)", cpu_info().model)
     try:
