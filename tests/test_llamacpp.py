@@ -362,16 +362,19 @@ def test_sustained_load_never_waits_while_a_slot_is_free() -> None:
     runner.has_room = watched
     stop = threading.Event()
     params = GenerationParams(temperature=0.7, max_new_tokens=48)
+    done = itertools.count(1)
 
     def client(i: int) -> None:
         while not stop.is_set():
             engine.generate([{"role": "user", "content": f"Say something about the number {i}."}], params)
+            if next(done) >= 16:  # each slot freed and taken again several times
+                stop.set()
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]  # more than the slots
     for t in threads:
         t.start()
     try:
-        time.sleep(30)
+        stop.wait(120)
     finally:
         stop.set()
         for t in threads:
