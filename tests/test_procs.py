@@ -49,3 +49,27 @@ def test_stopping_a_child_ends_its_process_group() -> None:
     stop_group(proc, timeout=1)
     assert proc.returncode == -signal.SIGKILL
     assert wait_for(lambda: not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE, 10)
+
+
+def test_a_start_is_waited_for_while_it_works_and_given_up_when_it_stalls() -> None:
+    """Readiness waits follow progress (CPU used by the child's tree), not a fixed deadline: on a
+    busy machine a server's start is slow, not stuck."""
+    import time
+
+    from llmhost.procs import owned_popen, stop_group, wait_progressing
+
+    working = owned_popen([sys.executable, "-c", "while True: pass"])
+    stalled = owned_popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        started = time.monotonic()
+        assert not wait_progressing(lambda: False, working.pid, idle_s=1.0, cap_s=4.0)
+        assert time.monotonic() - started > 3.5  # waited past idle_s: it kept working, up to the cap
+        time.sleep(1.0)  # the sleeper's start-up ticks are behind it
+        started = time.monotonic()
+        assert not wait_progressing(lambda: False, stalled.pid, idle_s=1.0, cap_s=30.0)
+        assert time.monotonic() - started < 5  # no CPU used: given up after idle_s
+        ready_at = time.monotonic() + 1.5
+        assert wait_progressing(lambda: time.monotonic() > ready_at, stalled.pid, idle_s=10.0)
+    finally:
+        stop_group(working, 1)
+        stop_group(stalled, 1)

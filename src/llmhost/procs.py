@@ -151,16 +151,57 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time a process and its descendants have used so far (0 where it cannot be read)."""
+    try:
+        import psutil  # a dependency of accelerate, so present wherever llmhost is
+
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except Exception:  # gone, or no psutil
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+#: A start that keeps working is waited for this long at most (a 70B model across nodes).
+MAX_START_S = 3600.0
+
+
+def wait_progressing(
+    ready: Any, pid: int, idle_s: float, cap_s: float = MAX_START_S, step: float = 0.2
+) -> bool:
+    """Wait until `ready()` is true, for as long as the process tree of `pid` keeps working: on
+    a busy machine a start is slow, not stuck, so the deadline is `idle_s` seconds without a
+    CPU tick used (or `cap_s` in all), not a fixed time. False when it gave up."""
+    started = last_progress = time.monotonic()
+    used = tree_cpu_seconds(pid)
+    while not ready():
+        now = time.monotonic()
+        if now - last_progress > idle_s or now - started > cap_s:
+            return False
+        time.sleep(step)
+        if (now_used := tree_cpu_seconds(pid)) > used + 0.01:
+            used, last_progress = now_used, time.monotonic()
+    return True
+
+
 def wait_http(url: str, timeout: float, child: Child, headers: dict[str, str] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """Wait until `url` answers 200; `timeout`: seconds of the child making no progress."""
+
+    def answers() -> bool:
         if child.proc.poll() is not None:
             raise child.failure("exited before it was ready")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2, headers=headers).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise child.failure(f"did not answer {url} within {timeout:g} s")
+            return httpx.get(url, timeout=2, headers=headers).status_code == 200
+        return False
+
+    if not wait_progressing(answers, child.proc.pid, timeout):
+        raise child.failure(f"did not answer {url}, with no progress for {timeout:g} s")
 
 
 class ServerProcess:
@@ -184,7 +225,8 @@ class ServerProcess:
         self._ready = threading.Event()
         self.url = ""
         threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(timeout) or not self.url:
+        # `timeout`: seconds without progress (a load slowed by a busy machine is waited for)
+        if not wait_progressing(self._ready.is_set, self.proc.pid, timeout) or not self.url:
             self.stop()
             raise ChildFailed("llmhost serve did not start:\n" + "".join(self.lines))
 
