@@ -45,10 +45,17 @@ def test_a_template_that_loops_too_long_stops_within_its_budget(source) -> None:
     assert "did not finish rendering within 1 s" in str(outcome.get("error")), outcome
 
 
-def test_a_template_that_recurses_without_end_is_one_error() -> None:
-    template = ChatTemplate("{% for i in range(9) recursive %}{{ loop(range(9)) }}{% endfor %}", "deep", {})
-    with pytest.raises(ChatTemplateError, match="RecursionError"):
-        template.render(HELLO)
+@pytest.mark.parametrize(
+    ("source", "error"),
+    [
+        ("{% for i in range(9) recursive %}{{ loop(range(9)) }}{% endfor %}", "RecursionError"),
+        ("{{ range(10**9)|length }}", "OverflowError: Range too big"),  # the sandbox's own limit
+        ("{{ messages[0].content + 1 }}", "TypeError"),  # an operation these messages cannot take
+    ],
+)
+def test_a_template_that_fails_on_the_messages_is_one_error(source, error) -> None:
+    with pytest.raises(ChatTemplateError, match=f"failed on these messages \\({error}"):
+        ChatTemplate(source, "failing", {}).render(HELLO)
 
 
 def test_a_template_within_its_budget_renders() -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from llmhost.engine.context import Message
 from llmhost.engine.tools import uses_tools
-from llmhost.errors import ChatTemplateError, InvalidRequestError
+from llmhost.errors import ChatTemplateError, InvalidRequestError, LlmhostError
 
 #: Seconds a template may take to render (real ones take milliseconds; the sandbox stops file and
 #: attribute access, not loops, so a template that never ends is stopped here).
@@ -92,10 +92,13 @@ class ChatTemplate:
                 )
         except TemplateError as err:
             raise ChatTemplateError(f"the chat template refused these messages: {err}") from None
-        except (RecursionError, MemoryError) as err:  # a template that recurses or grows without end
+        except LlmhostError:
+            raise
+        except Exception as err:  # recursion, memory, the sandbox's limits, a bad operation on a value
+            detail = f"{type(err).__name__}: {err}".splitlines()[0][:200]
             raise ChatTemplateError(
-                f"the chat template of {self.model} failed on these messages ({type(err).__name__}): fix "
-                "the template or pass another with --chat-template"
+                f"the chat template of {self.model} failed on these messages ({detail}): fix the template "
+                "or pass another with --chat-template"
             ) from None
         return rendered[0]
 
