@@ -155,15 +155,15 @@ def _child() -> None:
     """The probe, in its own process: load with the repack on (llama.cpp says on stderr which
     buffers it repacked into), evaluate a batch, decode a step. A fault kills only this process."""
     import os
+    import tempfile
 
     path = Path(sys.argv[-1])
     try:
         import llama_cpp  # noqa: F401
 
-        # llama.cpp's load log goes to the C stderr: into a file we read back
-        log_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"llmhost-probe-{os.getpid()}.log"
+        # llama.cpp's load log goes to the C stderr: into a nameless file we read back
         saved = os.dup(2)
-        with open(log_file, "w+b") as sink:
+        with tempfile.TemporaryFile() as sink:
             os.dup2(sink.fileno(), 2)
             try:
                 llm = open_model(path, True, verbose=True)
@@ -171,7 +171,6 @@ def _child() -> None:
                 os.dup2(saved, 2)
             sink.seek(0)
             text = sink.read().decode("utf-8", "replace")
-        log_file.unlink()
     except Exception as err:  # no binding, an unreadable file: nothing learned about the CPU
         print(f"{type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(_SETUP)
