@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from llmhost.errors import LlmhostError
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+#: llama.cpp's weight repack (engine/backends/ggml_repack.py, store/probes.py)
+Repack = Literal["auto", "on", "off"]
 
 
 def llmhost_home() -> Path:
@@ -94,7 +96,7 @@ class LoadSettings(BaseSettings):
         "cells reused as decoded, as llama-server, vLLM and Ollama do: replies may differ from a "
         "cold run's in the logits' last bits.",
     )
-    weight_repack: Literal["auto", "on", "off"] = Field(
+    weight_repack: Repack = Field(
         "auto",
         description="llama.cpp: repack weights at load for ggml's fastest CPU kernels (AVX Q4_0/IQ4_NL "
         "layouts, AMX tiles); llama-server's --no-repack is off. auto: on, except where the CPU "

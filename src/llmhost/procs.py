@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +174,7 @@ MAX_START_S = 3600.0
 
 
 def wait_progressing(
-    ready: Any, pid: int, idle_s: float, cap_s: float = MAX_START_S, step: float = 0.2
+    ready: Callable[[], bool], pid: int, idle_s: float, cap_s: float = MAX_START_S, step: float = 0.2
 ) -> bool:
     """Wait until `ready()` is true, for as long as the process tree of `pid` keeps working: on
     a busy machine a start is slow, not stuck, so the deadline is `idle_s` seconds without a

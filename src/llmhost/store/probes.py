@@ -21,12 +21,11 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from llmhost.config import llmhost_home
+from llmhost.config import Repack, llmhost_home
 from llmhost.hardware import CpuInfo
 
-Repack = Literal["auto", "on", "off"]
 FILE = "probes.json"
 
 

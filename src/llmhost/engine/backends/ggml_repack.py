@@ -21,10 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from llmhost.config import Repack
 from llmhost.hardware import cpu_info, physical_cores
 from llmhost.procs import die_with_parent
 from llmhost.store.probes import (
-    Repack,
     RepackDecision,
     Verdicts,
     llama_cpp_version,
