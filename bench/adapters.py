@@ -24,17 +24,16 @@ from pathlib import Path
 from clients import concurrently, stream_once  # bench/clients.py
 from llmhost.procs import ServerProcess
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 ASK = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
 ADAPTERS = ["ft-1", "ft-2", "ft-3", "ft-4"]
 
 
 def scratch_home() -> Path:
     """A home whose store holds four adapters of the embedded model (conversions reused)."""
-    from conftest import build_adapter  # tests/conftest.py: the tests' random adapter
     from llmhost.config import llmhost_home
     from llmhost.engine import resolve_ref
     from llmhost.store.local import Store
+    from llmhost.testing import build_adapter
 
     base = resolve_ref(None).hf_folder()
     root = Path(tempfile.mkdtemp(prefix="llmhost-bench-adapters-"))

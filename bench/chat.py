@@ -190,7 +190,7 @@ def main() -> None:
     args = parser.parse_args()
     if not LLAMA_SERVER.exists():
         sys.exit(f"{LLAMA_SERVER} is missing: run `make llama-server` first")
-    from llmhost.engine.backends.ggml_repack import decide
+    from llmhost.engine.backends.llamacpp.repack import decide
     from llmhost.hardware import physical_cores
     from llmhost.store.embedded import embedded_gguf
 

@@ -88,14 +88,14 @@ def run_raw(engine, n: int) -> Run:
 
 
 def run_llmhost(engine, n: int) -> Run:
-    from llmhost.engine import GenerationParams, stream_generate
+    from llmhost.engine import GenerationParams, GenerationRequest, stream_generate
 
     params = GenerationParams(temperature=0, max_new_tokens=n)
     stamps: list[float] = []
     ids: list[int] = []
     with PeakRss() as rss:
         start = time.perf_counter()
-        for chunk in stream_generate(engine, PROMPT, params):
+        for chunk in stream_generate(engine, GenerationRequest(PROMPT, params)):
             stamps.append(time.perf_counter())
             ids.extend(chunk.token_ids)
     return _summary(stamps, start, ids, rss)

@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import isolated  # bench/isolated.py: the script's folder is on sys.path
+from llmhost.engine.request import GenerationRequest
 from llmhost.procs import ServerProcess
 
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
@@ -42,21 +43,22 @@ def in_process(which: str, tokens: int, clients: int) -> dict:
     kind = "transformers" if which == "transformers" else "llamacpp"
     engine = load(None, LoadSettings(engine=kind, context_length=2048))
     params = GenerationParams(temperature=0, max_new_tokens=tokens)
-    engine.generate(STORY, GenerationParams(temperature=0, max_new_tokens=8))  # warm-up
+    engine.generate(GenerationRequest(STORY, GenerationParams(temperature=0, max_new_tokens=8)))  # warm-up
     if which == "llama-cpp-python":
         return native(engine, tokens, clients)
-    one = engine.generate(STORY, params)
+    one = engine.generate(GenerationRequest(STORY, params))
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         done = sum(
-            r.completion_tokens for r in pool.map(lambda _: engine.generate(STORY, params), range(clients))
+            r.completion_tokens
+            for r in pool.map(lambda _: engine.generate(GenerationRequest(STORY, params)), range(clients))
         )
     return {"tps": one.decode_tps, "ttft": one.ttft_s, "agg": done / (time.perf_counter() - start)}
 
 
 def native(engine, tokens: int, clients: int) -> dict:
     """The binding's own generate loop, no llmhost on top; one sequence at a time."""
-    from llmhost.engine.backends.ggml_repack import open_model
+    from llmhost.engine.backends.llamacpp.repack import open_model
     from llmhost.store.embedded import embedded_gguf
 
     # the weight repack llmhost's engine uses here (off where this CPU's AMX faults)

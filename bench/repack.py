@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from llmhost.engine.request import GenerationRequest
+
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
 LONG = [
     {
@@ -46,9 +48,9 @@ def measure(engine, tokens: int) -> dict[str, float]:
     from llmhost.engine.params import GenerationParams
 
     engine.scheduler.runner.forget()  # every prefill cold
-    reply = engine.generate(STORY, GenerationParams(temperature=0, max_new_tokens=tokens))
+    reply = engine.generate(GenerationRequest(STORY, GenerationParams(temperature=0, max_new_tokens=tokens)))
     engine.scheduler.runner.forget()
-    long = engine.generate(LONG, GenerationParams(temperature=0, max_new_tokens=1))
+    long = engine.generate(GenerationRequest(LONG, GenerationParams(temperature=0, max_new_tokens=1)))
     return {"decode tok/s": reply.decode_tps or 0.0, "prefill of a 512-token prompt, s": long.ttft_s or 0.0}
 
 
@@ -62,7 +64,7 @@ def main() -> None:
 
     from llmhost.config import LoadSettings
     from llmhost.engine import load
-    from llmhost.engine.backends.ggml_repack import probe
+    from llmhost.engine.backends.llamacpp.repack import probe
     from llmhost.hardware import cpu_info
     from llmhost.store.embedded import embedded_gguf
     from llmhost.store.probes import repack_decision

@@ -12,6 +12,7 @@ import statistics
 import time
 
 from clients import concurrently, stream_once  # bench/clients.py
+from llmhost.engine.request import GenerationRequest
 from llmhost.procs import ServerProcess
 
 TOPICS = [
@@ -63,7 +64,9 @@ def in_process(tokens: int) -> float:
     engine = load()
     rates = []
     for messages in PROMPTS[:4]:
-        r = engine.generate(messages, GenerationParams(temperature=0, max_new_tokens=tokens))
+        r = engine.generate(
+            GenerationRequest(messages, GenerationParams(temperature=0, max_new_tokens=tokens))
+        )
         rates.append(r.decode_tps or 0.0)
     engine.close()
     return statistics.median(rates)

@@ -10,9 +10,13 @@ import contextlib
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
+
+from llmhost.engine.request import GenerationRequest
+from llmhost.testing import build_tiny_model
 
 # Set before anything imports llmhost, so subprocesses started by tests inherit it too.
 _home = os.environ.get("LLMHOST_TEST_HOME")
@@ -33,6 +37,38 @@ os.environ.setdefault("LLMHOST_ENGINE", "transformers")
 _vllm = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
 if _vllm.exists():
     os.environ.setdefault("LLMHOST_VLLM_PYTHON", str(_vllm))
+
+
+# Every process the tests start, by kind: a process start is the suite's dearest step (a model
+# loaded from scratch, torch imported again), so each run reports how many it made.
+_started: dict[str, int] = {}
+
+
+def _count_starts(event: str, args: tuple) -> None:
+    if event != "subprocess.Popen":
+        return
+    argv = [str(a) for a in (args[1] if isinstance(args[1], (list, tuple)) else [args[1]])]
+    line = " ".join(argv)
+    if "-m llmhost serve" in line or line.startswith("llmhost serve"):
+        kind = "llmhost serve"
+    elif "vllm_child" in line:
+        kind = "vLLM child"
+    elif "-m llmhost" in line or "llmhost.cli" in line:
+        kind = "llmhost CLI"
+    elif "torch.distributed.run" in line or "torchrun" in line:
+        kind = "torchrun"
+    else:
+        kind = Path(argv[0]).name if argv else "?"
+    _started[kind] = _started.get(kind, 0) + 1
+
+
+sys.addaudithook(_count_starts)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _started:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(_started.items(), key=lambda kv: -kv[1]))
+        terminalreporter.write_line(f"processes started by the tests: {sum(_started.values())} ({kinds})")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -91,7 +127,9 @@ def embedded_says(embedded):
     def says(question: str) -> str:
         if question not in said:
             messages = [{"role": "user", "content": question}]
-            reply = embedded.generate(messages, GenerationParams(temperature=0, max_new_tokens=12)).text
+            reply = embedded.generate(
+                GenerationRequest(messages, GenerationParams(temperature=0, max_new_tokens=12))
+            ).text
             said[question] = words(reply).rpartition(" ")[0]
             assert said[question], f"the reference reply {reply!r} has too few words to compare"
         return said[question]
@@ -104,36 +142,6 @@ def tokenizer(embedded_dir: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(embedded_dir))
-
-
-def build_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
-    """A 2-layer random Llama with the real SmolLM2 tokenizer, saved as safetensors."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    shape = {
-        "vocab_size": 49152,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 1024,
-    }
-    config = LlamaConfig(
-        **{**shape, **overrides},
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(str(out))
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (tokenizer_dir / name).exists():
-            shutil.copy(tokenizer_dir / name, out / name)
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -165,27 +173,3 @@ def engine_server(embedded_dir: Path):
     yield get
     for served in started.values():
         served.stop()
-
-
-def build_adapter(
-    out: Path, base_dir: Path, seed: int, rank: int = 4, every_projection: bool = False, scale: float = 0.3
-) -> Path:
-    """A LoRA adapter for the model in `base_dir` with random (non-zero) weights, saved as peft
-    saves one: each seed steers the model its own way."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    targets = ["q_proj", "v_proj", "o_proj", "down_proj"]
-    if every_projection:  # as `llmhost finetune` trains them
-        targets += ["k_proj", "gate_proj", "up_proj"]
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets)
-    model = get_peft_model(base, config)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.normal_(0, scale)
-    model.save_pretrained(str(out), safe_serialization=True)
-    return out

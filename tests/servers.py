@@ -1,8 +1,10 @@
-"""Test helpers around real processes: `llmhost serve` (from the package, as the benches use it),
-`llmhost web`, a recording proxy."""
+"""Test helpers around real servers: `llmhost serve` in this process (`LocalServer`: the same
+flags, pool and app on a uvicorn thread) or as a process of its own (`ServerProcess`, for what
+only a process shows: signals, exit codes, children), `llmhost web`, a recording proxy."""
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import sys
@@ -14,7 +16,72 @@ import httpx
 
 from llmhost.procs import ServerProcess, owned_popen
 
-__all__ = ["RecordingProxy", "ServerProcess", "WebProcess", "metric", "wait_for"]
+__all__ = ["LocalServer", "RecordingProxy", "ServerProcess", "WebProcess", "metric", "wait_for"]
+
+
+def serve_settings(args: tuple[str, ...]):
+    """`llmhost serve ARGS` parsed by the CLI's own command: (models, load, server, pool settings)."""
+    from typer.main import get_command
+
+    from llmhost.cli import app
+    from llmhost.cli.options import build
+    from llmhost.config import LoadSettings, PoolSettings
+    from llmhost.server.settings import ServerSettings
+
+    command = get_command(app).commands["serve"]  # type: ignore[attr-defined]
+    params = command.make_context("serve", ["--port", "0", *args]).params
+    settings = [
+        build(cls, {n: params.get(n) for n in cls.model_fields})
+        for cls in (LoadSettings, ServerSettings, PoolSettings)
+    ]
+    return (params.get("models") or None, *settings)
+
+
+class LocalServer:
+    """`llmhost serve ARGS` in this process: the flags parsed by the CLI's command, the pool and
+    the app built by the same functions, served by uvicorn on a thread on 127.0.0.1. A real HTTP
+    server for real clients, without a process start (python, torch and the model loaded again);
+    what the server logs is kept in `lines`."""
+
+    def __init__(self, *args: str) -> None:
+        from llmhost.server.run import BackgroundServer, check_exposure, open_pool
+
+        models, load, server, pool = serve_settings(args)
+        check_exposure(server)
+        self.lines: list[str] = []
+        self._handler = _ListHandler(self.lines)
+        logging.getLogger("llmhost").addHandler(self._handler)
+        self.background = BackgroundServer(open_pool(models, load, pool), server)
+        self.url = self.background.url
+        self.pool = self.background.pool
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def client(self, key: str | None = "none"):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+    def http(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=120, **kw)
+
+    def stop(self, timeout: float = 30) -> int:
+        self.background.stop(timeout)
+        logging.getLogger("llmhost").removeHandler(self._handler)
+        return 0
+
+
+class _ListHandler(logging.Handler):
+    """Appends each record to a list, formatted as a process would print it."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__(logging.DEBUG)
+        self.out = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.out.append(f"{record.levelname}: {record.getMessage()}\n")
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:

@@ -9,6 +9,7 @@ import pytest
 
 from llmhost.config import LoadSettings
 from llmhost.engine import GenerationParams, load
+from llmhost.engine.request import GenerationRequest
 from llmhost.engine.scheduler import QueueFullError
 
 PROMPTS = [
@@ -33,7 +34,7 @@ def _concurrently(engine, params_for) -> list:
 
     def work(i: int) -> None:
         barrier.wait()
-        results[i] = engine.generate(_messages(PROMPTS[i]), params_for(i))
+        results[i] = engine.generate(GenerationRequest(_messages(PROMPTS[i]), params_for(i)))
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(PROMPTS))]
     for t in threads:
@@ -50,7 +51,7 @@ def test_eight_concurrent_greedy_streams_equal_solo_runs(tiny_dir):
     def params(i: int) -> GenerationParams:
         return GenerationParams(temperature=0, max_new_tokens=lengths[i])
 
-    solo = [engine.generate(_messages(p), params(i)) for i, p in enumerate(PROMPTS)]
+    solo = [engine.generate(GenerationRequest(_messages(p), params(i))) for i, p in enumerate(PROMPTS)]
     together = _concurrently(engine, params)
     assert engine.scheduler.peak_batch > 1, "requests never shared a decoding step"
     for s, t in zip(solo, together, strict=True):
@@ -66,7 +67,7 @@ def test_per_request_sampling_params_and_stops_in_one_batch(tiny_dir):
             return GenerationParams(temperature=0.9, top_k=20, seed=i, max_new_tokens=12)
         return GenerationParams(temperature=0, max_new_tokens=12, repetition_penalty=1.5)
 
-    solo = [engine.generate(_messages(p), params(i)) for i, p in enumerate(PROMPTS)]
+    solo = [engine.generate(GenerationRequest(_messages(p), params(i))) for i, p in enumerate(PROMPTS)]
     together = _concurrently(engine, params)
     assert [t.token_ids for t in together] == [s.token_ids for s in solo]
 
@@ -78,7 +79,7 @@ def test_embedded_model_batched_equals_solo_float32(embedded_dir):
     def params(i: int) -> GenerationParams:
         return GenerationParams(temperature=0, max_new_tokens=24)
 
-    solo = [engine.generate(_messages(p), params(i)) for i, p in enumerate(PROMPTS)]
+    solo = [engine.generate(GenerationRequest(_messages(p), params(i))) for i, p in enumerate(PROMPTS)]
     together = _concurrently(engine, params)
     assert engine.scheduler.peak_batch > 1
     assert [t.text for t in together] == [s.text for s in solo]
@@ -89,13 +90,15 @@ def test_async_stream_and_cancel(tiny):
         full = [
             c
             async for c in await tiny.astream(
-                _messages("Hi"), GenerationParams(temperature=0, max_new_tokens=8)
+                GenerationRequest(_messages("Hi"), GenerationParams(temperature=0, max_new_tokens=8))
             )
         ]
         cancel = threading.Event()
         got = []
         it = await tiny.astream(
-            _messages("Hi"), GenerationParams(temperature=0, max_new_tokens=500), cancel=cancel
+            GenerationRequest(
+                _messages("Hi"), GenerationParams(temperature=0, max_new_tokens=500), cancel=cancel
+            )
         )
         async for c in it:
             got.append(c)
@@ -112,22 +115,32 @@ def test_async_stream_and_cancel(tiny):
 
 def test_queue_full_is_refused(tiny_dir):
     engine = load(str(tiny_dir), LoadSettings(dtype="float32", max_concurrency=1, max_queue=1))
-    first = engine.stream(_messages("Hi"), GenerationParams(temperature=0, max_new_tokens=200))
+    first = engine.stream(
+        GenerationRequest(_messages("Hi"), GenerationParams(temperature=0, max_new_tokens=200))
+    )
     next(first)  # running
-    second = engine.stream(_messages("Hi"), GenerationParams(temperature=0, max_new_tokens=5))  # queued
+    second = engine.stream(
+        GenerationRequest(_messages("Hi"), GenerationParams(temperature=0, max_new_tokens=5))
+    )  # queued
     with pytest.raises(QueueFullError, match="queue is full"):
-        engine.stream(_messages("Hi"), GenerationParams(temperature=0, max_new_tokens=5))
+        engine.stream(GenerationRequest(_messages("Hi"), GenerationParams(temperature=0, max_new_tokens=5)))
     first.close()
     assert [c for c in second][-1].finish_reason == "length"
 
 
 def test_waiting_requests_that_give_up_free_their_queue_slot(tiny_dir):
     engine = load(str(tiny_dir), LoadSettings(dtype="float32", max_concurrency=1, max_queue=1))
-    first = engine.stream(_messages("Hi"), GenerationParams(temperature=0, max_new_tokens=500))
+    first = engine.stream(
+        GenerationRequest(_messages("Hi"), GenerationParams(temperature=0, max_new_tokens=500))
+    )
     next(first)
     waiting = threading.Event()
-    engine.stream(_messages("Hi"), GenerationParams(temperature=0, max_new_tokens=5), cancel=waiting)
+    engine.stream(
+        GenerationRequest(_messages("Hi"), GenerationParams(temperature=0, max_new_tokens=5), cancel=waiting)
+    )
     waiting.set()  # its caller gave up before it ever ran
-    third = engine.stream(_messages("Hi"), GenerationParams(temperature=0, max_new_tokens=5))
+    third = engine.stream(
+        GenerationRequest(_messages("Hi"), GenerationParams(temperature=0, max_new_tokens=5))
+    )
     first.close()
     assert list(third)[-1].finish_reason == "length"

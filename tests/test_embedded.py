@@ -15,6 +15,7 @@ import pytest
 from llmhost.engine import GenerationParams
 from llmhost.engine.backends.gguf import cache_key, converted_folder
 from llmhost.engine.cached import COMPLETE_MARKER
+from llmhost.engine.request import GenerationRequest
 from llmhost.errors import EmbeddedModelMissingError
 from llmhost.store import embedded as embedded_mod
 
@@ -27,7 +28,7 @@ def test_greedy_equals_transformers_own_generate(embedded):
     own `generate` on the same weights gives the very tokens llmhost's engine gives."""
     import torch
 
-    r = embedded.generate(FRANCE, GenerationParams(temperature=0, max_new_tokens=40))
+    r = embedded.generate(GenerationRequest(FRANCE, GenerationParams(temperature=0, max_new_tokens=40)))
     prompt = torch.tensor([embedded.encode_chat(FRANCE)])
     with torch.no_grad():
         out = embedded.model.generate(
@@ -41,16 +42,20 @@ def test_greedy_equals_transformers_own_generate(embedded):
 def test_stream_equals_generate_and_is_deterministic(embedded):
     p = GenerationParams(temperature=0, max_new_tokens=48)
     msgs = [{"role": "user", "content": "Name three colours."}]
-    a = embedded.generate(msgs, p)
-    chunks = list(embedded.stream(msgs, p))
+    a = embedded.generate(GenerationRequest(msgs, p))
+    chunks = list(embedded.stream(GenerationRequest(msgs, p)))
     assert "".join(c.text for c in chunks) == a.text
-    assert embedded.generate(msgs, p).token_ids == a.token_ids
+    assert embedded.generate(GenerationRequest(msgs, p)).token_ids == a.token_ids
 
 
 def test_stop_string_on_real_model(embedded):
-    full = embedded.generate(FRANCE, GenerationParams(temperature=0, max_new_tokens=40)).text
+    full = embedded.generate(
+        GenerationRequest(FRANCE, GenerationParams(temperature=0, max_new_tokens=40))
+    ).text
     stop = full.split()[3]  # a word of this machine's own answer
-    r = embedded.generate(FRANCE, GenerationParams(temperature=0, max_new_tokens=40, stop=[stop]))
+    r = embedded.generate(
+        GenerationRequest(FRANCE, GenerationParams(temperature=0, max_new_tokens=40, stop=[stop]))
+    )
     assert r.finish_reason == "stop"
     assert r.text == full[: full.find(stop)]
 
@@ -61,7 +66,9 @@ def test_stop_string_on_real_model(embedded):
 )
 def test_chinese_and_emoji_stream_without_broken_characters(embedded, question, lowest):
     msgs = [{"role": "user", "content": question}]
-    chunks = list(embedded.stream(msgs, GenerationParams(temperature=0, max_new_tokens=24)))
+    chunks = list(
+        embedded.stream(GenerationRequest(msgs, GenerationParams(temperature=0, max_new_tokens=24)))
+    )
     assert all("\ufffd" not in c.text for c in chunks)
     text = "".join(c.text for c in chunks)
     assert any(ord(ch) >= lowest for ch in text), f"expected CJK/emoji output, got {text!r}"

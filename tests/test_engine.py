@@ -9,6 +9,7 @@ import pytest
 
 from llmhost.config import LoadSettings
 from llmhost.engine import GenerationParams, collect, load, stream_generate
+from llmhost.engine.request import GenerationRequest
 from llmhost.errors import ChatTemplateError, ContextOverflowError, InvalidRequestError, ModelNotFoundError
 
 HELLO = [{"role": "user", "content": "Hello there, who are you?"}]
@@ -16,9 +17,9 @@ GREEDY = GenerationParams(temperature=0, max_new_tokens=24)
 
 
 def test_greedy_is_deterministic_and_stream_equals_generate(tiny):
-    a = tiny.generate(HELLO, GREEDY)
-    b = tiny.generate(HELLO, GREEDY)
-    chunks = list(stream_generate(tiny, HELLO, GREEDY))
+    a = tiny.generate(GenerationRequest(HELLO, GREEDY))
+    b = tiny.generate(GenerationRequest(HELLO, GREEDY))
+    chunks = list(stream_generate(tiny, GenerationRequest(HELLO, GREEDY)))
     assert a.token_ids == b.token_ids and a.text == b.text
     assert "".join(c.text for c in chunks) == a.text
     assert [i for c in chunks for i in c.token_ids] == a.token_ids
@@ -26,7 +27,7 @@ def test_greedy_is_deterministic_and_stream_equals_generate(tiny):
 
 
 def test_max_new_tokens_gives_length_and_usage(tiny):
-    r = tiny.generate(HELLO, GenerationParams(temperature=0, max_new_tokens=7))
+    r = tiny.generate(GenerationRequest(HELLO, GenerationParams(temperature=0, max_new_tokens=7)))
     assert r.finish_reason == "length"
     assert r.completion_tokens == 7 == len(r.token_ids)
     assert r.prompt_tokens == len(tiny.encode_chat(HELLO))
@@ -35,33 +36,38 @@ def test_max_new_tokens_gives_length_and_usage(tiny):
 
 def test_seed_reproduces_sampling_and_different_seeds_differ(tiny):
     p = GenerationParams(temperature=1.0, top_p=1.0, max_new_tokens=20, seed=1234)
-    a, b = tiny.generate(HELLO, p), tiny.generate(HELLO, p)
+    a, b = tiny.generate(GenerationRequest(HELLO, p)), tiny.generate(GenerationRequest(HELLO, p))
     assert a.token_ids == b.token_ids
-    others = {tuple(tiny.generate(HELLO, p.model_copy(update={"seed": s})).token_ids) for s in range(4)}
+    others = {
+        tuple(tiny.generate(GenerationRequest(HELLO, p.model_copy(update={"seed": s}))).token_ids)
+        for s in range(4)
+    }
     assert len(others) > 1
 
 
 def test_top_k_one_equals_greedy(tiny):
     p = GenerationParams(temperature=1.0, top_k=1, max_new_tokens=16, seed=7)
     assert (
-        tiny.generate(HELLO, p).token_ids
-        == tiny.generate(HELLO, GREEDY.model_copy(update={"max_new_tokens": 16})).token_ids
+        tiny.generate(GenerationRequest(HELLO, p)).token_ids
+        == tiny.generate(GenerationRequest(HELLO, GREEDY.model_copy(update={"max_new_tokens": 16}))).token_ids
     )
 
 
 def test_repetition_penalty_changes_greedy_output(tiny):
-    plain = tiny.generate(HELLO, GREEDY)
-    penalized = tiny.generate(HELLO, GREEDY.model_copy(update={"repetition_penalty": 3.0}))
+    plain = tiny.generate(GenerationRequest(HELLO, GREEDY))
+    penalized = tiny.generate(GenerationRequest(HELLO, GREEDY.model_copy(update={"repetition_penalty": 3.0})))
     assert plain.token_ids != penalized.token_ids
     # a strong penalty on a random model avoids repeating tokens it already produced
     assert len(set(penalized.token_ids)) >= len(set(plain.token_ids))
 
 
 def test_stop_string_cuts_reply_and_never_leaks(tiny):
-    full = tiny.generate(HELLO, GenerationParams(temperature=0, max_new_tokens=40)).text
+    full = tiny.generate(GenerationRequest(HELLO, GenerationParams(temperature=0, max_new_tokens=40))).text
     assert len(full) > 20
     stop = full[len(full) // 2 : len(full) // 2 + 4]
-    chunks = list(tiny.stream(HELLO, GenerationParams(temperature=0, max_new_tokens=40, stop=[stop])))
+    chunks = list(
+        tiny.stream(GenerationRequest(HELLO, GenerationParams(temperature=0, max_new_tokens=40, stop=[stop])))
+    )
     text = "".join(c.text for c in chunks)
     assert text == full[: full.find(stop)]
     assert chunks[-1].finish_reason == "stop"
@@ -74,7 +80,9 @@ def test_stop_string_cuts_reply_and_never_leaks(tiny):
 def test_cancel_stops_within_a_token(tiny):
     cancel = threading.Event()
     seen = []
-    for chunk in tiny.stream(HELLO, GenerationParams(temperature=0, max_new_tokens=500), cancel=cancel):
+    for chunk in tiny.stream(
+        GenerationRequest(HELLO, GenerationParams(temperature=0, max_new_tokens=500), cancel=cancel)
+    ):
         seen.append(chunk)
         if len(seen) == 3:
             cancel.set()
@@ -85,7 +93,7 @@ def test_cancel_stops_within_a_token(tiny):
 
 
 def test_closing_the_stream_stops_generation(tiny):
-    it = tiny.stream(HELLO, GenerationParams(temperature=0, max_new_tokens=500))
+    it = tiny.stream(GenerationRequest(HELLO, GenerationParams(temperature=0, max_new_tokens=500)))
     next(it)
     it.close()
     with pytest.raises(StopIteration):
@@ -93,21 +101,21 @@ def test_closing_the_stream_stops_generation(tiny):
 
 
 def test_system_param_is_used_when_messages_have_none(tiny):
-    with_system = tiny.prepare(HELLO, None, GenerationParams(system="You are a pirate."))[0]
-    without = tiny.prepare(HELLO, None, GenerationParams())[0]
+    with_system = tiny.prepare(GenerationRequest(HELLO, GenerationParams(system="You are a pirate.")))[0]
+    without = tiny.prepare(GenerationRequest(HELLO, GenerationParams()))[0]
     assert with_system != without
     assert "You are a pirate." in tiny.tokenizer.decode(with_system)
     own = [{"role": "system", "content": "Be terse."}, *HELLO]
-    ids = tiny.prepare(own, None, GenerationParams(system="You are a pirate."))[0]
+    ids = tiny.prepare(GenerationRequest(own, GenerationParams(system="You are a pirate.")))[0]
     assert "pirate" not in tiny.tokenizer.decode(ids)
 
 
 def test_plain_prompt_mode(tiny):
-    r = tiny.generate(None, GREEDY, prompt="Once upon a time")
+    r = tiny.generate(GenerationRequest(params=GREEDY, prompt="Once upon a time"))
     assert r.completion_tokens > 0
     assert r.prompt_tokens == len(tiny.tokenizer("Once upon a time")["input_ids"])
     with pytest.raises(InvalidRequestError, match="either messages or a prompt"):
-        tiny.stream(HELLO, GREEDY, prompt="both")
+        tiny.stream(GenerationRequest(HELLO, GREEDY, prompt="both"))
 
 
 def test_long_history_drops_oldest_turns(tiny_dir):
@@ -119,18 +127,18 @@ def test_long_history_drops_oldest_turns(tiny_dir):
             {"role": "assistant", "content": f"answer number {i} " * 4},
         ]
     history.append({"role": "user", "content": "and now?"})
-    r = small.generate(history, GenerationParams(temperature=0, max_new_tokens=10))
+    r = small.generate(GenerationRequest(history, GenerationParams(temperature=0, max_new_tokens=10)))
     assert r.dropped_turns > 0 and r.dropped_turns % 2 == 0
     assert r.prompt_tokens + 10 <= 120
     with pytest.raises(ContextOverflowError, match="context window is 120 tokens"):
-        small.stream([{"role": "user", "content": "word " * 200}], GREEDY)
+        small.stream(GenerationRequest([{"role": "user", "content": "word " * 200}], GREEDY))
     with pytest.raises(ContextOverflowError):
-        small.stream(None, GenerationParams(max_new_tokens=100), prompt="word " * 50)
+        small.stream(GenerationRequest(params=GenerationParams(max_new_tokens=100), prompt="word " * 50))
 
 
 def test_invalid_messages_raise_before_streaming(tiny):
     with pytest.raises(InvalidRequestError, match="role is 'robot'"):
-        tiny.stream([{"role": "robot", "content": "x"}], GREEDY)
+        tiny.stream(GenerationRequest([{"role": "robot", "content": "x"}], GREEDY))
 
 
 def test_missing_chat_template_is_a_clear_error_and_file_fixes_it(tiny_dir, tmp_path):
@@ -139,7 +147,7 @@ def test_missing_chat_template_is_a_clear_error_and_file_fixes_it(tiny_dir, tmp_
     (bare / "chat_template.jinja").unlink()
     model = load(str(bare), LoadSettings(dtype="float32"))
     with pytest.raises(ChatTemplateError, match="--chat-template"):
-        model.stream(HELLO, GREEDY)
+        model.stream(GenerationRequest(HELLO, GREEDY))
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant] ")
     model = load(str(bare), LoadSettings(dtype="float32", chat_template=template))
@@ -151,7 +159,7 @@ def test_chat_template_is_sandboxed(tiny_dir, tmp_path):
     evil.write_text("{{ messages.__class__.__mro__[1].__subclasses__() }}")
     model = load(str(tiny_dir), LoadSettings(dtype="float32", chat_template=evil))
     with pytest.raises(ChatTemplateError):
-        model.stream(HELLO, GREEDY)
+        model.stream(GenerationRequest(HELLO, GREEDY))
 
 
 def test_unknown_model_and_unsafe_folders(tmp_path, tiny_dir):

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
 PACKAGE = SRC / "llmhost"
 
 # layer → the llmhost layers it may import (itself included); anything else is a violation
@@ -20,6 +22,7 @@ ALLOWED = {
     "finetune": {"finetune", "engine", "store", "config", "hardware", "errors"},
     "engine": {"engine", "store", "config", "hardware", "errors", "installs", "procs"},
     "store": {"store", "config", "hardware", "errors", "installs"},
+    "testing": {"testing"},  # model builders for tests and benches; nothing imports it
 }  # fmt: skip
 FRAMEWORKS = ("fastapi", "starlette", "uvicorn", "streamlit", "typer", "rich")
 
@@ -110,6 +113,50 @@ def test_imports_go_one_way() -> None:
     assert wrong == []
 
 
+def test_nothing_in_the_package_imports_its_test_helpers() -> None:
+    users = sorted(m for m, deps in graph().items() if "llmhost.testing" in deps)
+    assert users == []
+
+
+def test_benches_use_the_package_not_the_tests() -> None:
+    """A bench imports llmhost (llmhost.testing for built models), never tests/ or conftest (it
+    may read the tests' data files)."""
+    import re
+
+    wrong = []
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if re.search(r"sys\.path\.(insert|append)\(.*tests|^\s*(from|import) conftest", line):
+                wrong.append(f"{path.name}: {line.strip()}")
+    assert wrong == []
+
+
+def test_no_source_file_is_longer_than_500_lines() -> None:
+    long = {
+        str(p.relative_to(SRC)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500
+    }
+    assert long == {}
+
+
+def test_engines_take_one_request_value() -> None:
+    """Every engine's stream / astream / generate takes the one GenerationRequest, and no function
+    threads a request's fields (messages and prompt, params and cancel) as separate arguments."""
+    wrong = []
+    for m, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            names = [a.arg for a in node.args.args + node.args.kwonlyargs]
+            method = m.startswith("llmhost.engine") and names[:1] == ["self"]
+            if method and node.name in ("stream", "astream", "generate") and names != ["self", "request"]:
+                wrong.append(f"{m}.{node.name}({', '.join(names)})")
+            if {"messages", "prompt"} <= set(names) or {"params", "cancel"} <= set(names):
+                wrong.append(f"{m}.{node.name}({', '.join(names)})")
+    assert wrong == []
+
+
 def test_the_engine_imports_no_framework() -> None:
     known = modules()
     used = {
@@ -130,13 +177,18 @@ def test_backends_are_named_after_their_engine() -> None:
     assert set(ENGINES) == values
     folder = PACKAGE / "engine" / "backends"
     # besides the engines: the converters (GGUF, Qwen-1), the script vLLM's Python runs and the
-    # transformers engine's per-row LoRA and prefix cache, llama.cpp's CPU backend switch and its
-    # weight repack decision
-    others = {"__init__", "gguf", "ggml_cpu", "ggml_repack", "qwen1", "vllm_child", "lora", "prefix"}
-    assert {p.stem for p in folder.glob("*.py")} == values | others
+    # transformers engine's per-row LoRA, prefix cache and folder reading
+    others = {"__init__", "gguf", "qwen1", "vllm_child", "lora", "prefix", "hf_folder"}
+    found = {p.stem for p in folder.glob("*.py")} | {
+        p.name for p in folder.iterdir() if (p / "__init__.py").exists()
+    }
+    assert found == values | others
     for engine in ENGINES:
-        source = (folder / f"{engine}.py").read_text(encoding="utf-8")
-        assert "\ndef load(" in source, f"backends/{engine}.py has no load()"
+        module = (
+            folder / f"{engine}.py" if (folder / f"{engine}.py").exists() else folder / engine / "__init__.py"
+        )
+        assert hasattr(importlib.import_module(f"llmhost.engine.backends.{engine}"), "load"), module
+        assert "load" in module.read_text(encoding="utf-8"), f"{module} defines or exports no load()"
 
 
 def test_no_module_shadows_the_standard_library() -> None:

@@ -14,6 +14,7 @@ from llmhost.config import LoadSettings
 from llmhost.engine import load
 from llmhost.engine.backends.llamacpp import INSTALL, available
 from llmhost.engine.params import GenerationParams
+from llmhost.engine.request import GenerationRequest
 from llmhost.errors import ContextOverflowError, LlmhostError
 from servers import wait_for
 
@@ -39,7 +40,7 @@ def blocks():
         engine="llamacpp", context_length=2048, reference_kernels=False, weight_repack="off"
     )
     engine = load(None, settings)
-    assert engine.scheduler.runner.invariant is False
+    assert engine.scheduler.runner.reuse.invariant is False
     yield engine
     engine.close()
 
@@ -54,10 +55,10 @@ def test_greedy_equals_the_bindings_own_sampler(cpp) -> None:
     """llmhost samples from llama.cpp's logits; under greedy decoding that must give exactly what
     llama-cpp-python's own sampler gives. (Its Q4_1 kernels answer differently from the float32
     transformers model: this 135M model is that sensitive.)"""
-    from llmhost.engine.backends.ggml_repack import open_model
+    from llmhost.engine.backends.llamacpp.repack import open_model
     from llmhost.store.embedded import embedded_gguf
 
-    result = cpp.generate(QUESTION, GenerationParams(temperature=0, max_new_tokens=20))
+    result = cpp.generate(GenerationRequest(QUESTION, GenerationParams(temperature=0, max_new_tokens=20)))
     # the binding's own single-sequence context, with the window, batch size and weight repack
     # llmhost uses (the repack is what this CPU was found to run)
     repack = bool(cpp.llm.model_params.use_extra_bufts)
@@ -82,38 +83,45 @@ def test_the_engine_answers_with_the_weight_repack_off_and_on(cpp, blocks) -> No
 
     params = GenerationParams(temperature=0, max_new_tokens=12)
     assert blocks.llm.model_params.use_extra_bufts is False
-    assert blocks.generate(QUESTION, params).text.strip()
+    assert blocks.generate(GenerationRequest(QUESTION, params)).text.strip()
     decision = repack_decision("auto")  # `cpp` decided (and probed, on an AMX CPU) at its load
     if not decision.use:
         pytest.skip(f"the weight repack is off on this machine: {decision.reason}")
     assert cpp.llm.model_params.use_extra_bufts is True
-    assert cpp.generate(QUESTION, params).text.strip()
+    assert cpp.generate(GenerationRequest(QUESTION, params)).text.strip()
 
 
 def test_stream_equals_generate_and_is_deterministic(cpp) -> None:
     params = GenerationParams(temperature=0, max_new_tokens=24)
-    whole = cpp.generate(STORY, params)
-    parts = list(cpp.stream(STORY, params))
-    assert "".join(c.text for c in parts) == whole.text == cpp.generate(STORY, params).text
+    whole = cpp.generate(GenerationRequest(STORY, params))
+    parts = list(cpp.stream(GenerationRequest(STORY, params)))
+    assert "".join(c.text for c in parts) == whole.text == cpp.generate(GenerationRequest(STORY, params)).text
     assert parts[-1].finish_reason == "length" and parts[-1].completion_tokens == 24
 
 
 def test_seeded_sampling_repeats(cpp) -> None:
     params = GenerationParams(temperature=0.9, top_p=0.95, seed=1234, max_new_tokens=16)
-    assert cpp.generate(STORY, params).text == cpp.generate(STORY, params).text
+    assert (
+        cpp.generate(GenerationRequest(STORY, params)).text
+        == cpp.generate(GenerationRequest(STORY, params)).text
+    )
 
 
 def test_stop_strings_never_leak(cpp) -> None:
-    full = cpp.generate(STORY, GenerationParams(temperature=0, max_new_tokens=40)).text
+    full = cpp.generate(GenerationRequest(STORY, GenerationParams(temperature=0, max_new_tokens=40))).text
     stop = full.split()[4]
-    cut = cpp.generate(STORY, GenerationParams(temperature=0, max_new_tokens=40, stop=[stop]))
+    cut = cpp.generate(
+        GenerationRequest(STORY, GenerationParams(temperature=0, max_new_tokens=40, stop=[stop]))
+    )
     assert stop not in cut.text and full.startswith(cut.text) and cut.finish_reason == "stop"
 
 
 def test_cancel(cpp) -> None:
     cancel = threading.Event()
     seen = []
-    for chunk in cpp.stream(STORY, GenerationParams(temperature=0, max_new_tokens=400), cancel=cancel):
+    for chunk in cpp.stream(
+        GenerationRequest(STORY, GenerationParams(temperature=0, max_new_tokens=400), cancel=cancel)
+    ):
         seen.append(chunk)
         if len(seen) == 3:
             cancel.set()
@@ -128,10 +136,10 @@ def test_concurrent_requests_decode_together_and_equal_solo(cpp) -> None:
 
     prompts = [STORY, QUESTION, [{"role": "user", "content": "Name three animals."}], STORY]
     params = GenerationParams(temperature=0, max_new_tokens=32)
-    solo = [cpp.generate(p, params).token_ids for p in prompts]
+    solo = [cpp.generate(GenerationRequest(p, params)).token_ids for p in prompts]
     cpp.scheduler.peak_batch = 0
     with ThreadPoolExecutor(len(prompts)) as pool:
-        together = list(pool.map(lambda p: cpp.generate(p, params).token_ids, prompts))
+        together = list(pool.map(lambda p: cpp.generate(GenerationRequest(p, params)).token_ids, prompts))
     assert together == solo
     assert cpp.scheduler.peak_batch >= 3
 
@@ -196,7 +204,7 @@ def _cold(engine, messages, params):
     """The reply with nothing in the prompt cache."""
     assert wait_for(lambda: engine.running == 0, timeout=10)
     engine.scheduler.call(engine.scheduler.runner.forget)  # on the inference thread, between steps
-    return engine.generate(messages, params)
+    return engine.generate(GenerationRequest(messages, params))
 
 
 TURNS = [
@@ -228,7 +236,7 @@ def test_a_conversations_next_turn_reuses_its_prefix_and_equals_a_cold_run(eithe
     for question in TURNS:
         conversation.append({"role": "user", "content": question})
         assert _settled(either)
-        warm = either.generate(conversation, params)
+        warm = either.generate(GenerationRequest(conversation, params))
         cold = _cold(either, conversation, params)
         assert warm.token_ids == cold.token_ids, question
         assert cold.cached_tokens == 0
@@ -239,7 +247,7 @@ def test_a_conversations_next_turn_reuses_its_prefix_and_equals_a_cold_run(eithe
     assert all(c < p for c, p in cached)
     question_tokens = 40  # the template's turn markers and a short question
     assert all(p - c < 64 + question_tokens for c, p in cached[1:]), cached  # the reply was reused
-    if either.scheduler.runner.invariant:  # all of it, its last partial block too
+    if either.scheduler.runner.reuse.invariant:  # all of it, its last partial block too
         assert all(p - c < question_tokens for c, p in cached[1:]), cached
 
 
@@ -249,10 +257,13 @@ def test_the_same_prompt_again_starts_from_its_kept_logits(cpp) -> None:
     params = GenerationParams(temperature=0, max_new_tokens=12)
     first = _cold(cpp, QUESTION, params)
     assert _settled(cpp)
-    again = cpp.generate(QUESTION, params)
+    again = cpp.generate(GenerationRequest(QUESTION, params))
     assert again.token_ids == first.token_ids and again.cached_tokens == again.prompt_tokens
     sampled = GenerationParams(temperature=0.8, top_p=0.9, seed=7, max_new_tokens=12)
-    assert cpp.generate(QUESTION, sampled).token_ids == _cold(cpp, QUESTION, sampled).token_ids
+    assert (
+        cpp.generate(GenerationRequest(QUESTION, sampled)).token_ids
+        == _cold(cpp, QUESTION, sampled).token_ids
+    )
 
 
 def test_a_new_question_after_the_same_short_prefix_reuses_it_token_by_token(blocks) -> None:
@@ -262,23 +273,23 @@ def test_a_new_question_after_the_same_short_prefix_reuses_it_token_by_token(blo
     still equals a cold run. Without that measurement only whole blocks are reused."""
     params = GenerationParams(temperature=0, max_new_tokens=16)
     runner = blocks.scheduler.runner
-    assert runner.granular  # Q4_1: llama.cpp's CPU kernels give a row the same numbers below 64 rows
+    assert runner.reuse.granular  # Q4_1: llama.cpp's CPU kernels give a row the same numbers below 64 rows
     first = [{"role": "user", "content": "Hi! I am visitor 1."}]
     second = [{"role": "user", "content": "Hi! I am visitor 2, from Lisbon."}]
     _cold(blocks, first, params)
-    reply = blocks.generate(second, params)
+    reply = blocks.generate(GenerationRequest(second, params))
     assert 0 < reply.cached_tokens < reply.prompt_tokens and reply.cached_tokens % 64, reply.cached_tokens
     assert reply.token_ids == _cold(blocks, second, params).token_ids
     assert wait_for(lambda: blocks.running == 0, timeout=10)
     held, ids = blocks.encode_chat(second), blocks.encode_chat(first)  # the slot holds the cold run's
-    slot = next(s for s in range(runner.max_batch) if runner.held[s][: len(held)] == held)
+    slot = next(s for s in range(runner.max_batch) if runner.slots[s].tokens[: len(held)] == held)
     n = next(i for i, (x, y) in enumerate(zip(held, ids, strict=False)) if x != y)
-    assert runner._reusable(slot, ids, n, None) == n
-    runner.granular = False
+    assert runner.reuse.reusable(runner.slots[slot], ids, n, None) == n
+    runner.reuse.granular = False
     try:
-        assert runner._reusable(slot, ids, n, None) == 0  # whole blocks only
+        assert runner.reuse.reusable(runner.slots[slot], ids, n, None) == 0  # whole blocks only
     finally:
-        runner.granular = True
+        runner.reuse.granular = True
 
 
 def test_a_short_reply_in_a_partial_block_is_made_again_and_the_next_turn_reuses_all_of_it(blocks) -> None:
@@ -290,7 +301,7 @@ def test_a_short_reply_in_a_partial_block_is_made_again_and_the_next_turn_reuses
     first = _cold(blocks, conversation, params)
     conversation += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Ok."}]
     assert _settled(blocks)
-    warm = blocks.generate(conversation, params)
+    warm = blocks.generate(GenerationRequest(conversation, params))
     assert warm.prompt_tokens < 64  # one partial block: before, only its prompt part was reused
     assert warm.cached_tokens > first.prompt_tokens, (warm.cached_tokens, first.prompt_tokens)
     assert warm.cached_tokens >= first.prompt_tokens + len(first.token_ids) - 1
@@ -308,14 +319,18 @@ def test_a_conversation_goes_on_in_its_own_slot_and_short_prompts_keep_theirs(bl
     conversation = []
     for turn, question in enumerate(TURNS[:5]):
         conversation.append({"role": "user", "content": question})
-        reply = blocks.generate(conversation, params)  # no waiting for the idle work
+        reply = blocks.generate(GenerationRequest(conversation, params))  # no waiting for the idle work
         conversation.append({"role": "assistant", "content": reply.text})
         if turn == 0:  # the next turn comes while the reply is being made again (half done)
-            assert wait_for(lambda: any(len(runner.held[s]) < len(t) for s, t in runner.redo.items()), 10)
+            assert wait_for(
+                lambda: any(len(runner.slots[s].tokens) < len(t) for s, t in runner.redo.items()), 10
+            )
     assert _settled(blocks)  # replies made again in other slots would show now
-    assert sum(len(held) > 64 for held in runner.held) == 1, [len(h) for h in runner.held]
+    assert sum(len(held) > 64 for held in (slot.tokens for slot in runner.slots)) == 1, [
+        len(slot.tokens) for slot in runner.slots
+    ]
     new = [{"role": "user", "content": "Hi! I am visitor 2, from Lisbon."}]
-    assert blocks.generate(new, GenerationParams(max_new_tokens=4)).cached_tokens > 0
+    assert blocks.generate(GenerationRequest(new, GenerationParams(max_new_tokens=4))).cached_tokens > 0
 
 
 def test_shared_system_prompts_interleaved_and_edited_conversations_equal_cold_runs(cpp) -> None:
@@ -327,19 +342,19 @@ def test_shared_system_prompts_interleaved_and_edited_conversations_equal_cold_r
     b = [system, {"role": "user", "content": "Tell me about Vienna."}]
     cold = {id(m): _cold(cpp, m, params).token_ids for m in (a, b)}
     with ThreadPoolExecutor(2) as pool:  # two conversations at once, each in a slot
-        warm = list(pool.map(lambda m: cpp.generate(m, params), [a, b, a, b]))
+        warm = list(pool.map(lambda m: cpp.generate(GenerationRequest(m, params)), [a, b, a, b]))
     assert [w.token_ids for w in warm] == [cold[id(a)], cold[id(b)]] * 2
     assert max(w.cached_tokens for w in warm) >= 128  # the system prompt's blocks were shared
     # another conversation with the same system prompt works on a copy of the first one's
     # stream: both stay cached, and the first one's prompt is still whole for a retry
     assert _cold(cpp, a, params).token_ids == cold[id(a)]
-    branch = cpp.generate(b, params)
+    branch = cpp.generate(GenerationRequest(b, params))
     assert branch.token_ids == cold[id(b)] and branch.cached_tokens >= 128
-    retry = cpp.generate(a, params)
+    retry = cpp.generate(GenerationRequest(a, params))
     assert retry.token_ids == cold[id(a)] and retry.cached_tokens == retry.prompt_tokens
     # a conversation edited in the middle: only the blocks before the edit are reused
     edited = [{**system, "content": system["content"].replace("Europe", "Asia", 1)}, a[1]]
-    reply = cpp.generate(edited, params)
+    reply = cpp.generate(GenerationRequest(edited, params))
     assert reply.token_ids == _cold(cpp, edited, params).token_ids and reply.cached_tokens < 64
 
 
@@ -366,7 +381,11 @@ def test_sustained_load_never_waits_while_a_slot_is_free() -> None:
 
     def client(i: int) -> None:
         while not stop.is_set():
-            engine.generate([{"role": "user", "content": f"Say something about the number {i}."}], params)
+            engine.generate(
+                GenerationRequest(
+                    [{"role": "user", "content": f"Say something about the number {i}."}], params
+                )
+            )
             if next(done) >= 16:  # each slot freed and taken again several times
                 stop.set()
 
@@ -401,24 +420,26 @@ def test_slots_and_their_size_bound_the_cache(cpp) -> None:
     try:
         assert engine.context_length == 512 and engine.scheduler.runner.max_batch == 2
         params = GenerationParams(temperature=0, max_new_tokens=400 - len(engine.encode_chat(STORY)))
-        streams = [engine.stream(STORY, params) for _ in range(3)]
+        streams = [engine.stream(GenerationRequest(STORY, params)) for _ in range(3)]
         firsts = [next(s).text for s in streams[:2]] + [""]
         assert engine.running == 2 and engine.queued == 1  # in /metrics as llmhost_queue_length
         texts = {first + "".join(c.text for c in s) for first, s in zip(firsts, streams, strict=True)}
         assert len(texts) == 1  # the one that waited got the same reply
         with pytest.raises(ContextOverflowError):
-            engine.generate([{"role": "user", "content": "word " * 600}], params)
+            engine.generate(GenerationRequest([{"role": "user", "content": "word " * 600}], params))
     finally:
         engine.close()
 
 
 def test_raw_prompt_and_chinese(cpp) -> None:
     text = cpp.generate(
-        None, GenerationParams(temperature=0, max_new_tokens=8), prompt="Once upon a time"
+        GenerationRequest(params=GenerationParams(temperature=0, max_new_tokens=8), prompt="Once upon a time")
     ).text
     assert text.strip()
     reply = cpp.generate(
-        [{"role": "user", "content": "你好"}], GenerationParams(temperature=0, max_new_tokens=16)
+        GenerationRequest(
+            [{"role": "user", "content": "你好"}], GenerationParams(temperature=0, max_new_tokens=16)
+        )
     )
     assert "\ufffd" not in reply.text
 
@@ -477,7 +498,9 @@ def test_a_long_prompt_admitted_mid_stream_pauses_the_others_for_a_chunk_at_most
     arrivals: list[float] = []
 
     def running_stream() -> None:
-        for _ in cpp.stream([{"role": "user", "content": "Write a long story about a ship."}], greedy):
+        for _ in cpp.stream(
+            GenerationRequest([{"role": "user", "content": "Write a long story about a ship."}], greedy)
+        ):
             arrivals.append(time.perf_counter())
 
     assert wait_for(lambda: cpp.running == 0, timeout=10)
@@ -486,7 +509,7 @@ def test_a_long_prompt_admitted_mid_stream_pauses_the_others_for_a_chunk_at_most
     thread.start()
     assert wait_for(lambda: len(arrivals) >= 10, timeout=30)
     started = time.perf_counter()
-    long_reply = cpp.generate(long_chat, first_token)
+    long_reply = cpp.generate(GenerationRequest(long_chat, first_token))
     prefill_s = long_reply.ttft_s  # the whole prompt's prefill, interleaved with the other's steps
     ended = time.perf_counter()
     thread.join()
@@ -501,6 +524,7 @@ def test_a_request_arriving_during_idle_work_aborts_it_and_nothing_is_lost(cpp) 
     arrives: llama.cpp removes the block's cells and the job stays; done later, the next turn's
     first logits from what it kept equal a cold runner's exactly."""
     from llmhost.engine.backends.llamacpp import LlamaCppRunner, physical_cores
+    from llmhost.engine.backends.llamacpp.slots import choose
     from runners import greedy
 
     warm = LlamaCppRunner(cpp.llm, 1024, 2, physical_cores(), reference=False)  # K-quants' scheme
@@ -510,11 +534,11 @@ def test_a_request_arriving_during_idle_work_aborts_it_and_nothing_is_lost(cpp) 
         reply, _ = greedy(warm, prompt, 150)
         (slot,) = warm.redo
         assert warm.idle_work(lambda: True) and slot in warm.redo
-        assert len(warm.held[slot]) == len(prompt) // 64 * 64  # the aborted block's cells are gone
+        assert len(warm.slots[slot].tokens) == len(prompt) // 64 * 64  # the aborted block's cells are gone
         while warm.idle_work(lambda: False):
             pass
         turn = [*prompt, *reply, *cpp.encode_chat([{"role": "user", "content": "Why?"}])[1:]]
-        assert warm._choose(turn)[1] == (len(prompt) + len(reply)) // 64 * 64
+        assert choose(warm.slots, turn, None, warm.reuse)[1] == (len(prompt) + len(reply)) // 64 * 64
         assert bool((greedy(warm, turn, 1)[1] == greedy(cold, turn, 1)[1]).all())
     finally:
         warm.close()
@@ -527,6 +551,7 @@ def test_the_fast_prefix_cache_reuses_a_reply_as_decoded_with_no_idle_work(cpp) 
     and evaluates only its new message; nothing is queued for idle work. Its logits are a cold
     run's within float noise, not bit for bit (that is what the exact default is for)."""
     from llmhost.engine.backends.llamacpp import LlamaCppRunner, physical_cores
+    from llmhost.engine.backends.llamacpp.slots import choose
     from runners import greedy
 
     fast = LlamaCppRunner(cpp.llm, 1024, 2, physical_cores(), exact=False)
@@ -537,12 +562,14 @@ def test_the_fast_prefix_cache_reuses_a_reply_as_decoded_with_no_idle_work(cpp) 
         assert not fast.redo and not fast.idle_work(lambda: False)
         question = cpp.encode_chat([{"role": "user", "content": "Why?"}])[1:]
         turn = [*prompt, *reply, *question]
-        assert fast._choose(turn)[1] == len(prompt) + len(reply)  # not a whole number of blocks
+        assert choose(fast.slots, turn, None, fast.reuse)[1] == len(prompt) + len(
+            reply
+        )  # not a whole number of blocks
         warm_first, cold_first = greedy(fast, turn, 1)[1], greedy(cold, turn, 1)[1]
         assert float((warm_first - cold_first).abs().max()) < 2.0  # wrong cells are off by 10s
         assert int(cold_first.argmax()) in warm_first.topk(3).indices.tolist()
         # the same prompt again: its kept logits, as in the exact mode
-        assert fast._choose(turn)[1] == len(turn)
+        assert choose(fast.slots, turn, None, fast.reuse)[1] == len(turn)
     finally:
         fast.close()
         cold.close()
@@ -556,9 +583,10 @@ def test_reference_kernels_make_a_replys_decoded_cells_those_of_a_cold_run(cpp) 
     prompt and reply, nothing is queued for idle work, and its logits equal a cold runner's bit
     for bit. With the default kernels (`fast`) the same reuse is off (the control)."""
     from llmhost.engine.backends.llamacpp import LlamaCppRunner, physical_cores
+    from llmhost.engine.backends.llamacpp.slots import choose
     from runners import greedy
 
-    assert cpp.scheduler.runner.invariant and cpp.scheduler.runner.backends
+    assert cpp.scheduler.runner.reuse.invariant and cpp.scheduler.runner.backends
     runners = [LlamaCppRunner(cpp.llm, 1024, 2, physical_cores(), exact=e) for e in (True, False, True)]
     warm, fast, cold = runners
     try:
@@ -569,9 +597,11 @@ def test_reference_kernels_make_a_replys_decoded_cells_those_of_a_cold_run(cpp) 
             reply, _ = greedy(runner, prompt, 300)
             assert len(prompt) + len(reply) > 300 and not runner.redo and not runner.idle_work(lambda: False)
             turn = [*prompt, *reply, *question]
-            assert runner._choose(turn)[1] == len(prompt) + len(reply)  # not a whole number of blocks
+            assert choose(runner.slots, turn, None, runner.reuse)[1] == len(prompt) + len(
+                reply
+            )  # not a whole number of blocks
             diffs.append(float((greedy(runner, turn, 1)[1] - greedy(cold, turn, 1)[1]).abs().max()))
-        assert warm.invariant and diffs[0] == 0.0
+        assert warm.reuse.invariant and diffs[0] == 0.0
         assert diffs[1] > 0.0, "the default kernels' decoded cells were a cold run's too"
     finally:
         for runner in runners:
@@ -584,8 +614,8 @@ def test_the_cpu_backend_is_found_under_a_context_and_without_it_the_blocks_sche
     """`ggml_cpu` finds the one CPU backend of each context (llama.cpp hands it to the abort
     callback's setter) and puts the registry's lookup back; where ggml's libraries cannot be
     reached, no backend is found and the runner measures itself onto the blocks scheme."""
-    from llmhost.engine.backends import ggml_cpu
     from llmhost.engine.backends.llamacpp import LlamaCppRunner, physical_cores
+    from llmhost.engine.backends.llamacpp import kernels as ggml_cpu
     from runners import greedy
 
     libs = ggml_cpu._load()
@@ -604,7 +634,9 @@ def test_the_cpu_backend_is_found_under_a_context_and_without_it_the_blocks_sche
     try:
         assert runner.backends == []
         greedy(runner, cpp.encode_chat(QUESTION), 8)
-        assert runner.invariant is False and runner.granular and runner.redo  # the reply, made again
+        assert (
+            runner.reuse.invariant is False and runner.reuse.granular and runner.redo
+        )  # the reply, made again
     finally:
         runner.close()
 
@@ -715,7 +747,7 @@ def test_running_slots_stay_one_run_so_a_step_is_one_micro_batch(cpp) -> None:
         logits = runner.step(live)
         for req, row in zip(live, logits, strict=True):
             req.last_token = int(row.argmax())
-        assert sent == [sorted(runner.busy)], sent  # one call, rows in slot order
+        assert sent == [runner.running], sent  # one call, rows in slot order
 
     def finish(req: SimpleNamespace) -> None:
         i = live.index(req)
@@ -724,20 +756,20 @@ def test_running_slots_stay_one_run_so_a_step_is_one_micro_batch(cpp) -> None:
 
     try:
         a, _, c = (start(m) for m in chats[:3])  # slots 0, 1, 2
-        assert sorted(runner.busy) == [0, 1, 2]
+        assert runner.running == [0, 1, 2]
         step()
         finish(a)  # slot 0 keeps a's prompt (and its logits) for a retry
         start(chats[3])  # shares only the system prompt's block: takes slot 3, not a's
-        assert sorted(runner.busy) == [1, 2, 3]
+        assert runner.running == [1, 2, 3]
         step()
         finish(c)  # slots 1 and 3 would run as two micro-batches: a running row moves
-        assert _runs(runner.busy) == 1
+        assert _runs(set(runner.running)) == 1
         step()
         # the row moved into the slot used the longest ago (a's); c's retry starts from c's
         # kept prompt, next to the running slots
         again = start(chats[2])
         ids = again.prompt_ids
-        assert _runs(runner.busy) == 1 and len(runner.busy) == 3
+        assert _runs(set(runner.running)) == 1 and len(runner.running) == 3
         assert again.seq.cached_tokens == len(ids)
         assert bool((again.first == c.first).all())
         step()
@@ -771,7 +803,7 @@ def test_a_gap_left_by_a_finished_request_is_closed_and_the_moved_row_decodes_on
             if n == 5:  # the middle request ends: slots 0 and 2 would run as two micro-batches
                 runner.drop([0, 2])
                 del reqs[1], out[1]
-                assert sorted(runner.busy) in ([0, 1], [1, 2], [2, 3]), runner.busy
+                assert runner.running in ([0, 1], [1, 2], [2, 3]), runner.running
             logits = runner.step(reqs)
             for req, row, tokens in zip(reqs, logits, out, strict=True):
                 req.last_token = int(row.argmax())

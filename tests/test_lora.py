@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_adapter
 from llmhost.engine.backends.lora import RowLora
 from llmhost.errors import LlmhostError
+from llmhost.testing import build_adapter
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""One server, many models (engine/pool.py), as a client sees it: a real `llmhost serve --all`
+"""One server, many models (server/pool.py), as a client sees it: a real `llmhost serve --all`
 on a store of tiny models and LoRA adapters. Models load on their first request, stay within
 the memory budget, unload after --keep-alive; adapters decode on their loaded base, in one batch
 with it, exactly as each does alone; a store entry added while the server runs is served."""
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_adapter, build_tiny_model
+from llmhost.engine.request import GenerationRequest
 from llmhost.store.local import Store, import_path
+from llmhost.testing import build_adapter, build_tiny_model
 from servers import ServerProcess, wait_for
 
 HELLO = [{"role": "user", "content": "Tell me about the sea."}]
@@ -245,7 +246,7 @@ def at_once(models: list, params) -> list[str]:
     got: dict[int, str] = {}
 
     def ask(i: int) -> None:
-        got[i] = models[i].generate(HELLO, params).text
+        got[i] = models[i].generate(GenerationRequest(HELLO, params)).text
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(models))]
     for t in threads:
@@ -282,7 +283,7 @@ def test_llamacpp_applies_each_rows_adapter_as_transformers_does(embedded_adapte
         engine = load(None, LoadSettings(engine=kind, dtype="float32"))
         try:
             models = [engine, *(engine.add_adapter(f"ft{i}", p) for i, p in enumerate(embedded_adapters))]
-            alone = [m.generate(HELLO, greedy).text for m in models]
+            alone = [m.generate(GenerationRequest(HELLO, greedy)).text for m in models]
             assert at_once(models, greedy) == alone, kind
             assert engine.scheduler.peak_batch == 3, kind
             assert len(set(alone)) == 3, kind

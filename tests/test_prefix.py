@@ -13,6 +13,7 @@ import pytest
 from llmhost.config import LoadSettings
 from llmhost.engine import GenerationParams, load
 from llmhost.engine.backends.prefix import Entry, PrefixCache
+from llmhost.engine.request import GenerationRequest
 from runners import greedy
 from servers import wait_for
 
@@ -41,7 +42,7 @@ def _cold(engine, messages, params):
     """The reply with nothing kept."""
     assert wait_for(lambda: engine.running == 0, timeout=30)
     engine.scheduler.call(engine.scheduler.runner.forget)  # on the inference thread
-    return engine.generate(messages, params)
+    return engine.generate(GenerationRequest(messages, params))
 
 
 def test_a_conversations_turns_reuse_the_last_reply_and_equal_cold_runs(hf) -> None:
@@ -50,7 +51,7 @@ def test_a_conversations_turns_reuse_the_last_reply_and_equal_cold_runs(hf) -> N
     for question in TURNS:
         conversation.append({"role": "user", "content": question})
         assert _settled(hf)
-        warm = hf.generate(conversation, params)
+        warm = hf.generate(GenerationRequest(conversation, params))
         cold = _cold(hf, conversation, params)
         assert warm.token_ids == cold.token_ids, question
         assert cold.cached_tokens == 0
@@ -59,7 +60,7 @@ def test_a_conversations_turns_reuse_the_last_reply_and_equal_cold_runs(hf) -> N
     assert all(c % 64 == 0 and c < p for c, p in cached)
     assert all(p - c < 64 + 40 for c, p in cached[1:]), cached  # the reply was reused, not re-prefilled
     # the same prompt again (a retry): nothing to evaluate before the first token
-    retry = hf.generate(conversation[:-1], params)
+    retry = hf.generate(GenerationRequest(conversation[:-1], params))
     assert retry.cached_tokens == retry.prompt_tokens and retry.text == conversation[-1]["content"]
 
 
@@ -72,11 +73,11 @@ def test_shared_system_prompts_interleaved_and_edited_conversations_equal_cold_r
     # one after the other: float32 matrix products are not batch-invariant on the CPU (a row's
     # last bits depend on how many rows decode with it), so a reply decoded beside another one
     # may differ from a cold solo run for reasons that have nothing to do with reuse
-    warm = [hf.generate(m, params) for m in (a, b, a, b)]
+    warm = [hf.generate(GenerationRequest(m, params)) for m in (a, b, a, b)]
     assert [w.token_ids for w in warm] == [cold[id(a)], cold[id(b)]] * 2
     assert max(w.cached_tokens for w in warm) >= 128  # the system prompt's blocks were shared
     edited = [{**system, "content": system["content"].replace("Europe", "Asia", 1)}, a[1]]
-    reply = hf.generate(edited, params)
+    reply = hf.generate(GenerationRequest(edited, params))
     assert reply.token_ids == _cold(hf, edited, params).token_ids and reply.cached_tokens < 64
 
 
@@ -91,7 +92,9 @@ def test_the_kept_memory_never_passes_its_bound(hf, embedded_dir) -> None:
         seen = []
         for i in range(6):
             engine.generate(
-                [{"role": "user", "content": f"Question {i}: " + "why is the sky blue? " * 20}], params
+                GenerationRequest(
+                    [{"role": "user", "content": f"Question {i}: " + "why is the sky blue? " * 20}], params
+                )
             )
             seen.append((runner.prefix.nbytes, len(runner.prefix)))
             assert runner.prefix.nbytes <= bound_gib * 2**30
@@ -110,7 +113,7 @@ def test_a_long_prompt_admitted_mid_stream_pauses_the_other_for_a_chunk_at_most(
 
     def running_stream() -> None:
         story = [{"role": "user", "content": "Write a long story about a ship."}]
-        for _ in hf.stream(story, GenerationParams(temperature=0, max_new_tokens=120)):
+        for _ in hf.stream(GenerationRequest(story, GenerationParams(temperature=0, max_new_tokens=120))):
             arrivals.append(time.perf_counter())
 
     assert wait_for(lambda: hf.running == 0, timeout=30)
@@ -119,7 +122,7 @@ def test_a_long_prompt_admitted_mid_stream_pauses_the_other_for_a_chunk_at_most(
     thread.start()
     assert wait_for(lambda: len(arrivals) >= 5, timeout=60)
     started = time.perf_counter()
-    reply = hf.generate(long_chat, params)
+    reply = hf.generate(GenerationRequest(long_chat, params))
     ended = time.perf_counter()
     thread.join()
     during = [b - a for a, b in itertools.pairwise(arrivals) if started <= b <= ended]

@@ -15,6 +15,7 @@ import torch
 
 from llmhost.engine.backends import qwen1
 from llmhost.engine.cached import COMPLETE_MARKER
+from llmhost.engine.request import GenerationRequest
 
 QWEN_TIKTOKEN_SHA256 = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
 IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
@@ -252,7 +253,9 @@ def test_a_reply_stops_at_im_end(tmp_path, home) -> None:
     engine = load(str(ends), LoadSettings(engine="transformers", dtype="float32"))
     try:
         assert {IM_END, IM_START, ENDOFTEXT} <= set(engine.eos_ids)
-        result = engine.generate([{"role": "user", "content": "hi"}], GenerationParams(temperature=0))
+        result = engine.generate(
+            GenerationRequest([{"role": "user", "content": "hi"}], GenerationParams(temperature=0))
+        )
     finally:
         engine.close()
     assert result.finish_reason == "stop" and result.text == "" and result.completion_tokens == 1
@@ -305,9 +308,9 @@ def test_vllm_serves_the_converted_folder_with_the_same_greedy_text(qwen_engine,
         [{"role": "user", "content": "Hi!"}],
     ]
     greedy = GenerationParams(temperature=0, max_new_tokens=16)
-    want = [qwen_engine.generate(p, greedy).text for p in prompts]
+    want = [qwen_engine.generate(GenerationRequest(p, greedy)).text for p in prompts]
     engine = load(str(qwen1_dir), LoadSettings(engine="vllm", dtype="float32", context_length=512))
     try:
-        assert [engine.generate(p, greedy).text for p in prompts] == want
+        assert [engine.generate(GenerationRequest(p, greedy)).text for p in prompts] == want
     finally:
         engine.close()

@@ -1,4 +1,4 @@
-"""llama.cpp's weight repack on this CPU (store/probes.py, engine/backends/ggml_repack.py): the
+"""llama.cpp's weight repack on this CPU (store/probes.py, engine/backends/llamacpp/repack.py): the
 decision on recorded /proc/cpuinfo texts of an AMX machine and of an AMD one, the verdict cache,
 and the probe child, crashing for real and running for real."""
 
@@ -80,7 +80,7 @@ def test_verdicts_survive_a_damaged_file_and_leave_no_temporary(verdicts) -> Non
 def test_a_probe_that_crashes_turns_the_repack_off_and_is_remembered(verdicts) -> None:
     """A real segmentation fault in the child (what ggml's AMX kernels do on some virtual
     machines): this process carries on, and the verdict is kept for this binding and CPU."""
-    from llmhost.engine.backends.ggml_repack import probe
+    from llmhost.engine.backends.llamacpp.repack import probe
     from llmhost.hardware import cpu_info
     from llmhost.store.probes import llama_cpp_version
 
@@ -94,7 +94,7 @@ def test_a_probe_that_crashes_turns_the_repack_off_and_is_remembered(verdicts) -
 
 
 def test_a_probe_that_cannot_start_decides_nothing_for_good(verdicts, tmp_path) -> None:
-    from llmhost.engine.backends.ggml_repack import probe
+    from llmhost.engine.backends.llamacpp.repack import probe
 
     decision = probe(tmp_path / "no-such.gguf")  # the real child: it cannot load the file
     assert decision.use is False and "could not run" in decision.reason
@@ -102,7 +102,7 @@ def test_a_probe_that_cannot_start_decides_nothing_for_good(verdicts, tmp_path) 
 
 
 def test_a_hung_probe_is_stopped(verdicts) -> None:
-    from llmhost.engine.backends.ggml_repack import probe
+    from llmhost.engine.backends.llamacpp.repack import probe
 
     decision = probe(Path("unused.gguf"), timeout=1, child=[sys.executable, "-c", "while True: pass"])
     assert decision.use is False and "did not finish within 1 s" in decision.reason
@@ -114,7 +114,7 @@ def test_the_real_probe_runs_the_repack_on_the_embedded_model(verdicts) -> None:
     from engines import require
 
     require("llamacpp")
-    from llmhost.engine.backends.ggml_repack import probe
+    from llmhost.engine.backends.llamacpp.repack import probe
     from llmhost.hardware import cpu_info
     from llmhost.store.embedded import embedded_gguf
 
@@ -130,7 +130,7 @@ def test_an_amx_machine_whose_probe_crashes_loads_without_the_repack_and_probes_
     """The whole decision at load, on an AMX CPU (the recorded one) whose probe faults for real:
     the first load probes and turns the repack off; later loads read the verdict, no child."""
     from llmhost import hardware
-    from llmhost.engine.backends import ggml_repack
+    from llmhost.engine.backends.llamacpp import repack as ggml_repack
 
     monkeypatch.setattr(hardware, "cpu_info", lambda: intel)
     monkeypatch.setattr(ggml_repack, "cpu_info", lambda: intel)

@@ -223,8 +223,8 @@ def test_mid_stream_failure_is_an_sse_error_event_then_done(tiny_dir):
 
     from llmhost.config import LoadSettings
     from llmhost.engine import load
-    from llmhost.engine.pool import ModelPool
     from llmhost.server.app import create_app
+    from llmhost.server.pool import ModelPool
     from llmhost.server.settings import ServerSettings
 
     engine = load(str(tiny_dir), LoadSettings(dtype="float32"))

@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from engines import KEY, MODEL, VLLM_FLAGS, require, vllm_children
+from llmhost.engine.request import GenerationRequest
 from servers import ServerProcess, wait_for
 
 PROMPTS = [
@@ -33,8 +34,8 @@ def reference(embedded_dir):
 
     engine = load(None, LoadSettings(engine="transformers", dtype="float32"))
     greedy = GenerationParams(temperature=0, max_new_tokens=48)
-    chats = [engine.generate(p, greedy).text for p in PROMPTS]
-    text = engine.generate(None, greedy, prompt=COMPLETION).text
+    chats = [engine.generate(GenerationRequest(p, greedy)).text for p in PROMPTS]
+    text = engine.generate(GenerationRequest(params=greedy, prompt=COMPLETION)).text
     engine.close()
     return chats, text
 
@@ -67,7 +68,7 @@ def tp_model(tmp_path_factory, embedded_dir):
     """The embedded model has 9 attention heads, which vLLM cannot split in two, so tensor
     parallelism runs on a tiny random Llama with 4 heads of vLLM's size 64 (weights scaled up so
     that greedy choices are clear-cut, not ties decided by rounding)."""
-    from conftest import build_tiny_model
+    from llmhost.testing import build_tiny_model
 
     out = tmp_path_factory.mktemp("tp-tiny")
     return build_tiny_model(out, embedded_dir, hidden_size=256, intermediate_size=512, initializer_range=0.2)
@@ -96,7 +97,7 @@ def test_tensor_parallel_2_equals_transformers(tp2, tp_model) -> None:
     assert KEY not in server_cmd  # the child's private key is in its environment, not on argv
     engine = load(str(tp_model), LoadSettings(engine="transformers", dtype="float32"))
     greedy = GenerationParams(temperature=0, max_new_tokens=48)
-    want = [engine.generate(p, greedy).text for p in PROMPTS]
+    want = [engine.generate(GenerationRequest(p, greedy)).text for p in PROMPTS]
     kw = {"model": tp_model.name, "temperature": 0, "max_tokens": 48}
     got = [
         tp2.client(KEY).chat.completions.create(messages=p, **kw).choices[0].message.content for p in PROMPTS

@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from llmhost.errors import LlmhostError
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-#: llama.cpp's weight repack (engine/backends/ggml_repack.py, store/probes.py)
+#: llama.cpp's weight repack (engine/backends/llamacpp/repack.py, store/probes.py)
 Repack = Literal["auto", "on", "off"]
 
 

@@ -8,6 +8,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,3 +197,52 @@ def memory_gib() -> tuple[float, float]:
         return info["MemTotal"] / 2**20, info.get("MemAvailable", info["MemFree"]) / 2**20
     except (OSError, KeyError, ValueError):
         return 0.0, 0.0
+
+
+# -- memory, as the server's model pool measures it ----------------------------------------
+
+
+def _cuda() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def free_gib(device: str) -> float:
+    """Memory free now for models on `device`: GPU memory for a GPU (or `auto` with one), else RAM."""
+    import psutil
+
+    if device.startswith("cuda") or (device == "auto" and _cuda()):
+        import torch
+
+        return torch.cuda.mem_get_info()[0] / 2**30
+    return psutil.virtual_memory().available / 2**30
+
+
+def used_bytes() -> int:
+    """This process's resident memory plus the CUDA memory torch holds."""
+    import psutil
+
+    used = psutil.Process().memory_info().rss
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        used += torch.cuda.memory_allocated()
+    return used
+
+
+def give_memory_back() -> None:
+    """After unloading: collect the engine's objects and return freed pages to the system."""
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

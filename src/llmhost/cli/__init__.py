@@ -86,7 +86,10 @@ def chat(model: ModelArg = None, *, load: LoadSettings, params: GenerationParams
     from llmhost.cli.chat import ChatSession
 
     engine = load_model(model, load)
-    ChatSession(engine, params).run()
+    try:
+        ChatSession(engine, params).run()
+    finally:
+        engine.close()  # its inference thread and memory (a program may call this command again)
 
 
 @app.command()
@@ -114,16 +117,23 @@ def generate(
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise InvalidRequestError("the prompt is empty")
+    from llmhost.engine.request import GenerationRequest
+
     engine = load_model(model, load)
-    messages = None if raw else [{"role": "user", "content": prompt}]
-    text_prompt = prompt if raw else None
-    if as_json:
-        result = engine.generate(messages, params, prompt=text_prompt)
-        typer.echo(json.dumps({"model": engine.name, **result.to_dict()}, ensure_ascii=False))
-        return
-    for chunk in engine.stream(messages, params, prompt=text_prompt):
-        sys.stdout.write(chunk.text)
-        sys.stdout.flush()
+    if raw:
+        request = GenerationRequest(prompt=prompt, params=params)
+    else:
+        request = GenerationRequest([{"role": "user", "content": prompt}], params)
+    try:
+        if as_json:
+            result = engine.generate(request)
+            typer.echo(json.dumps({"model": engine.name, **result.to_dict()}, ensure_ascii=False))
+            return
+        for chunk in engine.stream(request):
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+    finally:
+        engine.close()
     sys.stdout.write("\n")
 
 
@@ -145,29 +155,14 @@ def serve(
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
     from llmhost.cli.common import console, quiet_loading
-    from llmhost.engine.loader import uses_upstream
-    from llmhost.engine.pool import ModelPool
-    from llmhost.server.run import check_exposure
+    from llmhost.server.run import check_exposure, open_pool
     from llmhost.server.run import serve as run_server
 
     warning = check_exposure(server)
     quiet_loading()
-    served = ModelPool(load, pool)
-    try:
-        if uses_upstream(load):
-            if not models:
-                from llmhost.engine.backends.openai import available
-
-                models = available(load.upstream, load.upstream_key) if load.upstream else []  # all of them
-            for name in models:
-                served.add_engine(load_model(name, load))
-        else:
-            for name in models or ([] if pool.all else [None]):
-                with console.status(f"Loading {name or 'the embedded default model'}…"):
-                    served.add_named(name)
-    except BaseException:
-        served.close()
-        raise
+    served = open_pool(
+        models, load, pool, lambda name: console.status(f"Loading {name or 'the embedded default model'}…")
+    )
     if warning:
         console.print(f"[yellow]{warning}[/yellow]")
     run_server(served, server)

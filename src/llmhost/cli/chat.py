@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from llmhost.cli.common import console
-from llmhost.engine import Engine, GenerationParams
+from llmhost.engine import Engine, GenerationParams, GenerationRequest
 from llmhost.engine.chunks import Chunk
 from llmhost.errors import LlmhostError
 
@@ -92,9 +92,9 @@ class ChatSession:
 
     def stream_reply(self, params: GenerationParams) -> tuple[str, Chunk]:
         """Stream one reply to the terminal; Ctrl-C (SIGINT) cancels it without leaving the chat."""
-        cancel = threading.Event()
-        chunks = self.engine.stream(self._messages(), params, cancel=cancel)
-        restore = _on_sigint(cancel.set)
+        request = GenerationRequest(self._messages(), params)
+        chunks = self.engine.stream(request)
+        restore = _on_sigint(request.cancel.set)
         parts: list[str] = []
         last: Chunk | None = None
         thinking = False

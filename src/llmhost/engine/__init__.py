@@ -4,10 +4,12 @@ Nothing here imports a web or CLI framework; torch and transformers load lazily.
 
 The life of a request, file by file (a chat request to `llmhost serve` on a local engine):
 
-1. `server/app.py` maps the OpenAI body to messages and `GenerationParams` (`params.py`),
-   leases the model's engine from the pool (`pool.py`: loaded on demand by `load_ref()` in
-   `loader.py` from a `ModelRef`, `ref.py`, on one of `backends/`; a LoRA adapter is its base's
-   engine with the request marked for the adapter) and calls `Engine.astream()` (`base.py`).
+1. The request's protocol (`server/protocols/`) maps its body to one `GenerationRequest`
+   (`request.py`: messages or a prompt, `GenerationParams` from `params.py`, the model name,
+   the cancel event). The server's pool (`server/pool.py`) leases the model's engine, loaded
+   on demand by `load_ref()` in `loader.py` from a `ModelRef` (`ref.py`) on one of
+   `backends/` (a LoRA adapter is its base's engine with the request marked for the adapter),
+   and the server calls `Engine.astream(request)` (`base.py`).
 2. `local.py` (`LocalEngine`): the request rules and the system prompt (`context.py`), the chat
    template with any tools (`template.py`, `tools.py`), tokenizing (the backend), fitting the
    window (`context.py`); it creates the request's `SequenceState` (`sequence.py`) with its
@@ -21,8 +23,8 @@ The life of a request, file by file (a chat request to `llmhost serve` on a loca
 5. `sequence.py` turns the token into text (`text.py`: UTF-8-safe detokenizing, stop strings),
    splits it into reasoning, answer and tool calls (`reply.py`), and makes a typed `Chunk`
    (`chunks.py`), the last one with finish reason and timings.
-6. The chunk travels back to the caller's iterator; `server/mapping.py` makes it an OpenAI
-   chunk. The remote backends (vllm, openai) skip 2-5: their server does them, and
+6. The chunk travels back to the caller's iterator; the protocol renders it (an OpenAI
+   chunk). The remote backends (vllm, openai) skip 2-5: their server does them, and
    `openai_stream.py` reads its chunks back.
 """
 
@@ -31,11 +33,13 @@ from llmhost.engine.chunks import Chunk, Result, collect
 from llmhost.engine.loader import load
 from llmhost.engine.params import GenerationParams, make_params
 from llmhost.engine.ref import ModelRef, resolve_ref
+from llmhost.engine.request import GenerationRequest
 
 __all__ = [
     "Chunk",
     "Engine",
     "GenerationParams",
+    "GenerationRequest",
     "ModelRef",
     "Result",
     "collect",

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from llmhost.engine.chunks import Chunk, Result, collect
-from llmhost.engine.context import Message
-from llmhost.engine.params import GenerationParams
+from llmhost.engine.request import GenerationRequest
 from llmhost.errors import LlmhostError
 
 
@@ -25,39 +23,15 @@ class Engine(ABC):
     context_length: int
 
     @abstractmethod
-    def stream(
-        self,
-        messages: list[Message] | None = None,
-        params: GenerationParams | None = None,
-        *,
-        prompt: str | None = None,
-        cancel: threading.Event | None = None,
-    ) -> Iterator[Chunk]:
-        """Stream a chat reply to `messages`, or a plain continuation of `prompt`.
+    def stream(self, request: GenerationRequest) -> Iterator[Chunk]:
+        """Stream the reply to `request`. Setting `request.cancel` ends the stream within a token
+        with finish_reason "cancelled"; closing the iterator stops the work too."""
 
-        Setting `cancel` ends the stream within a token with finish_reason "cancelled";
-        closing the iterator stops the work too.
-        """
-
-    def generate(
-        self,
-        messages: list[Message] | None = None,
-        params: GenerationParams | None = None,
-        *,
-        prompt: str | None = None,
-        cancel: threading.Event | None = None,
-    ) -> Result:
-        return collect(self.stream(messages, params, prompt=prompt, cancel=cancel))
+    def generate(self, request: GenerationRequest) -> Result:
+        return collect(self.stream(request))
 
     @abstractmethod
-    async def astream(
-        self,
-        messages: list[Message] | None = None,
-        params: GenerationParams | None = None,
-        *,
-        prompt: str | None = None,
-        cancel: threading.Event | None = None,
-    ) -> AsyncIterator[Chunk]:
+    async def astream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """`stream()` for asyncio: validation errors raise here; chunks never block the loop."""
 
     @property
@@ -87,23 +61,10 @@ class Engine(ABC):
         """Stop background work and release the model."""
 
 
-def stream_generate(
-    model: Engine,
-    messages: list[Message] | None = None,
-    params: GenerationParams | None = None,
-    *,
-    prompt: str | None = None,
-    cancel: threading.Event | None = None,
-) -> Iterator[Chunk]:
+def stream_generate(model: Engine, request: GenerationRequest) -> Iterator[Chunk]:
     """The one generator of the project (mlx-lm's name for it): chunks of a reply."""
-    return model.stream(messages, params, prompt=prompt, cancel=cancel)
+    return model.stream(request)
 
 
-def generate(
-    model: Engine,
-    messages: list[Message] | None = None,
-    params: GenerationParams | None = None,
-    *,
-    prompt: str | None = None,
-) -> Result:
-    return model.generate(messages, params, prompt=prompt)
+def generate(model: Engine, request: GenerationRequest) -> Result:
+    return model.generate(request)

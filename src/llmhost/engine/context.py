@@ -40,13 +40,9 @@ def validate_messages(messages: list[Message]) -> None:
         )
 
 
-def request_messages(
-    messages: list[Message] | None, prompt: str | None, params: GenerationParams
-) -> list[Message] | None:
-    """The rules of a request, for every engine: messages or a prompt, not both; valid messages;
-    the params' system prompt first unless the conversation has its own. None for a prompt."""
-    if (messages is None) == (prompt is None):
-        raise InvalidRequestError("give either messages or a prompt")
+def request_messages(messages: list[Message] | None, params: GenerationParams) -> list[Message] | None:
+    """The rules of a request's messages, for every engine: valid messages, the params' system
+    prompt first unless the conversation has its own. None for a plain prompt."""
     if messages is None:
         return None
     validate_messages(messages)

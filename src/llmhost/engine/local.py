@@ -9,7 +9,6 @@ import asyncio
 import functools
 import itertools
 import logging
-import threading
 import time
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Collection, Iterator
@@ -22,6 +21,7 @@ from llmhost.engine.context import Message, fit_messages, request_messages
 from llmhost.engine.grammar import Grammars
 from llmhost.engine.params import GenerationParams
 from llmhost.engine.reply import THINK_OPEN, ReplyParser
+from llmhost.engine.request import GenerationRequest
 from llmhost.engine.scheduler import BatchRunner, Scheduler
 from llmhost.engine.sequence import SequenceState
 from llmhost.engine.template import ChatTemplate
@@ -90,14 +90,13 @@ class LocalEngine(Engine):
     def runner(self) -> BatchRunner:
         """The model half of decoding; called once, by the scheduler's first use."""
 
-    def prepare(
-        self, messages: list[Message] | None, prompt: str | None, params: GenerationParams
-    ) -> tuple[list[int], int]:
+    def prepare(self, request: GenerationRequest) -> tuple[list[int], int]:
         """Prompt token ids and how many history messages were dropped to fit the window."""
-        messages = request_messages(messages, prompt, params)
+        params = request.params
+        messages = request_messages(request.messages, params)
         if messages is None:
-            assert prompt is not None
-            ids = self.encode_text(prompt)
+            assert request.prompt is not None
+            ids = self.encode_text(request.prompt)
             if len(ids) + params.max_new_tokens > self.context_length:
                 raise ContextOverflowError(len(ids), params.max_new_tokens, self.context_length)
             return ids, 0
@@ -120,8 +119,8 @@ class LocalEngine(Engine):
         params = GenerationParams(max_new_tokens=2, temperature=0)
         try:
             if self.template.source is not None:
-                collect(self.stream([{"role": "user", "content": "Hi"}], params))
-            collect(self.stream(prompt="Hi", params=params))
+                collect(self.stream(GenerationRequest([{"role": "user", "content": "Hi"}], params)))
+            collect(self.stream(GenerationRequest(prompt="Hi", params=params)))
         except LlmhostError as err:  # a model that cannot answer says so on a real request
             log.debug("warm-up failed: %s", err)
 
@@ -129,13 +128,11 @@ class LocalEngine(Engine):
     def scheduler(self) -> Scheduler:
         return Scheduler(self.runner(), self.max_queue)
 
-    def _sequence(
-        self, messages: list[Message] | None, prompt: str | None, params: GenerationParams | None
-    ) -> tuple[list[int], SequenceState]:
+    def _sequence(self, request: GenerationRequest) -> tuple[list[int], SequenceState]:
         started = time.perf_counter()
-        params = params or GenerationParams()
-        prompt_ids, dropped = self.prepare(messages, prompt, params)
-        chat = messages is not None
+        params = request.params
+        prompt_ids, dropped = self.prepare(request)
+        chat = request.chat
         reply = ReplyParser(
             thinks=chat and self.template.thinks,
             opened=chat and self._opens_thinking(prompt_ids),
@@ -162,30 +159,21 @@ class LocalEngine(Engine):
         tail = self.decoder.decode(prompt_ids[-8:], skip_special_tokens=False)
         return tail.rstrip().endswith(THINK_OPEN)
 
-    def stream(
-        self,
-        messages: list[Message] | None = None,
-        params: GenerationParams | None = None,
-        *,
-        prompt: str | None = None,
-        cancel: threading.Event | None = None,
-        adapter: str | None = None,
-    ) -> Iterator[Chunk]:
-        return self.scheduler.submit(*self._sequence(messages, prompt, params), cancel, adapter)
+    def stream(self, request: GenerationRequest) -> Iterator[Chunk]:
+        return self.submit(request)
 
-    async def astream(
-        self,
-        messages: list[Message] | None = None,
-        params: GenerationParams | None = None,
-        *,
-        prompt: str | None = None,
-        cancel: threading.Event | None = None,
-        adapter: str | None = None,
-    ) -> AsyncIterator[Chunk]:
+    async def astream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        return await self.asubmit(request)
+
+    def submit(self, request: GenerationRequest, adapter: str | None = None) -> Iterator[Chunk]:
+        """`stream()`, decoding with the runner's adapter `adapter` (None: the base model)."""
+        return self.scheduler.submit(*self._sequence(request), request.cancel, adapter)
+
+    async def asubmit(self, request: GenerationRequest, adapter: str | None = None) -> AsyncIterator[Chunk]:
         # template rendering and tokenizing can take milliseconds: keep them off the event loop
-        prompt_ids, seq = await asyncio.to_thread(self._sequence, messages, prompt, params)
+        prompt_ids, seq = await asyncio.to_thread(self._sequence, request)
         loop = asyncio.get_running_loop()
-        return self.scheduler.submit_async(prompt_ids, seq, loop, cancel, adapter)
+        return self.scheduler.submit_async(prompt_ids, seq, loop, request.cancel, adapter)
 
     # -- LoRA adapters served on this model -----------------------------------------------
 
@@ -232,27 +220,11 @@ class AdapterView(Engine):
         self.kind = base.kind
         self.context_length = base.context_length
 
-    def stream(
-        self,
-        messages: list[Message] | None = None,
-        params: GenerationParams | None = None,
-        *,
-        prompt: str | None = None,
-        cancel: threading.Event | None = None,
-    ) -> Iterator[Chunk]:
-        return self.base.stream(messages, params, prompt=prompt, cancel=cancel, adapter=self.adapter_id)
+    def stream(self, request: GenerationRequest) -> Iterator[Chunk]:
+        return self.base.submit(request, self.adapter_id)
 
-    async def astream(
-        self,
-        messages: list[Message] | None = None,
-        params: GenerationParams | None = None,
-        *,
-        prompt: str | None = None,
-        cancel: threading.Event | None = None,
-    ) -> AsyncIterator[Chunk]:
-        return await self.base.astream(
-            messages, params, prompt=prompt, cancel=cancel, adapter=self.adapter_id
-        )
+    async def astream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        return await self.base.asubmit(request, self.adapter_id)
 
     @property
     def problem(self) -> str | None:

@@ -23,11 +23,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from llmhost import __version__
 from llmhost.engine.chunks import Chunk, collect
 from llmhost.engine.params import format_validation_error
-from llmhost.engine.pool import ModelPool
 from llmhost.errors import LlmhostError
-from llmhost.server import mapping
 from llmhost.server.metrics import Metrics
-from llmhost.server.protocol import ChatCompletionRequest, CompletionRequest
+from llmhost.server.pool import ModelPool
+from llmhost.server.protocols import PROTOCOLS, Defaults, Protocol, Reply
 from llmhost.server.settings import ServerSettings
 
 log = logging.getLogger("llmhost.server")
@@ -72,8 +71,8 @@ class Api:
         self.draining = False
         self.in_flight = 0
         self.max_body = int(settings.max_body_mib * 2**20)
-        #: Whether thinking models think when a request does not say (--reasoning); None: the model's.
-        self.reasoning = {"on": True, "off": False}.get(settings.reasoning or "")
+        #: What a request falls back on where it does not say (--reasoning).
+        self.defaults = Defaults(reasoning={"on": True, "off": False}.get(settings.reasoning or ""))
 
     def check_key(self, header: str) -> None:
         if not self.keys:
@@ -132,43 +131,28 @@ class Api:
         """What `llmhost ps` shows: the loaded models, their memory, requests and idle time."""
         return {"models": self.pool.ps(), "budget_gib": round(self.pool.budget_gib, 3)}
 
-    async def complete(self, request: Request, chat: bool) -> Response:
-        req = await self.parse(request, ChatCompletionRequest if chat else CompletionRequest)
-        params = mapping.to_params(req, self.reasoning)
-        lease = await self.pool.aacquire(req.model)  # loads the model if it is not loaded
+    async def complete(self, request: Request, protocol: Protocol) -> Response:
+        """One reply in `protocol`'s shape: the body becomes one GenerationRequest, which the
+        leased engine answers; the reply goes back streamed or whole."""
+        body = await self.parse(request, protocol.body)
+        value = protocol.request(body, self.defaults)
+        lease = await self.pool.aacquire(value.model)  # loads the model if it is not loaded
         try:
-            return await self._complete(request, req, params, lease.engine, chat, lease.release)
+            engine = lease.engine
+            chunks = await engine.astream(value)
+            reply = protocol.reply(body, value, engine.name)
+            if not protocol.streams(body):
+                got = await self._gather(request, chunks, value.cancel)
+                lease.release()
+                self.metrics.finished(got[-1])
+                return JSONResponse(reply.whole(collect(got)))
         except BaseException:
             lease.release()
             raise
-
-    async def _complete(
-        self, request: Request, req: Any, params: Any, engine: Any, chat: bool, release: Any
-    ) -> Response:
-        """One reply from a leased engine; `release` runs once the reply has ended."""
-        cancel = threading.Event()  # set when the client goes: a queued or running request ends
-        if chat:
-            messages = mapping.to_messages(req)
-            chunks = await engine.astream(messages, params, cancel=cancel)
-        else:
-            chunks = await engine.astream(None, params, prompt=mapping.to_prompt(req), cancel=cancel)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        builder = mapping.ObjectBuilder(
-            engine.name,
-            chat,
-            getattr(req, "truncate_history", False),
-            include_usage and req.stream,
-            logprobs=params.logprobs is not None,
-        )
-        if not req.stream:
-            got = await self._gather(request, chunks, cancel)
-            release()
-            self.metrics.finished(got[-1])
-            return JSONResponse(builder.whole(collect(got)))
         return _CancellingStream(
-            self._sse(chunks, builder, include_usage),
-            cancel,
-            release,
+            self._sse(chunks, reply),
+            value.cancel,  # set when the client goes: a queued or running request ends
+            lease.release,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -197,17 +181,13 @@ class Api:
             raise ApiError(499, "the client closed the connection", "invalid_request_error")
         return work.result()
 
-    async def _sse(
-        self, chunks: AsyncIterator[Chunk], builder: mapping.ObjectBuilder, include_usage: bool
-    ) -> AsyncIterator[str]:
+    async def _sse(self, chunks: AsyncIterator[Chunk], reply: Reply) -> AsyncIterator[str]:
         try:
             async for chunk in chunks:
-                for obj in builder.events(chunk):
-                    yield _event(obj)
+                for frame in reply.events(chunk):
+                    yield frame
                 if chunk.finish_reason is not None:
                     self.metrics.finished(chunk)
-                    if include_usage:
-                        yield _event(builder.usage_chunk(chunk))
         except Exception as err:  # headers are sent: report in-band, then end the stream properly
             log.exception("generation failed mid-stream")
             api = (
@@ -215,8 +195,10 @@ class Api:
                 if isinstance(err, LlmhostError)
                 else ApiError(500, f"generation failed: {err}", "server_error")
             )
-            yield f"event: error\ndata: {json.dumps(api.body())}\n\n"
-        yield "data: [DONE]\n\n"
+            for frame in reply.failed(api.body()):
+                yield frame
+        for frame in reply.end():
+            yield frame
 
 
 class _CancellingStream(StreamingResponse):
@@ -242,10 +224,6 @@ async def _disconnected(request: Request) -> None:
     """Returns when the client closes the connection (the body has been read already)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _event(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 class Gate:
@@ -327,6 +305,14 @@ class Gate:
             self.api.metrics.requests.labels(path, str(status)).inc()
 
 
+def _handler(api: Api, protocol: Protocol) -> Any:
+    async def handle(request: Request) -> Response:
+        return await api.complete(request, protocol)
+
+    handle.__name__ = protocol.path.strip("/").replace("/", "_")
+    return handle
+
+
 def create_app(pool: ModelPool, settings: ServerSettings) -> FastAPI:
     api = Api(pool, settings)
     app = FastAPI(title="llmhost", version=__version__, docs_url=None, redoc_url=None)
@@ -374,13 +360,8 @@ def create_app(pool: ModelPool, settings: ServerSettings) -> FastAPI:
     def ps() -> dict[str, Any]:
         return api.ps()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await api.complete(request, chat=True)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await api.complete(request, chat=False)
+    for protocol in PROTOCOLS:
+        app.add_api_route(protocol.path, _handler(api, protocol), methods=["POST"])
 
     app.add_middleware(Gate, api=api)
     return app

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from llmhost.config import is_loopback, llmhost_home
-from llmhost.engine.pool import ModelPool
+from llmhost.config import LoadSettings, PoolSettings, is_loopback, llmhost_home
 from llmhost.errors import InvalidRequestError
+from llmhost.server.pool import ModelPool
 from llmhost.server.settings import ServerSettings
 
 
@@ -26,6 +29,68 @@ def check_exposure(settings: ServerSettings) -> str | None:
             "pass --api-key KEY (or --api-key-file F), or --insecure-no-auth if you really mean it"
         )
     return f"warning: serving on {settings.host} with no API key: anyone who can reach it can use it"
+
+
+def open_pool(
+    models: list[str] | None,
+    load: LoadSettings,
+    settings: PoolSettings,
+    loading: Callable[[str | None], AbstractContextManager[Any]] = lambda _: contextlib.nullcontext(),
+) -> ModelPool:
+    """The pool `llmhost serve [MODEL]...` serves: the models named, loaded now and kept loaded
+    (the embedded default if none, and no --all); with an upstream, its models (all of them if
+    none is named). `loading(name)` wraps each load (the CLI shows a spinner)."""
+    from llmhost.engine import load as load_engine
+    from llmhost.engine.loader import uses_upstream
+
+    pool = ModelPool(load, settings)
+    try:
+        if uses_upstream(load):
+            if not models:
+                from llmhost.engine.backends.openai import available
+
+                models = available(load.upstream, load.upstream_key) if load.upstream else []
+            for name in models:
+                with loading(name):
+                    pool.add_engine(load_engine(name, load))
+        else:
+            for name in models or ([] if settings.all else [None]):
+                with loading(name):
+                    pool.add_named(name)
+    except BaseException:
+        pool.close()
+        raise
+    return pool
+
+
+class BackgroundServer:
+    """The API served by uvicorn on a thread of this process, on `settings`' host and port (0: a
+    free one), ready once constructed: for programs that embed llmhost, and the tests. `stop()`
+    ends it and closes the pool. (Signals and draining are the `serve()` process's.)"""
+
+    def __init__(self, pool: ModelPool, settings: ServerSettings, log_level: str = "warning") -> None:
+        import uvicorn
+
+        from llmhost.server.app import create_app
+
+        self.pool = pool
+        self.app = create_app(pool, settings)
+        config = uvicorn.Config(self.app, host=settings.host, port=settings.port, log_level=log_level)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="llmhost-api", daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                pool.close()
+                raise InvalidRequestError(f"could not serve on {settings.host}:{settings.port}")
+            time.sleep(0.01)
+        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+
+    def stop(self, timeout: float = 30) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.pool.close()
 
 
 def serve(pool: ModelPool, settings: ServerSettings, log_level: str = "info") -> None:

@@ -8,11 +8,13 @@ overhead = runtime buffers and activations: 10% of the weights, plus 0.5 GiB on 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llmhost.errors import InvalidRequestError
+from llmhost.config import LoadSettings
+from llmhost.errors import InvalidRequestError, LlmhostError
 from llmhost.store.catalog import CatalogEntry
 
 GIB = 2**30
@@ -108,3 +110,18 @@ def estimate(shape: Shape, dtype: str, context: int | None = None, gpu: bool = T
     kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * ctx * kv_bytes
     overhead = 0.10 * weights + (0.5 if gpu else 0.25) * GIB
     return Estimate(dtype, ctx, weights / GIB, kv / GIB, overhead / GIB)
+
+
+def load_estimate_gib(path: Path, is_gguf: bool, load: LoadSettings) -> float:
+    """Memory a model takes once loaded with `load`, before loading it: the weights at the dtype
+    they load as, the KV cache, runtime overhead (what the server's pool budgets with)."""
+    gpu = load.device.startswith("cuda")
+    if is_gguf:
+        weights = path.stat().st_size / 2**30
+        slots = load.max_concurrency * (load.context_length or 4096)
+        return weights * 1.1 + slots * 24 * 1024 / 2**30 + (0.5 if gpu else 0.25)
+    with contextlib.suppress(LlmhostError, OSError, ValueError, KeyError):
+        dtype = load.dtype if load.dtype != "auto" else ("bfloat16" if gpu else "float32")
+        return estimate(shape_from_folder(path), dtype, load.context_length or 4096, gpu=gpu).total_gib
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return size / 2**30 * 2.2 + 0.25

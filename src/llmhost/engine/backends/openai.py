@@ -15,9 +15,10 @@ from typing import Any
 from llmhost.config import LoadSettings
 from llmhost.engine.base import Engine
 from llmhost.engine.chunks import Chunk, FinishReason
-from llmhost.engine.context import Message, request_messages
+from llmhost.engine.context import request_messages
 from llmhost.engine.openai_stream import StreamReader
 from llmhost.engine.params import GenerationParams
+from llmhost.engine.request import GenerationRequest
 from llmhost.errors import InvalidRequestError, LlmhostError, ModelNotFoundError
 
 
@@ -67,8 +68,10 @@ class OpenAIEngine(Engine):
 
     # -- requests --------------------------------------------------------------------------
 
-    def _request(self, messages: list[Message] | None, prompt: str | None, params: GenerationParams) -> dict:
-        messages = request_messages(messages, prompt, params)
+    def _body(self, request: GenerationRequest) -> dict:
+        """The upstream's chat or completions body for `request`."""
+        params = request.params
+        messages = request_messages(request.messages, params)
         body: dict[str, Any] = {
             "model": self.name,
             "max_tokens": params.max_new_tokens,
@@ -100,30 +103,21 @@ class OpenAIEngine(Engine):
         if messages is not None:
             body["messages"] = list(messages)
         else:
-            body["prompt"] = prompt
+            body["prompt"] = request.prompt
         return body
 
-    def _begin(
-        self, client: Any, messages: list[Message] | None, prompt: str | None, params: GenerationParams | None
-    ) -> tuple[Any, dict, float]:
+    def _begin(self, client: Any, request: GenerationRequest) -> tuple[Any, dict, float]:
         """What both stream() and astream() send: the client's create method and the body."""
         self.check()
-        body = self._request(messages, prompt, params or GenerationParams())
+        body = self._body(request)
         api = client.chat.completions if "messages" in body else client.completions
         return api.create, body, time.perf_counter()
 
-    def stream(
-        self,
-        messages: list[Message] | None = None,
-        params: GenerationParams | None = None,
-        *,
-        prompt: str | None = None,
-        cancel: threading.Event | None = None,
-    ) -> Iterator[Chunk]:
-        create, body, start = self._begin(self._sync, messages, prompt, params)
+    def stream(self, request: GenerationRequest) -> Iterator[Chunk]:
+        create, body, start = self._begin(self._sync, request)
         with _errors(self.base_url, self.unreachable):
             raw = create(**body)  # errors raise here, before any chunk
-        return self._sync_chunks(raw, start, cancel)
+        return self._sync_chunks(raw, start, request.cancel)
 
     def _sync_chunks(self, raw: Any, start: float, cancel: threading.Event | None) -> Iterator[Chunk]:
         state = _ChunkState(start)
@@ -141,18 +135,11 @@ class OpenAIEngine(Engine):
             self._running -= 1
             raw.close()  # hanging up makes an llmhost or vLLM upstream stop generating
 
-    async def astream(
-        self,
-        messages: list[Message] | None = None,
-        params: GenerationParams | None = None,
-        *,
-        prompt: str | None = None,
-        cancel: threading.Event | None = None,
-    ) -> AsyncIterator[Chunk]:
-        create, body, start = self._begin(self._async, messages, prompt, params)
+    async def astream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        create, body, start = self._begin(self._async, request)
         with _errors(self.base_url, self.unreachable):
             raw = await create(**body)
-        return self._async_chunks(raw, start, cancel)
+        return self._async_chunks(raw, start, request.cancel)
 
     async def _async_chunks(
         self, raw: Any, start: float, cancel: threading.Event | None

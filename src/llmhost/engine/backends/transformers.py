@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from llmhost.config import LoadSettings
+from llmhost.engine.backends.hf_folder import load_errors, read_config, successor_hint
 from llmhost.engine.local import LocalEngine
 from llmhost.engine.ref import ModelRef
 from llmhost.engine.template import ChatTemplate, control_tokens
-from llmhost.errors import DamagedModelError, LlmhostError
+from llmhost.errors import LlmhostError
 
 
 def load(ref: ModelRef, settings: LoadSettings) -> TransformersEngine:
@@ -81,11 +81,11 @@ class TransformersEngine(LocalEngine):
 
         from llmhost.hardware import pick_device, pick_dtype
 
-        config = _read_config(path)
+        config = read_config(path)
         if config.get("auto_map") and not settings.trust_remote_code:
             raise LlmhostError(
                 f"the model in {path} ships its own Python code (auto_map in config.json); "
-                "pass --trust-remote-code only if you trust its author" + _successor_hint(ref)
+                "pass --trust-remote-code only if you trust its author" + successor_hint(ref)
             )
         if not any(path.glob("*.safetensors")):
             raise LlmhostError(
@@ -99,13 +99,13 @@ class TransformersEngine(LocalEngine):
         kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": remote, "use_safetensors": True}
         if device.startswith("cuda"):
             kwargs["device_map"] = "auto" if device == "cuda" else device
-        with _load_errors(path, ref, remote):
+        with load_errors(path, ref, remote):
             tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=remote)
             model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
         if adapter is not None:  # merged once: inference then runs at the base model's speed
             from peft import PeftModel
 
-            with _load_errors(adapter, ref):
+            with load_errors(adapter, ref):
                 model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         if not device.startswith("cuda"):
             model.to(device)
@@ -443,85 +443,6 @@ def _batchable(model: Any) -> bool:
 
     cache = DynamicCache(config=model.config)
     return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
-
-
-def _successor_hint(ref: ModelRef | None) -> str:
-    """For a catalog model pulled into the store: its successor that needs no remote code."""
-    from llmhost.store.catalog import find
-
-    stored = ref.record if ref is not None else None
-    entry = find(stored.catalog) if stored and stored.catalog else None
-    if entry and entry.successor:
-        return f", or use its successor {entry.successor} (llmhost pull {entry.successor})"
-    return ""
-
-
-# what reading a truncated or corrupt file raises, by library (safetensors, json, tokenizers)
-_DAMAGE = ("SafetensorError", "JSONDecodeError", "HeaderTooLarge", "UnicodeDecodeError")
-
-
-@contextlib.contextmanager
-def _load_errors(path: Path, ref: ModelRef | None, remote: bool = False) -> Iterator[None]:
-    """Whatever transformers, peft or a model's own code raise while loading → one line that
-    says what to do."""
-    import transformers
-
-    try:
-        yield
-    except LlmhostError:
-        raise
-    except MemoryError:
-        raise LlmhostError(
-            f"not enough memory to load {path}: try a smaller model or a GGUF quantization"
-        ) from None
-    except (Exception, SystemExit) as err:  # a model's own code may even exit
-        detail = f"{type(err).__name__}: {err}".splitlines()[0]
-        damaged = type(err).__name__ in _DAMAGE or "did not match any variant" in str(err)
-        if damaged:
-            file = _unreadable_file(path) or path
-            if ref is not None:
-                raise ref.damaged(file, detail) from None
-            raise DamagedModelError(
-                f"{file} could not be read ({detail}): it is damaged or incomplete"
-            ) from None
-        if remote:
-            raise LlmhostError(
-                f"the model in {path} runs its own code (--trust-remote-code), which failed under "
-                f"transformers {transformers.__version__}: {detail}. Install what it names, or use a "
-                "release of the model that transformers supports without remote code"
-            ) from None
-        raise LlmhostError(
-            f"transformers {transformers.__version__} could not load {path} ({detail}); if the model is "
-            "newer than this transformers, upgrade it (pip install -U transformers)"
-        ) from None
-
-
-def _unreadable_file(folder: Path) -> Path | None:
-    """Which weights or JSON file of a folder cannot be read (to name it in the error)."""
-    from safetensors import safe_open
-
-    from llmhost.store.weights import safetensors_header
-
-    for file in sorted(folder.glob("*.safetensors")):
-        try:
-            safetensors_header(file)
-            with safe_open(str(file), "pt") as f:
-                f.keys()
-        except Exception:
-            return file
-    for file in sorted(folder.glob("*.json")):
-        try:
-            json.loads(file.read_text(encoding="utf-8"))
-        except (ValueError, OSError):
-            return file
-    return None
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise LlmhostError(f"{path} is not a model folder: config.json unreadable ({err})") from None
 
 
 def _context_length(config: Any) -> int:

@@ -227,3 +227,32 @@ def _max_model_len(base_url: str, key: str, name: str) -> int:
         if model.get("id") == name:
             return int(model.get("max_model_len") or 0)
     return 0
+
+
+#: The LoRA ranks vLLM accepts for --max-lora-rank.
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def adapter_rank(base: ModelRef | None) -> int:
+    """The largest LoRA rank among the store's adapters of `base` (vLLM sizes its buffers for it)."""
+    import contextlib
+    import json
+
+    from llmhost.store.local import Store
+
+    rank = 8
+    if base is None:
+        return rank
+    for stored in Store().list():
+        if stored.format == "lora" and stored.extra.get("base") in (base.key, base.name):
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                config = json.loads((stored.folder / "adapter_config.json").read_text(encoding="utf-8"))
+                rank = max(rank, int(config.get("r", 8)))
+    return next((r for r in LORA_RANKS if r >= rank), LORA_RANKS[-1])
+
+
+def with_lora(settings: LoadSettings, base: ModelRef | None) -> LoadSettings:
+    """`settings` with vLLM's runtime LoRA on, sized for the store's adapters of `base`; the
+    user's own --vllm-args come after, so they win."""
+    lora = f"--enable-lora --max-loras 4 --max-lora-rank {adapter_rank(base)}"
+    return settings.model_copy(update={"vllm_args": f"{lora} {settings.vllm_args or ''}"})

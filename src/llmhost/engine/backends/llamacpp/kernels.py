@@ -16,7 +16,7 @@ Nothing here is required: on a build without these libraries or symbols (another
 older ggml), or a registry that is not the CPU library's own static data, `cpu_backends` finds
 none and the engine keeps its other exactness scheme, as it does with `--no-reference-kernels`
 (LLMHOST_REFERENCE_KERNELS=0). The reference kernels are ggml's plain C loops: they use no
-instruction the default kernels do not (no AMX: see ggml_repack.py).
+instruction the default kernels do not (no AMX: see repack.py).
 """
 
 from __future__ import annotations

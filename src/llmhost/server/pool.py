@@ -20,7 +20,6 @@ The larger of the two is what the budget counts.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import threading
 import time
@@ -32,10 +31,11 @@ from llmhost.config import LoadSettings, PoolSettings
 from llmhost.engine.base import Engine
 from llmhost.engine.ref import ModelRef, resolve_ref
 from llmhost.errors import InvalidRequestError, LlmhostError, ModelNotFoundError
+from llmhost.hardware import free_gib, give_memory_back, used_bytes
+from llmhost.store.estimate import load_estimate_gib
 
 log = logging.getLogger("llmhost")
 
-GIB = 2**30
 #: How long a request waits for busy models to finish so that its own can load.
 ROOM_WAIT_S = 120.0
 
@@ -135,7 +135,7 @@ class ModelPool:
     def budget_gib(self) -> float:
         """--memory-gib, else 90% of what was free when first asked (the first load)."""
         if self._budget is None:
-            self._budget = _free_gib(self.load_settings) * 0.9
+            self._budget = free_gib(self.load_settings.device) * 0.9
         return self._budget
 
     # -- what is served ------------------------------------------------------------------
@@ -192,7 +192,12 @@ class ModelPool:
         key = f"{kind}:{base.key}"
         with self._cv:
             if key not in self._units:
-                self._units[key] = Unit(key, base, kind, estimate_gib=_estimate_gib(base, self.load_settings))
+                self._units[key] = Unit(
+                    key,
+                    base,
+                    kind,
+                    estimate_gib=load_estimate_gib(base.path, base.is_gguf, self.load_settings),
+                )
             served = Served(ref.name, key, ref if ref.is_adapter else None)
             self._served[ref.name] = served
             self._units[key].for_adapters |= ref.is_adapter
@@ -307,11 +312,12 @@ class ModelPool:
             settings = self.load_settings.model_copy(update={"engine": unit.kind})
             if unit.kind == "vllm" and (self.settings.all or unit.for_adapters):
                 # LoRA on, before the user's own --vllm-args (which come later, so they win)
-                lora = f"--enable-lora --max-loras 4 --max-lora-rank {_adapter_rank(unit.ref)}"
-                settings = settings.model_copy(update={"vllm_args": f"{lora} {settings.vllm_args or ''}"})
-            before, started = _used_bytes(), time.perf_counter()
+                from llmhost.engine.backends.vllm import with_lora
+
+                settings = with_lora(settings, unit.ref)
+            before, started = used_bytes(), time.perf_counter()
             engine = load_ref(unit.ref, settings)
-            took = max(0, _used_bytes() - before) / GIB
+            took = max(0, used_bytes() - before) / 2**30
             log.info(
                 "loaded %s in %.1f s: estimated %.2f GiB, took %.2f GiB",
                 unit.ref.name,
@@ -376,7 +382,7 @@ class ModelPool:
             engine.close()
             del engine
         unit.unloaded.set()
-        _give_memory_back()
+        give_memory_back()
         self._cv.notify_all()
 
     def _sweep_loop(self) -> None:
@@ -470,62 +476,6 @@ def _store_names() -> list[str]:
     return [DEFAULT_MODEL_NAME, *sorted(m.name for m in Store().list())]
 
 
-def _adapter_rank(base: ModelRef | None) -> int:
-    """The largest LoRA rank among the store's adapters of `base` (vLLM sizes its buffers for it)."""
-    import json
-
-    from llmhost.store.local import Store
-
-    rank = 8
-    if base is None:
-        return rank
-    allowed = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts
-    for stored in Store().list():
-        if stored.format == "lora" and stored.extra.get("base") in (base.key, base.name):
-            with contextlib.suppress(OSError, ValueError, TypeError):
-                config = json.loads((stored.folder / "adapter_config.json").read_text(encoding="utf-8"))
-                rank = max(rank, int(config.get("r", 8)))
-    return next((r for r in allowed if r >= rank), allowed[-1])
-
-
-def _estimate_gib(ref: ModelRef, load: LoadSettings) -> float:
-    """Before loading: the weights at the dtype they load as, the KV cache, runtime overhead."""
-    from llmhost.store import estimate
-
-    gpu = load.device.startswith("cuda")
-    if ref.is_gguf:
-        weights = ref.path.stat().st_size / GIB
-        slots = load.max_concurrency * (load.context_length or 4096)
-        return weights * 1.1 + slots * 24 * 1024 / GIB + (0.5 if gpu else 0.25)
-    with contextlib.suppress(LlmhostError, OSError, ValueError, KeyError):
-        shape = estimate.shape_from_folder(ref.path)
-        dtype = load.dtype if load.dtype != "auto" else ("bfloat16" if gpu else "float32")
-        return estimate.estimate(shape, dtype, load.context_length or 4096, gpu=gpu).total_gib
-    size = sum(f.stat().st_size for f in ref.path.glob("*.safetensors"))
-    return size / GIB * 2.2 + 0.25
-
-
-def _free_gib(load: LoadSettings) -> float:
-    """Memory free now: GPU memory when models go to a GPU, else RAM."""
-    import psutil
-
-    if load.device.startswith("cuda") or (load.device == "auto" and _cuda()):
-        import torch
-
-        return torch.cuda.mem_get_info()[0] / GIB
-    return psutil.virtual_memory().available / GIB
-
-
-def _cuda() -> bool:
-    import importlib.util
-
-    if importlib.util.find_spec("torch") is None:
-        return False
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _import_runtime(kind: str) -> None:
     """Import what an engine runs on, so that measuring a load counts the model, not libraries
     the process loads once (torch and transformers are ≈0.3 GiB of resident memory)."""
@@ -537,29 +487,3 @@ def _import_runtime(kind: str) -> None:
     if kind == "transformers":
         with contextlib.suppress(ImportError):
             from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401 - lazy modules
-
-
-def _used_bytes() -> int:
-    """This process's resident memory plus the CUDA memory torch holds."""
-    import psutil
-
-    used = psutil.Process().memory_info().rss
-    import sys
-
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        used += torch.cuda.memory_allocated()
-    return used
-
-
-def _give_memory_back() -> None:
-    """After unloading: collect the engine's objects and return freed pages to the system."""
-    import ctypes
-    import sys
-
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)

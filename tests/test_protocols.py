@@ -1,4 +1,4 @@
-"""Request → engine parameters and chunk → OpenAI objects: pure functions, no model."""
+"""Each protocol's body → one GenerationRequest, and chunks → the protocol's objects: no model."""
 
 from __future__ import annotations
 
@@ -6,10 +6,16 @@ import pytest
 
 from llmhost.engine.chunks import Chunk, Result
 from llmhost.errors import InvalidRequestError
-from llmhost.server.mapping import ObjectBuilder, penalty_from_openai, to_params, to_prompt
-from llmhost.server.protocol import ChatCompletionRequest, CompletionRequest
+from llmhost.server.protocols import Defaults
+from llmhost.server.protocols.openai_chat import ChatCompletionRequest, ChatCompletions, ChatReply
+from llmhost.server.protocols.openai_common import penalty_from_openai
+from llmhost.server.protocols.openai_completions import CompletionReply, CompletionRequest, to_prompt
 
 MSGS = [{"role": "user", "content": "hi"}]
+
+
+def to_params(body: ChatCompletionRequest):
+    return ChatCompletions().request(body, Defaults()).params
 
 
 @pytest.mark.parametrize(
@@ -64,12 +70,14 @@ def test_prompt_forms():
 
 
 def test_objects_have_openai_shape():
-    chat, text = ObjectBuilder("m", chat=True), ObjectBuilder("m", chat=False)
-    [first] = chat.events(Chunk(text="He"))
+    chat, text = ChatReply("m", include_usage=True), CompletionReply("m")
+    [first] = chat.chunk_objects(Chunk(text="He"))
     assert first["object"] == "chat.completion.chunk" and first["id"].startswith("chatcmpl-")
     assert first["choices"][0]["delta"] == {"content": "He", "role": "assistant"}
-    assert chat.events(Chunk(text="")) == []  # a chunk that adds nothing sends nothing
-    [last] = chat.events(Chunk(text="", finish_reason="cancelled", prompt_tokens=3, completion_tokens=2))
+    assert chat.chunk_objects(Chunk(text="")) == []  # a chunk that adds nothing sends nothing
+    [last] = chat.chunk_objects(
+        Chunk(text="", finish_reason="cancelled", prompt_tokens=3, completion_tokens=2)
+    )
     assert last["choices"][0]["finish_reason"] == "stop" and last["id"] == first["id"]
     usage = chat.usage_chunk(Chunk(text="", prompt_tokens=3, completion_tokens=2))
     assert usage["choices"] == [] and usage["usage"] == {
@@ -90,3 +98,33 @@ def test_objects_have_openai_shape():
     )
     assert whole["object"] == "text_completion" and whole["id"].startswith("cmpl-")
     assert whole["choices"][0] == {"index": 0, "text": "ok", "logprobs": None, "finish_reason": "length"}
+
+
+def test_a_chat_body_is_one_request_value():
+    """The request carries the messages (developer as system, text parts joined), the model name
+    and every parameter; the server's reasoning default applies where the body is silent."""
+    body = ChatCompletionRequest(
+        model="m",
+        messages=[
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        ],
+        max_tokens=5,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    request = ChatCompletions().request(body, Defaults(reasoning=False))
+    assert request.model == "m" and request.chat and request.prompt is None
+    assert request.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
+    assert request.params.max_new_tokens == 5 and request.params.reasoning is False
+    effort = body.model_copy(update={"reasoning_effort": "high"})
+    assert ChatCompletions().request(effort, Defaults(reasoning=False)).params.reasoning is True
+
+
+def test_a_streamed_reply_ends_with_usage_then_done():
+    reply = ChatReply("m", include_usage=True)
+    frames = [*reply.events(Chunk(text="hi")), *reply.events(Chunk(text="", finish_reason="stop"))]
+    frames += list(reply.end())
+    assert frames[-1] == "data: [DONE]\n\n"
+    assert '"choices": []' in frames[-2] and '"total_tokens"' in frames[-2]
+    assert all(f.startswith("data: ") for f in frames)

@@ -1,0 +1,179 @@
+"""The llama.cpp engine: a GGUF file opened by llama-cpp-python (model, tokenizer, metadata,
+chat template), its slots sized, decoding handed to `LlamaCppRunner`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from llmhost.config import LoadSettings
+from llmhost.engine.backends.gguf import GGUFReadError, check_readable
+from llmhost.engine.backends.llamacpp import repack as weight_repack
+from llmhost.engine.backends.llamacpp.runner import LlamaCppRunner
+from llmhost.engine.backends.llamacpp.slots import PREFILL_BLOCK
+from llmhost.engine.local import LocalEngine
+from llmhost.engine.ref import ModelRef
+from llmhost.engine.template import ChatTemplate, control_tokens
+from llmhost.errors import LlmhostError
+from llmhost.hardware import physical_cores
+
+log = logging.getLogger("llmhost.llamacpp")
+
+INSTALL = "pip install 'llmhost[llamacpp]' (builds llama-cpp-python from source, about 7 minutes on 2 cores)"
+
+
+def available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+class _Decoder:
+    """llama.cpp's detokenizer with the `decode` signature the shared text code expects."""
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        data = self.llm.detokenize(list(ids), special=not skip_special_tokens)
+        return data.decode("utf-8", errors="replace")
+
+
+def kv_bytes_per_token(llm: Any) -> int:
+    """f16 keys and values of every layer, for one token."""
+    import llama_cpp
+
+    model = llm.model
+    head_dim = llama_cpp.llama_model_n_embd(model) // max(1, llama_cpp.llama_model_n_head(model))
+    return llama_cpp.llama_model_n_layer(model) * 2 * llama_cpp.llama_model_n_head_kv(model) * head_dim * 2
+
+
+#: A request's window when neither --context-length nor --kv-cache-gib says otherwise: each of
+#: the --max-concurrency slots keeps a KV stream this long (Ollama's default is 4096 too).
+DEFAULT_SLOT_TOKENS = 4096
+
+
+def slot_tokens(llm: Any, window: int, explicit: bool, kv_gib: float | None, slots: int) -> int:
+    """Tokens each slot's KV stream holds (the most one request may span): the model's window up
+    to DEFAULT_SLOT_TOKENS (all of it when --context-length asks); with `kv_gib`, what that buys
+    divided among the slots, at most the window."""
+    if kv_gib is None:
+        return window if explicit else min(window, DEFAULT_SLOT_TOKENS)
+    per_slot = min(window, int(kv_gib * 2**30 // kv_bytes_per_token(llm)) // slots)
+    if per_slot < 4 * PREFILL_BLOCK:
+        raise LlmhostError(
+            f"--kv-cache-gib {kv_gib:g} gives each of the {slots} slots (--max-concurrency) only "
+            f"{per_slot} tokens: raise --kv-cache-gib or lower --max-concurrency"
+        )
+    return per_slot
+
+
+def _controls(llm: Any, template: str | None) -> list[str]:
+    """The vocabulary's control tokens, and its user-defined ones that the template writes."""
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    special, added = [], []
+    for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        attr = llama_cpp.llama_vocab_get_attr(vocab, token)
+        if attr & (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED):
+            text = llama_cpp.llama_vocab_get_text(vocab, token).decode("utf-8", "replace")
+            (special if attr & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL else added).append(text)
+    return control_tokens(special, added, template)
+
+
+def load(ref: ModelRef, settings: LoadSettings) -> LlamaCppEngine:
+    """The GGUF file itself, read by llama.cpp (no conversion)."""
+    try:
+        return LlamaCppEngine.load(ref.gguf_file(), settings, ref.name)
+    except GGUFReadError as err:
+        raise ref.damaged(ref.path, str(err), "GGUF model") from None
+
+
+class LlamaCppEngine(LocalEngine):
+    kind = "llamacpp"
+    serves_adapters = True
+
+    def __init__(self, llm: Any, name: str, template: str | None, settings: LoadSettings) -> None:
+        import llama_cpp
+
+        self.llm = llm
+        self.name = name
+        window = settings.context_length or llama_cpp.llama_model_n_ctx_train(llm.model)
+        self.max_batch = settings.max_concurrency
+        #: Each slot's KV stream, and so the most one request may span.
+        self.context_length = slot_tokens(
+            llm, window, settings.context_length is not None, settings.kv_cache_gib, self.max_batch
+        )
+        log.info(
+            "llama.cpp: %d slots (--max-concurrency) of %d tokens each (the model's window is %d), a KV "
+            "cache of %.2f GiB (--kv-cache-gib, --context-length)",
+            self.max_batch,
+            self.context_length,
+            window,
+            self.max_batch * self.context_length * kv_bytes_per_token(llm) / 2**30,
+        )
+        self.decoder = _Decoder(llm)
+        self.max_queue = settings.max_queue
+        self.exact = settings.exact_prefix
+        #: Whether the exact prefix cache tries ggml's reference kernels (`LlamaCppRunner`); off, it
+        #: gets the scheme K-quants get
+        self.reference_kernels = settings.reference_kernels
+        meta = llm.metadata
+        eos = {llm.token_eos()}
+        for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+            if key in meta:
+                eos.add(int(meta[key]))
+        self.eos_ids = eos
+        bos = llm.detokenize([llm.token_bos()], special=True).decode("utf-8", "replace")
+        eos = llm.detokenize([llm.token_eos()], special=True).decode("utf-8", "replace")
+        self.template = ChatTemplate(
+            template, name, {"bos_token": bos, "eos_token": eos}, _controls(llm, template)
+        )
+
+    @classmethod
+    def load(cls, gguf: Path, settings: LoadSettings, name: str) -> LlamaCppEngine:
+        if not available():
+            raise LlmhostError(f"the llama.cpp engine is not installed: {INSTALL}")
+        # this object reads the model, its tokenizer and metadata; decoding happens in the
+        # runner's own multi-sequence context, so its own context is kept minimal
+        decision = weight_repack.decide(settings.weight_repack, gguf)
+        try:
+            llm = weight_repack.open_model(gguf, bool(decision.use))
+        except ValueError as err:  # llama.cpp says only "Failed to load model from file"
+            check_readable(gguf)  # a damaged file is GGUFReadError, which the caller words
+            raise LlmhostError(
+                f"llama.cpp could not load {gguf} ({err}); the file reads fine, so its architecture may be "
+                "newer than this llama.cpp: upgrade llama-cpp-python, or try --engine transformers"
+            ) from None
+        template = settings.read_chat_template() or llm.metadata.get("tokenizer.chat_template")
+        engine = cls(llm, name, template, settings)
+        _ = engine.scheduler  # the KV cache now: not enough memory is a load error, not a request's
+        return engine
+
+    def encode_markup(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def encode_plain(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def encode_text(self, prompt: str) -> list[int]:
+        return self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
+
+    def grammar_tokenizer(self) -> Any:
+        from llmhost.engine.grammar import load_llguidance
+
+        load_llguidance()
+        import llama_cpp
+        import llguidance.llamacpp
+
+        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        return llguidance.llamacpp.lltokenizer_from_vocab(vocab, eos_token=sorted(self.eos_ids))
+
+    def runner(self) -> LlamaCppRunner:
+        cores = physical_cores()
+        return LlamaCppRunner(
+            self.llm, self.context_length, self.max_batch, cores, self.exact, self.reference_kernels
+        )
