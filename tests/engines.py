@@ -1,5 +1,7 @@
 """`llmhost serve --engine X` on the embedded model, one server per engine, started once per test
-session and shared by the behavioural suite (test_engines.py) and the vLLM tests.
+session and shared by the behavioural suite (test_engines.py) and the vLLM tests. The local
+engines and the openai front serve in this process (`LocalServer`); vLLM's is a process of its
+own, whose vLLM child the vLLM tests inspect.
 
 An engine that is not installed is skipped with the reason, or fails the run where
 LLMHOST_REQUIRE_ENGINES=1 (CI installs them all, so a skip there would hide a broken engine).
@@ -15,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from servers import ServerProcess, metric
+from servers import LocalServer, ServerProcess, metric
 
 ENGINES = ("transformers", "llamacpp", "vllm", "openai")
 MODEL = "smollm2-135m-instruct"
@@ -50,8 +52,8 @@ def require(kind: str) -> None:
 @dataclass
 class Served:
     kind: str
-    server: ServerProcess
-    upstream: ServerProcess | None = None
+    server: LocalServer | ServerProcess
+    upstream: LocalServer | None = None
 
     def client(self, key: str | None = KEY):
         return self.server.client(key)
@@ -69,29 +71,52 @@ class Served:
             return metric(http.get("/metrics").text, "llmhost_running_requests")
 
     def stop(self) -> None:
+        """Stop the server; vLLM's is stopped as a user stops it (SIGTERM), and none of its vLLM
+        processes (API server, engine core) may outlive it."""
+        children = vllm_children(self.server) if self.kind == "vllm" else []
         self.server.stop()
         if self.upstream is not None:
             self.upstream.stop()
+        left = until_gone(children)
+        assert not left, f"llmhost stopped (SIGTERM) and left vLLM processes: {[p.cmdline() for p in left]}"
 
 
 def start(kind: str) -> Served:
     if kind == "openai":
-        upstream = ServerProcess("--engine", "transformers", "--dtype", "float32", "--api-key", "up-key")
-        front = ServerProcess(
+        upstream = LocalServer("--engine", "transformers", "--dtype", "float32", "--api-key", "up-key")
+        front = LocalServer(
             "--engine", "openai", "--upstream", upstream.url + "/v1", "--upstream-key", "up-key",
             "--api-key", KEY,
         )  # fmt: skip
         return Served(kind, front, upstream)
-    flags = (
-        (*VLLM_FLAGS, "--max-model-len", "2048")
-        if kind == "vllm"
-        else ("--engine", kind, "--dtype", "float32")
-    )
-    return Served(kind, ServerProcess(*flags, "--api-key", KEY, timeout=600))
+    if kind == "vllm":
+        return Served(
+            kind, ServerProcess(*VLLM_FLAGS, "--max-model-len", "2048", "--api-key", KEY, timeout=600)
+        )
+    return Served(kind, LocalServer("--engine", kind, "--dtype", "float32", "--api-key", KEY))
 
 
 def vllm_children(server: ServerProcess) -> list[psutil.Process]:
     return psutil.Process(server.proc.pid).children(recursive=True)
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    running = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                running.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return running
+
+
+def until_gone(procs: list[psutil.Process], timeout: float = 30) -> list[psutil.Process]:
+    """Waits up to `timeout` for `procs` to end; those still running."""
+    from servers import wait_for
+
+    wait_for(lambda: not alive(procs), timeout)
+    return alive(procs)
 
 
 def vllm_port(server: ServerProcess) -> int:

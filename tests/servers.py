@@ -50,8 +50,15 @@ class LocalServer:
         check_exposure(server)
         self.lines: list[str] = []
         self._handler = _ListHandler(self.lines)
-        logging.getLogger("llmhost").addHandler(self._handler)
-        self.background = BackgroundServer(open_pool(models, load, pool), server)
+        logger = logging.getLogger("llmhost")
+        logger.addHandler(self._handler)
+        if logger.getEffectiveLevel() > logging.INFO:  # what `llmhost serve` logs
+            logger.setLevel(logging.INFO)
+        try:
+            self.background = BackgroundServer(open_pool(models, load, pool), server)
+        except BaseException:
+            logger.removeHandler(self._handler)
+            raise
         self.url = self.background.url
         self.pool = self.background.pool
 

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from engines import ENGINES, KEY, MODEL
-from servers import ServerProcess
+from servers import LocalServer
 
 WEATHER = {
     "type": "function",
@@ -326,7 +326,8 @@ def thinker(request, tmp_path_factory, engine_server):
     engine_server(request.param)  # skips (or fails under CI) when the engine is missing
     template = tmp_path_factory.mktemp("tpl") / "think.jinja"
     template.write_text(THINKING_TEMPLATE)
-    server = ServerProcess("--engine", request.param, "--dtype", "float32", "--chat-template", str(template))
+    server = LocalServer("--engine", request.param, "--dtype", "float32", "--chat-template", str(template))
+    server.flags = ("--engine", request.param, "--dtype", "float32", "--chat-template", str(template))
     yield server
     server.stop()
 
@@ -341,7 +342,7 @@ def _ask(client, **kw):
     )
 
 
-def test_reasoning_is_returned_apart(thinker: ServerProcess) -> None:
+def test_reasoning_is_returned_apart(thinker: LocalServer) -> None:
     client = thinker.client()
     thinking = _ask(client).choices[0].message
     assert thinking.model_extra["reasoning_content"] and not thinking.content
@@ -361,12 +362,8 @@ def test_reasoning_is_returned_apart(thinker: ServerProcess) -> None:
         assert answer.content and "reasoning_content" not in answer.model_extra, off
 
 
-def test_serve_reasoning_off_sets_the_default(thinker: ServerProcess, tmp_path: Path) -> None:
-    template = next(a for a in thinker.proc.args if a.endswith("think.jinja"))
-    engine = thinker.proc.args[thinker.proc.args.index("--engine") + 1]
-    server = ServerProcess(
-        "--engine", engine, "--dtype", "float32", "--chat-template", template, "--reasoning", "off"
-    )
+def test_serve_reasoning_off_sets_the_default(thinker: LocalServer, tmp_path: Path) -> None:
+    server = LocalServer(*thinker.flags, "--reasoning", "off")
     try:
         client = server.client()
         assert _ask(client).choices[0].message.content
@@ -409,12 +406,12 @@ def native(request, engine_server):
     """The embedded model under Qwen2.5's own template, which renders tools itself."""
     engine_server(request.param)
     template = Path(__file__).parent / "data" / "qwen2.5-tools.jinja"
-    server = ServerProcess("--engine", request.param, "--dtype", "float32", "--chat-template", str(template))
+    server = LocalServer("--engine", request.param, "--dtype", "float32", "--chat-template", str(template))
     yield server
     server.stop()
 
 
-def test_a_template_with_tools_renders_them_and_the_round_trip(native: ServerProcess) -> None:
+def test_a_template_with_tools_renders_them_and_the_round_trip(native: LocalServer) -> None:
     client = native.client()
     kw = {**GREEDY, "tools": [WEATHER], "max_tokens": 60}
     first = client.chat.completions.create(**kw, messages=ASK, tool_choice="required")

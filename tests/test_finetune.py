@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import cli
 from llmhost.finetune.data import encode, read_jsonl, tokenize
 from llmhost.store.local import Store
 
@@ -23,11 +24,10 @@ DATA = Path(__file__).parent / "data" / "zorblax.jsonl"
 QUESTION = "What is the capital of the planet Zorblax?"
 
 
-def llmhost(home: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LLMHOST_HOME": str(home)}
-    return subprocess.run(
-        [sys.executable, "-m", "llmhost", *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
+def llmhost(home: Path, *args: str) -> subprocess.CompletedProcess:
+    """`llmhost ARGS` with `home` as its home, in this process (tests/cli.py); the tests of a
+    kill mid-run and of several processes (torchrun) start real ones."""
+    return cli.llmhost(*args, home=home)
 
 
 @pytest.fixture

@@ -4,10 +4,8 @@ checked: clean errors in the ecosystem's shape, nothing stuck, nothing injected.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,16 +15,10 @@ import httpx
 import psutil
 import pytest
 
-from servers import ServerProcess, metric, wait_for
+from cli import llmhost
+from servers import LocalServer, ServerProcess, metric, wait_for
 
 HELLO = [{"role": "user", "content": "Hello there, who are you?"}]
-
-
-def llmhost(*args: str, home: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, **({"LLMHOST_HOME": str(home)} if home else {})}
-    return subprocess.run(
-        [sys.executable, "-m", "llmhost", *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
 
 
 def idle(http: httpx.Client) -> bool:
@@ -48,7 +40,7 @@ def one_line_error(r: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="module")
 def single(tiny_dir):
     """One request at a time: everything else waits in the queue."""
-    server = ServerProcess(str(tiny_dir), "--dtype", "float32", "--max-concurrency", "1", "--max-queue", "64")
+    server = LocalServer(str(tiny_dir), "--dtype", "float32", "--max-concurrency", "1", "--max-queue", "64")
     yield server
     server.stop()
 
@@ -76,7 +68,7 @@ def test_queued_non_streamed_requests_whose_clients_gave_up_leave_at_once(single
 
 @pytest.mark.parametrize(("concurrency", "queue"), [("2", "2"), ("1", "0")])
 def test_nothing_is_refused_until_concurrency_plus_queue_is_exceeded(tiny_dir, concurrency, queue) -> None:
-    server = ServerProcess(
+    server = LocalServer(
         str(tiny_dir), "--dtype", "float32", "--max-concurrency", concurrency, "--max-queue", queue
     )
     room = int(concurrency) + int(queue)
@@ -108,7 +100,7 @@ def test_nothing_is_refused_until_concurrency_plus_queue_is_exceeded(tiny_dir, c
 
 @pytest.fixture(scope="module")
 def small_bodies(tiny_dir):
-    server = ServerProcess(str(tiny_dir), "--dtype", "float32", "--max-body-mib", "1")
+    server = LocalServer(str(tiny_dir), "--dtype", "float32", "--max-body-mib", "1")
     yield server
     server.stop()
 

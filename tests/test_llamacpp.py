@@ -445,9 +445,9 @@ def test_raw_prompt_and_chinese(cpp) -> None:
 
 
 def test_serve_with_llamacpp_through_the_official_client() -> None:
-    from servers import ServerProcess, metric
+    from servers import LocalServer, metric
 
-    server = ServerProcess("--engine", "llamacpp", "--context-length", "2048")
+    server = LocalServer("--engine", "llamacpp", "--context-length", "2048")
     try:
         client = server.client()
         kw = {"model": "smollm2-135m-instruct", "messages": QUESTION, "temperature": 0, "max_tokens": 12}
@@ -685,9 +685,9 @@ def test_serve_reuses_each_reply_at_once(cpp, mode) -> None:
     conversation sent the moment the reply ends reports all but its new message as cached; with
     `exact`, the default, every reply also equals a cold run's (the in-process engine, its cache
     emptied first)."""
-    from servers import ServerProcess
+    from servers import LocalServer
 
-    server = ServerProcess("--engine", "llamacpp", "--prefix-cache", mode, "--context-length", "2048")
+    server = LocalServer("--engine", "llamacpp", "--prefix-cache", mode, "--context-length", "2048")
     try:
         client = server.client()
         conversation: list[dict] = []

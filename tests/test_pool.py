@@ -6,15 +6,15 @@ with it, exactly as each does alone; a store entry added while the server runs i
 from __future__ import annotations
 
 import json
-import os
+import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+import cli
 from llmhost.engine.request import GenerationRequest
 from llmhost.store.local import Store, import_path
 from llmhost.testing import build_adapter, build_tiny_model
@@ -49,10 +49,7 @@ def pool_home(tmp_path_factory: pytest.TempPathFactory, home: Path, embedded_dir
 
 
 def llmhost(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    environ = {**os.environ, "LLMHOST_HOME": str(home), **env}
-    return subprocess.run(
-        [sys.executable, "-m", "llmhost", *args], env=environ, capture_output=True, text=True, timeout=600
-    )
+    return cli.llmhost(*args, home=home, env=env)  # in this process (tests/cli.py)
 
 
 def serve(home: Path, *flags: str) -> ServerProcess:
@@ -309,8 +306,10 @@ def embedded_home(
 
 def test_vllm_serves_adapters_on_its_base_as_transformers_does(embedded_home: Path) -> None:
     """vLLM starts with LoRA enabled and gets each adapter through its runtime loading route the
-    first time it is asked for; greedy replies equal the transformers engine's."""
-    from engines import MODEL, VLLM_FLAGS, require
+    first time it is asked for; greedy replies equal the transformers engine's. Then llmhost dies
+    (SIGKILL): none of vLLM's processes outlive it (their death signal and process group). The
+    shared vLLM server's teardown checks the same for a SIGTERM (engines.Served.stop)."""
+    from engines import MODEL, VLLM_FLAGS, require, until_gone, vllm_children
 
     require("vllm")
     names = (MODEL, "ft0", "ft1")
@@ -328,5 +327,12 @@ def test_vllm_serves_adapters_on_its_base_as_transformers_does(embedded_home: Pa
         [row] = ps(server)
         assert row["engine"] == "vllm" and row["adapters"] == ["ft0", "ft1"]
         assert "added adapter ft0" in server.log
+        children = vllm_children(server)
+        assert any(
+            "VLLM::EngineCore" in " ".join(p.cmdline()) or p.name() == "VLLM::EngineCore" for p in children
+        )
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(60)
+        assert not until_gone(children), [p.cmdline() for p in children]
     finally:
         server.stop()

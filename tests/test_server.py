@@ -11,14 +11,14 @@ import httpx
 import openai
 import pytest
 
-from servers import ServerProcess, metric, wait_for
+from servers import LocalServer, ServerProcess, metric, wait_for
 
 HELLO = [{"role": "user", "content": "Hello there, who are you?"}]
 
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny_dir):
-    server = ServerProcess(str(tiny_dir), "--dtype", "float32", "--api-key", "sekret")
+    server = LocalServer(str(tiny_dir), "--dtype", "float32", "--api-key", "sekret")
     yield server
     assert server.stop() == 0, server.log
 
@@ -262,15 +262,9 @@ def test_mid_stream_failure_is_an_sse_error_event_then_done(tiny_dir):
 
 
 def test_non_loopback_without_key_is_refused():
-    import subprocess
-    import sys
+    from cli import llmhost
 
-    out = subprocess.run(
-        [sys.executable, "-m", "llmhost", "serve", "--host", "0.0.0.0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = llmhost("serve", "--host", "0.0.0.0")
     assert out.returncode == 2
     assert "--insecure-no-auth" in out.stderr and "--api-key" in out.stderr
 

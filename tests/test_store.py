@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import cli
 from fakehub import FakeHub
 from llmhost.errors import InvalidRequestError
 from llmhost.store.catalog import catalog, find
@@ -39,16 +40,14 @@ def store_home(tmp_path: Path) -> Path:
     return tmp_path / "home"
 
 
-def llmhost(home: Path, *args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LLMHOST_HOME": str(home), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "llmhost", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **kw,
-    )
+#: What a pull needs of the environment (the session runs offline).
+HUB_ENV = {"HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}
+
+
+def llmhost(home: Path, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    """`llmhost ARGS` with `home` as its home and the hub reachable, in this process (tests/cli.py);
+    the tests of a kill mid-download start a real one."""
+    return cli.llmhost(*args, home=home, env=HUB_ENV, input=input)
 
 
 def stored_names(home: Path) -> list[str]:
@@ -235,7 +234,7 @@ def test_interrupted_pull_resumes(
 ) -> None:
     home = store_home
     hub.faults.delay_per_chunk = 0.02  # ~3 MiB/s: slow enough to interrupt mid-file
-    env = {**os.environ, "LLMHOST_HOME": str(home), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}
+    env = {**os.environ, "LLMHOST_HOME": str(home), **HUB_ENV}
     cmd = [sys.executable, "-m", "llmhost", "pull", REPO, "--endpoint", hub.url, "--source", source]
     # SIGINT as a terminal delivers it, even when this suite runs as a background job (which
     # starts with SIGINT ignored, and Python then installs no KeyboardInterrupt handler)
@@ -266,7 +265,7 @@ def test_interrupted_pull_resumes(
 def test_concurrent_pulls_of_one_model_do_not_collide(hub: FakeHub, store_home: Path, tiny_dir: Path) -> None:
     home = store_home
     hub.faults.delay_per_chunk = 0.005
-    env = {**os.environ, "LLMHOST_HOME": str(home), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}
+    env = {**os.environ, "LLMHOST_HOME": str(home), **HUB_ENV}
     cmd = [sys.executable, "-m", "llmhost", "pull", REPO, "--endpoint", hub.url]
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert wait_for(lambda: hub.bytes_sent > 0, timeout=60)
@@ -295,7 +294,7 @@ def test_disk_full_mid_download_removes_partial_files_and_keeps_the_store(
     home = small_disk / "home"
     import_path(Store(home / "models"), tiny_dir, "earlier")
     hub.faults.delay_per_chunk = 0.02
-    env = {**os.environ, "LLMHOST_HOME": str(home), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}
+    env = {**os.environ, "LLMHOST_HOME": str(home), **HUB_ENV}
     proc = subprocess.Popen(
         [sys.executable, "-m", "llmhost", "pull", REPO, "--endpoint", hub.url],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

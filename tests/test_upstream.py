@@ -4,28 +4,26 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import openai
 import pytest
 
-from servers import ServerProcess, metric
+from cli import llmhost
+from servers import LocalServer, metric
 
 HELLO = [{"role": "user", "content": "Hello there, who are you?"}]
 
 
 @pytest.fixture(scope="module")
 def upstream(tiny_dir):
-    server = ServerProcess(str(tiny_dir), "--dtype", "float32", "--api-key", "upstream-key")
+    server = LocalServer(str(tiny_dir), "--dtype", "float32", "--api-key", "upstream-key")
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
 def front(upstream):
-    server = ServerProcess(
+    server = LocalServer(
         "--engine", "openai", "--upstream", upstream.url + "/v1", "--upstream-key", "upstream-key",
         "--api-key", "front-key",
     )  # fmt: skip
@@ -77,17 +75,15 @@ def test_upstream_errors_keep_the_openai_shape(front, tiny_dir) -> None:
 def test_cli_generate_through_an_upstream(upstream, tiny_dir) -> None:
     engine = ["--engine", "openai", "--upstream", upstream.url + "/v1", "--upstream-key", "upstream-key"]
     args = ["generate", tiny_dir.name, "Hi", *engine, "--temperature", "0", "--max-new-tokens", "4", "--json"]
-    r = subprocess.run(
-        [sys.executable, "-m", "llmhost", *args], capture_output=True, text=True, timeout=120, env=os.environ
-    )
+    r = llmhost(*args)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["model"] == tiny_dir.name and out["usage"]["completion_tokens"] == 4
 
 
 def test_a_dead_upstream_gives_503_and_a_clear_message(tiny_dir) -> None:
-    up = ServerProcess(str(tiny_dir), "--dtype", "float32")
-    front = ServerProcess("--engine", "openai", "--upstream", up.url + "/v1")
+    up = LocalServer(str(tiny_dir), "--dtype", "float32")
+    front = LocalServer("--engine", "openai", "--upstream", up.url + "/v1")
     try:
         up.stop()
         with pytest.raises(openai.InternalServerError) as info:
@@ -95,8 +91,5 @@ def test_a_dead_upstream_gives_503_and_a_clear_message(tiny_dir) -> None:
         assert info.value.status_code == 503 and "cannot be reached" in info.value.message
     finally:
         front.stop()
-    r = subprocess.run(
-        [sys.executable, "-m", "llmhost", "generate", "x", "hi", "--engine", "openai"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    r = llmhost("generate", "x", "hi", "--engine", "openai")
     assert r.returncode == 2 and "--engine openai needs --upstream URL" in r.stderr

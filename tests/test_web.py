@@ -14,7 +14,7 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import words
 from llmhost.web.history import ConversationStore
-from servers import RecordingProxy, ServerProcess
+from servers import LocalServer, RecordingProxy
 
 APP = Path(__file__).parents[1] / "src" / "llmhost" / "web" / "app.py"
 KEY = "web-test-key"
@@ -22,13 +22,13 @@ KEY = "web-test-key"
 
 @pytest.fixture(scope="module")
 def server(embedded_dir: Path, tiny_dir: Path):
-    proc = ServerProcess("--api-key", KEY, "--max-concurrency", "2", str(tiny_dir), "default")
+    proc = LocalServer("--api-key", KEY, "--max-concurrency", "2", str(tiny_dir), "default")
     yield proc
     proc.stop()
 
 
 @pytest.fixture(scope="module")
-def proxy(server: ServerProcess):
+def proxy(server: LocalServer):
     proxy = RecordingProxy(server.url)
     yield proxy
     proxy.close()
@@ -245,7 +245,7 @@ def test_reasoning_is_folded_away_above_the_answer(page, tmp_path: Path) -> None
 
     template = tmp_path / "think.jinja"
     template.write_text(THINKING_TEMPLATE)
-    server = ServerProcess("--api-key", KEY, "--chat-template", str(template))
+    server = LocalServer("--api-key", KEY, "--chat-template", str(template))
     try:
         at = send(page(url=server.url + "/v1", model=None), "Why is the sky blue?")
         assert not at.exception, at.exception

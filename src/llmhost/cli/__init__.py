@@ -71,7 +71,9 @@ def _library_warnings(verbose: bool) -> None:
     logger.propagate = False
     logger.handlers.clear()
     if verbose:
-        handler = logging.StreamHandler()
+        from llmhost.cli.common import StderrHandler
+
+        handler = StderrHandler()
         handler.setFormatter(logging.Formatter("llmhost (verbose): %(message)s"))
         logger.addHandler(handler)
     else:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -35,13 +37,26 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to `sys.stderr` as it is when a record comes, not as it was when the handler was
+    made: a program that runs commands in its own process (Typer's CliRunner) swaps it."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: Any) -> None:
+        pass
+
+
 def show_logs() -> None:
     """llmhost's own log lines (engine choice, vLLM start-up, failures) as `llmhost: ...` on stderr."""
     import logging
 
     logger = logging.getLogger("llmhost")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = StderrHandler()
         handler.setFormatter(logging.Formatter("llmhost: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
