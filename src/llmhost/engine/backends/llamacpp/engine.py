@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import llmhost.engine.backends.llamacpp.repack as weight_repack
 from llmhost.config import LoadSettings
 from llmhost.engine.backends.gguf import GGUFReadError, check_readable
-from llmhost.engine.backends.llamacpp import repack as weight_repack
 from llmhost.engine.backends.llamacpp.runner import LlamaCppRunner
 from llmhost.engine.backends.llamacpp.slots import PREFILL_BLOCK
 from llmhost.engine.local import LocalEngine

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llmhost.engine.backends.llamacpp import kernels
+import llmhost.engine.backends.llamacpp.kernels as kernels
 from llmhost.engine.backends.llamacpp.slots import (
     PREFILL_BLOCK,
     Reuse,
