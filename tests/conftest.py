@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -158,18 +159,33 @@ def tiny(tiny_dir: Path):
 
 
 @pytest.fixture(scope="session")
-def engine_server(embedded_dir: Path):
-    """`engine_server(kind)`: the shared `llmhost serve --engine kind` (see engines.py)."""
-    from engines import require, start
+def engine_server(request: pytest.FixtureRequest, embedded_dir: Path):
+    """`engine_server(kind)`: the shared `llmhost serve --engine kind` (see engines.py). vLLM's
+    server, when a selected test uses vLLM, starts on a thread at once: its minute of start-up
+    (one core, mostly importing) overlaps the tests that run before the first one asks for it."""
+    from engines import missing, require, start
 
-    started = {}
+    started: dict[str, Future] = {}
+    # the thread stays until the end: vLLM's server is tied to the thread that started it
+    # (procs.owned_popen's death signal)
+    starter = ThreadPoolExecutor(1, thread_name_prefix="vllm-start")
+    if missing("vllm") is None and any("vllm" in item.nodeid for item in request.session.items):
+        started["vllm"] = starter.submit(start, "vllm")
 
     def get(kind: str):
         require(kind)
         if kind not in started:
-            started[kind] = start(kind)
-        return started[kind]
+            started[kind] = starter.submit(start, kind) if kind == "vllm" else _done(start(kind))
+        return started[kind].result()
 
     yield get
-    for served in started.values():
-        served.stop()
+    for future in started.values():
+        if future.exception() is None:  # a start that failed has failed its tests already
+            future.result().stop()
+    starter.shutdown()
+
+
+def _done(value) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future

@@ -5,6 +5,7 @@ only a process shows: signals, exit codes, children), `llmhost web`, a recording
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -43,11 +44,20 @@ class LocalServer:
     server for real clients, without a process start (python, torch and the model loaded again);
     what the server logs is kept in `lines`."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, home: Path | None = None) -> None:
         from llmhost.server.run import BackgroundServer, check_exposure, open_pool
 
-        models, load, server, pool = serve_settings(args)
-        check_exposure(server)
+        # a process started with LLMHOST_HOME=home: the store is found through the environment
+        # for as long as the server runs (models load on their first request)
+        self._home_before = os.environ.get("LLMHOST_HOME")
+        if home is not None:
+            os.environ["LLMHOST_HOME"] = str(home)
+        try:
+            models, load, server, pool = serve_settings(args)
+            check_exposure(server)
+        except BaseException:
+            self._restore_home()
+            raise
         self.lines: list[str] = []
         self._handler = _ListHandler(self.lines)
         logger = logging.getLogger("llmhost")
@@ -58,6 +68,7 @@ class LocalServer:
             self.background = BackgroundServer(open_pool(models, load, pool), server)
         except BaseException:
             logger.removeHandler(self._handler)
+            self._restore_home()
             raise
         self.url = self.background.url
         self.pool = self.background.pool
@@ -77,7 +88,14 @@ class LocalServer:
     def stop(self, timeout: float = 30) -> int:
         self.background.stop(timeout)
         logging.getLogger("llmhost").removeHandler(self._handler)
+        self._restore_home()
         return 0
+
+    def _restore_home(self) -> None:
+        if self._home_before is None:
+            os.environ.pop("LLMHOST_HOME", None)
+        else:
+            os.environ["LLMHOST_HOME"] = self._home_before
 
 
 class _ListHandler(logging.Handler):

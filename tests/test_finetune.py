@@ -251,9 +251,9 @@ def test_merge_and_serve_the_result(ft_home: Path, tiny_dir: Path) -> None:
     )
     assert json.loads(base.stdout)["text"] != outs[0]  # and the training changed the model
 
-    from servers import ServerProcess
+    from servers import LocalServer
 
-    server = ServerProcess("tuned", env={"LLMHOST_HOME": str(ft_home)})
+    server = LocalServer("tuned", home=ft_home)
     try:
         client = server.client()
         assert [m.id for m in client.models.list().data] == ["tuned"]

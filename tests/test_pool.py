@@ -18,7 +18,7 @@ import cli
 from llmhost.engine.request import GenerationRequest
 from llmhost.store.local import Store, import_path
 from llmhost.testing import build_adapter, build_tiny_model
-from servers import ServerProcess, wait_for
+from servers import LocalServer, ServerProcess, wait_for
 
 HELLO = [{"role": "user", "content": "Tell me about the sea."}]
 
@@ -52,20 +52,26 @@ def llmhost(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     return cli.llmhost(*args, home=home, env=env)  # in this process (tests/cli.py)
 
 
-def serve(home: Path, *flags: str) -> ServerProcess:
-    return ServerProcess(
-        "--all", "--engine", "transformers", "--dtype", "float32", *flags, env={"LLMHOST_HOME": str(home)}
-    )
+FLAGS = ("--all", "--engine", "transformers", "--dtype", "float32")
 
 
-def reply(server: ServerProcess, model: str, max_tokens: int = 16) -> str:
+def serve(home: Path, *flags: str) -> LocalServer:
+    return LocalServer(*FLAGS, *flags, home=home)  # in this process (tests/servers.py)
+
+
+def serve_process(home: Path, *flags: str) -> ServerProcess:
+    """For what another process sees: `llmhost ps` finds the server through its run entry."""
+    return ServerProcess(*FLAGS, *flags, env={"LLMHOST_HOME": str(home)})
+
+
+def reply(server: LocalServer | ServerProcess, model: str, max_tokens: int = 16) -> str:
     r = server.client().chat.completions.create(
         model=model, messages=HELLO, temperature=0, max_tokens=max_tokens
     )
     return r.choices[0].message.content
 
 
-def ps(server: ServerProcess, key: str | None = None) -> list[dict]:
+def ps(server: LocalServer | ServerProcess, key: str | None = None) -> list[dict]:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     with server.http(headers=headers) as http:
         return http.get("/api/ps").json()["models"]
@@ -129,7 +135,7 @@ def test_a_model_too_large_for_the_budget_is_refused_with_the_numbers(pool_home:
         server.stop()
 
 
-def stream_text(server: ServerProcess, model: str, marks: dict, max_tokens: int) -> str:
+def stream_text(server: LocalServer | ServerProcess, model: str, marks: dict, max_tokens: int) -> str:
     """A streamed greedy reply; `marks[model]` gets the times of its first and last chunk."""
     parts, first = [], None
     stream = server.client().chat.completions.create(
@@ -187,7 +193,7 @@ def test_a_finetune_that_ends_while_the_server_runs_is_served_at_once(pool_home:
 
 
 def test_llmhost_ps_shows_what_each_server_has_loaded(pool_home: Path) -> None:
-    server = serve(pool_home, "--api-key", "k1")
+    server = serve_process(pool_home, "--api-key", "k1")
     try:
         client = server.client(key="k1")
         client.chat.completions.create(model="ft-a", messages=HELLO, max_tokens=4)

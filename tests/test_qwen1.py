@@ -265,32 +265,23 @@ def test_a_reply_stops_at_im_end(tmp_path, home) -> None:
 
 
 def test_pull_then_chat_through_the_hub_with_no_flag(tmp_path, qwen1_dir) -> None:
-    import os
-    import subprocess
-    import sys
-
+    from cli import llmhost
     from fakehub import FakeHub
 
     home = tmp_path / "home"
-    env = {**os.environ, "LLMHOST_HOME": str(home), "LLMHOST_ENGINE": "auto"}
+    env = {"LLMHOST_ENGINE": "auto"}
     hub = FakeHub()
     hub.add_repo("qwen/Qwen-1_8B-Chat", qwen1_dir)  # the catalog's ModelScope id
     hub.tags.add("v1.1.4")
     try:
-        r = subprocess.run(
-            [sys.executable, "-m", "llmhost", "pull", "qwen-1.8b-chat", "--endpoint", hub.url,
-             "--revision", "v1.1.4"],
-            env=env, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        pull = ("pull", "qwen-1.8b-chat", "--endpoint", hub.url, "--revision", "v1.1.4")
+        r = llmhost(*pull, home=home, env=env)
     finally:
         hub.close()
     assert r.returncode == 0, r.stderr
     assert "remote-code" not in r.stderr and "Qwen2" in r.stderr  # converted at the pull
-    r = subprocess.run(
-        [sys.executable, "-m", "llmhost", "generate", "qwen-1.8b-chat", "你好", "--temperature", "0",
-         "--max-new-tokens", "5", "--json"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    args = ("generate", "qwen-1.8b-chat", "你好", "--temperature", "0", "--max-new-tokens", "5", "--json")
+    r = llmhost(*args, home=home, env=env)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["model"] == "qwen-1.8b-chat" and out["usage"]["completion_tokens"] == 5

@@ -4,6 +4,7 @@ chat template), its slots sized, decoding handed to `LlamaCppRunner`."""
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -170,7 +171,11 @@ class LlamaCppEngine(LocalEngine):
         import llguidance.llamacpp
 
         vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
-        return llguidance.llamacpp.lltokenizer_from_vocab(vocab, eos_token=sorted(self.eos_ids))
+        with warnings.catch_warnings():
+            # llguidance reads each token's kind through a call llama-cpp-python marks deprecated:
+            # one warning per vocabulary entry (49k here), none of which the user can act on
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return llguidance.llamacpp.lltokenizer_from_vocab(vocab, eos_token=sorted(self.eos_ids))
 
     def runner(self) -> LlamaCppRunner:
         cores = physical_cores()
