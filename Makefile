@@ -52,6 +52,8 @@ $(VLLM_STAMP):
 
 vllm: $(VLLM_STAMP)
 
+# vLLM's virtualenv (≈1.5 minutes, 2.5 GB); where it cannot be installed its tests are skipped
+# (CI sets LLMHOST_REQUIRE_ENGINES=1, which makes a missing engine a failure instead).
 vllm-or-skip:
 	@$(MAKE) -s vllm || echo "warning: could not install vLLM; the vLLM engine tests will be skipped"
 
@@ -65,8 +67,6 @@ browser:
 	  || ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q chromium >/dev/null) \
 	  || echo "warning: could not install chromium; the browser test will be skipped"
 
-# vLLM's virtualenv (≈1.5 minutes, 2.5 GB); where it cannot be installed its tests are skipped
-# (CI sets LLMHOST_REQUIRE_ENGINES=1, which makes a missing engine a failure instead).
 # The three installs run side by side: llama-cpp-python's compile keeps the cores busy while
 # vLLM's and Chromium's downloads wait on the network (≈2 minutes less than one after another).
 test:
