@@ -163,7 +163,7 @@ def engine_server(request: pytest.FixtureRequest, embedded_dir: Path):
     """`engine_server(kind)`: the shared `llmhost serve --engine kind` (see engines.py). vLLM's
     server, when a selected test uses vLLM, starts on a thread at once: its minute of start-up
     (one core, mostly importing) overlaps the tests that run before the first one asks for it."""
-    from engines import missing, require, start
+    from engines import missing, require, start, upstream_kind
 
     started: dict[str, Future] = {}
     # the thread stays until the end: vLLM's server is tied to the thread that started it
@@ -175,7 +175,11 @@ def engine_server(request: pytest.FixtureRequest, embedded_dir: Path):
     def get(kind: str):
         require(kind)
         if kind not in started:
-            started[kind] = starter.submit(start, kind) if kind == "vllm" else _done(start(kind))
+            if kind == "vllm":
+                started[kind] = starter.submit(start, kind)
+            else:
+                upstream = get(upstream_kind()) if kind == "openai" else None
+                started[kind] = _done(start(kind, upstream))
         return started[kind].result()
 
     yield get

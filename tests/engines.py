@@ -53,7 +53,8 @@ def require(kind: str) -> None:
 class Served:
     kind: str
     server: LocalServer | ServerProcess
-    upstream: LocalServer | None = None
+    #: the shared server behind the openai front (stopped as its own engine's server, not here)
+    upstream: Served | None = None
 
     def client(self, key: str | None = KEY):
         return self.server.client(key)
@@ -61,8 +62,7 @@ class Served:
     def engine_busy(self) -> float:
         """Requests the engine behind the front is still generating (the upstream's own count)."""
         if self.upstream is not None:
-            with self.upstream.http(headers={"Authorization": "Bearer up-key"}) as http:
-                return metric(http.get("/metrics").text, "llmhost_running_requests")
+            return self.upstream.engine_busy()
         if self.kind == "vllm":
             with vllm_http(self.server) as http:
                 text = http.get("/metrics").text
@@ -75,17 +75,22 @@ class Served:
         processes (API server, engine core) may outlive it."""
         children = vllm_children(self.server) if self.kind == "vllm" else []
         self.server.stop()
-        if self.upstream is not None:
-            self.upstream.stop()
         left = until_gone(children)
         assert not left, f"llmhost stopped (SIGTERM) and left vLLM processes: {[p.cmdline() for p in left]}"
 
 
-def start(kind: str) -> Served:
+def upstream_kind() -> str:
+    """The engine behind the openai front: llama.cpp where installed (the fastest here: the front
+    only passes requests through, so its tests need an upstream, not a particular one)."""
+    return "llamacpp" if missing("llamacpp") is None else "transformers"
+
+
+def start(kind: str, upstream: Served | None = None) -> Served:
+    """`llmhost serve --engine kind`; the openai engine fronts `upstream` (a served engine)."""
     if kind == "openai":
-        upstream = LocalServer("--engine", "transformers", "--dtype", "float32", "--api-key", "up-key")
+        assert upstream is not None and upstream.kind != "openai"
         front = LocalServer(
-            "--engine", "openai", "--upstream", upstream.url + "/v1", "--upstream-key", "up-key",
+            "--engine", "openai", "--upstream", upstream.server.url + "/v1", "--upstream-key", KEY,
             "--api-key", KEY,
         )  # fmt: skip
         return Served(kind, front, upstream)

