@@ -1,3 +1,3 @@
 """llmhost: local chat models from one command, on a laptop CPU or a GPU cluster."""
 
-__version__ = "0.6.0.dev0"
+__version__ = "0.6.0"
