@@ -26,7 +26,7 @@ from llmhost.engine.params import format_validation_error
 from llmhost.errors import LlmhostError
 from llmhost.server.metrics import Metrics
 from llmhost.server.pool import ModelPool
-from llmhost.server.protocols import PROTOCOLS, Defaults, Protocol, Reply
+from llmhost.server.protocols import PROTOCOLS, Defaults, Protocol, Reply, openai_error, protocol_at
 from llmhost.server.settings import ServerSettings
 
 log = logging.getLogger("llmhost.server")
@@ -54,11 +54,15 @@ class ApiError(Exception):
             code = "context_length_exceeded"
         return cls(err.status, str(err), err.kind, getattr(err, "param", None), code, headers)
 
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+    def body(self, path: str = "") -> dict[str, Any]:
+        """The error in the shape of the protocol served at `path` (OpenAI's elsewhere)."""
+        protocol = protocol_at(path)
+        if protocol is None:
+            return openai_error(self.message, self.kind, self.param, self.code)
+        return protocol.error_body(self.status, self.message, self.kind, self.param, self.code)
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def response(self, path: str = "") -> JSONResponse:
+        return JSONResponse(self.body(path), status_code=self.status, headers=self.headers)
 
 
 class Api:
@@ -74,10 +78,11 @@ class Api:
         #: What a request falls back on where it does not say (--reasoning).
         self.defaults = Defaults(reasoning={"on": True, "off": False}.get(settings.reasoning or ""))
 
-    def check_key(self, header: str) -> None:
+    def check_key(self, header: str, api_key: str = "") -> None:
+        """`Authorization: Bearer KEY`, or Anthropic's `x-api-key: KEY`."""
         if not self.keys:
             return
-        given = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
+        given = header[7:].strip().encode() if header[:7].lower() == "bearer " else api_key.strip().encode()
         # compare against every key so the time taken does not reveal which one nearly matched
         ok = False
         for key in self.keys:
@@ -150,7 +155,7 @@ class Api:
             lease.release()
             raise
         return _CancellingStream(
-            self._sse(chunks, reply),
+            self._sse(chunks, reply, request.url.path),
             value.cancel,  # set when the client goes: a queued or running request ends
             lease.release,
             media_type="text/event-stream",
@@ -181,7 +186,7 @@ class Api:
             raise ApiError(499, "the client closed the connection", "invalid_request_error")
         return work.result()
 
-    async def _sse(self, chunks: AsyncIterator[Chunk], reply: Reply) -> AsyncIterator[str]:
+    async def _sse(self, chunks: AsyncIterator[Chunk], reply: Reply, path: str) -> AsyncIterator[str]:
         try:
             async for chunk in chunks:
                 for frame in reply.events(chunk):
@@ -195,7 +200,7 @@ class Api:
                 if isinstance(err, LlmhostError)
                 else ApiError(500, f"generation failed: {err}", "server_error")
             )
-            for frame in reply.failed(api.body()):
+            for frame in reply.failed(api.body(path)):
                 yield frame
         for frame in reply.end():
             yield frame
@@ -248,17 +253,20 @@ class Gate:
                 )
             if path != "/health":
                 headers = dict(scope["headers"])
-                self.api.check_key(headers.get(b"authorization", b"").decode("latin-1"))
+                self.api.check_key(
+                    headers.get(b"authorization", b"").decode("latin-1"),
+                    headers.get(b"x-api-key", b"").decode("latin-1"),
+                )
         except ApiError as err:
             self._count(path, err.status)
-            return await err.response()(scope, receive, send)
+            return await err.response(path)(scope, receive, send)
         status = 500
         if scope["method"] == "POST":
             try:
                 receive = self._limited(scope, receive)
             except ApiError as err:
                 self._count(path, err.status)
-                return await err.response()(scope, receive, send)
+                return await err.response(path)(scope, receive, send)
 
         async def send_and_note(message: Any) -> None:
             nonlocal status
@@ -318,29 +326,31 @@ def create_app(pool: ModelPool, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="llmhost", version=__version__, docs_url=None, redoc_url=None)
     app.state.api = api
 
+    # every error in the shape of the protocol its path belongs to
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, err: ApiError) -> JSONResponse:
-        return err.response()
+    async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+        return err.response(request.url.path)
 
     @app.exception_handler(LlmhostError)
-    async def _llmhost_error(_: Request, err: LlmhostError) -> JSONResponse:
-        return ApiError.from_llmhost(err).response()
+    async def _llmhost_error(request: Request, err: LlmhostError) -> JSONResponse:
+        return ApiError.from_llmhost(err).response(request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, err: RequestValidationError) -> JSONResponse:
-        return ApiError(400, f"invalid request: {err.errors()}", "invalid_request_error").response()
+    async def _validation(request: Request, err: RequestValidationError) -> JSONResponse:
+        invalid = ApiError(400, f"invalid request: {err.errors()}", "invalid_request_error")
+        return invalid.response(request.url.path)
 
     @app.exception_handler(404)
     async def _not_found(request: Request, _: Exception) -> JSONResponse:
-        return ApiError(
-            404, f"no route {request.method} {request.url.path}", "invalid_request_error"
-        ).response()
+        path = request.url.path
+        return ApiError(404, f"no route {request.method} {path}", "invalid_request_error").response(path)
 
     @app.exception_handler(405)
     async def _bad_method(request: Request, _: Exception) -> JSONResponse:
-        return ApiError(
-            405, f"{request.method} is not allowed on {request.url.path}", "invalid_request_error"
-        ).response()
+        path = request.url.path
+        return ApiError(405, f"{request.method} is not allowed on {path}", "invalid_request_error").response(
+            path
+        )
 
     # these read the store (serve --all) or measure free memory: FastAPI runs plain `def`
     # routes in its thread pool, off the event loop

@@ -60,6 +60,18 @@ class Protocol(ABC):
     def streams(self, body: Any) -> bool:
         return bool(getattr(body, "stream", False))
 
+    def error_body(
+        self, status: int, message: str, kind: str, param: str | None = None, code: str | None = None
+    ) -> dict[str, Any]:
+        """An error in this protocol's shape (OpenAI's unless a protocol says otherwise)."""
+        return openai_error(message, kind, param, code)
+
+
+def openai_error(
+    message: str, kind: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
 
 def sse(obj: dict[str, Any], event: str | None = None) -> str:
     head = f"event: {event}\n" if event else ""
