@@ -114,6 +114,21 @@ def test_errors_come_in_anthropics_shape(served) -> None:
         c.messages.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": [image]}])
     assert err.value.body["type"] == "error" and err.value.body["error"]["type"] == "invalid_request_error"
     assert "text only" in err.value.body["error"]["message"]
+    search = {"type": "web_search_20250305", "name": "web_search"}
+    with pytest.raises(anthropic.BadRequestError) as err:
+        c.messages.create(model=MODEL, max_tokens=8, messages=ASK, tools=[search])
+    assert "'web_search_20250305'" in err.value.body["error"]["message"]
+    with pytest.raises(anthropic.BadRequestError) as err:
+        c.messages.create(
+            model=MODEL,
+            max_tokens=8,
+            messages=ASK,
+            tools=[WEATHER],
+            tool_choice={"type": "tool", "name": "nope"},
+        )
+    assert (
+        "'nope'" in err.value.body["error"]["message"] and "get_weather" in err.value.body["error"]["message"]
+    )
     with pytest.raises(anthropic.NotFoundError) as err:
         c.messages.create(model="no-such-model", max_tokens=8, messages=ASK)
     assert err.value.body["error"]["type"] == "not_found_error"
