@@ -141,3 +141,29 @@ def test_errors_come_in_anthropics_shape(served) -> None:
         headers = {"anthropic-version": "2023-06-01", "anthropic-beta": "interleaved-thinking-2025-05-14"}
         r = http.post("/v1/messages?beta=true", json=body, headers=headers)
         assert r.status_code == 200, r.text
+
+
+def test_count_tokens_stop_sequences_and_claude_model_names(served) -> None:
+    c = client(served)
+    ask = [{"role": "user", "content": "List five fruits, one per line."}]
+    kw = {"max_tokens": 40, "messages": ask, "system": "Be brief.", **GREEDY}
+    whole = c.messages.create(model=MODEL, **kw)
+    counted = c.messages.count_tokens(model=MODEL, messages=ask, system="Be brief.")
+    assert counted.input_tokens == whole.usage.input_tokens
+    with_tools = c.messages.count_tokens(model=MODEL, messages=ask, system="Be brief.", tools=[WEATHER])
+    assert with_tools.input_tokens > counted.input_tokens  # the tools are part of the prompt
+    # an agent configured for Claude runs on the served model (--model-alias claude-*)
+    aliased = c.messages.create(model="claude-sonnet-4-5", **kw)
+    assert aliased.content[0].text == whole.content[0].text
+    # a stop string from inside the reply ends it there, and the reply says which one
+    text = whole.content[0].text
+    words = [w for w in text.split() if len(w) > 2 and text.index(w) > 0]
+    assert words, f"the reply is too short to pick a stop string from: {text!r}"
+    stop = words[len(words) // 2]
+    cut = c.messages.create(model=MODEL, **kw, stop_sequences=["@@never@@", stop])
+    assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop
+    assert cut.content[0].text == text[: text.index(stop)]
+    with c.messages.stream(model=MODEL, **kw, stop_sequences=[stop]) as stream:
+        deltas = [e.delta for e in stream if e.type == "message_delta"]
+    assert [(d.stop_reason, d.stop_sequence) for d in deltas] == [("stop_sequence", stop)]
+    assert whole.stop_sequence is None

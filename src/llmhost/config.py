@@ -181,11 +181,25 @@ class PoolSettings(BaseSettings):
         description="Memory loaded models may take, in GiB (RAM, or GPU memory for GPU models); "
         "default: 90% of what is free when the server starts.",
     )
+    model_alias: list[str] = Field(
+        default_factory=lambda: ["claude-*"],
+        description="PATTERN=NAME: a model name the server does not serve that matches PATTERN "
+        "(shell-style) is answered by NAME, or by the first model served when NAME is left out; "
+        "repeatable. Default: claude-* (Claude Code's model names run on the served model).",
+    )
     keep_alive: str = Field(
         "5m",
         description="Unload a model loaded on demand once idle this long (30s, 5m, 1h; -1: never; "
         "0: after each request). Models named on the command line stay loaded.",
     )
+
+    @field_validator("model_alias")
+    @classmethod
+    def _aliases(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not entry.partition("=")[0].strip():
+                raise ValueError(f"{entry!r} has no pattern: write PATTERN=NAME, e.g. 'claude-*=qwen'")
+        return value
 
     @field_validator("keep_alive")
     @classmethod

@@ -34,6 +34,13 @@ class ContextOverflowError(InvalidRequestError):
         )
 
 
+class NotSupportedError(LlmhostError):
+    """What the server or engine in use does not do (the request itself is well formed)."""
+
+    status = 501
+    kind = "not_supported_error"
+
+
 class ModelNotFoundError(LlmhostError):
     status = 404
     kind = "invalid_request_error"

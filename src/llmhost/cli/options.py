@@ -74,7 +74,8 @@ def _options_for(cls: type[BaseModel], exclude: frozenset[str]) -> list[inspect.
 
 
 def build(cls: type[BaseModel], values: dict[str, Any]) -> Any:
-    given = {k: v for k, v in values.items() if v is not None and v != []}
+    # a repeatable flag left out comes as () or []: unset, so that the field's default applies
+    given = {k: v for k, v in values.items() if v is not None and not (isinstance(v, list | tuple) and not v)}
     try:
         return cls(**given)
     except ValidationError as err:

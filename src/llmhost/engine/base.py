@@ -8,7 +8,7 @@ from pathlib import Path
 
 from llmhost.engine.chunks import Chunk, Result, collect
 from llmhost.engine.request import GenerationRequest
-from llmhost.errors import LlmhostError
+from llmhost.errors import LlmhostError, NotSupportedError
 
 
 class Engine(ABC):
@@ -56,6 +56,10 @@ class Engine(ABC):
         """Serve the LoRA adapter in `path` as model `name` on this loaded model (its requests
         decode alongside the base's); the returned engine answers under that name."""
         raise LlmhostError(f"the {self.kind} engine does not serve LoRA adapters per request")
+
+    def count_tokens(self, request: GenerationRequest) -> int:
+        """The prompt's length in tokens, as this engine would send `request` to the model."""
+        raise NotSupportedError(f"the {self.kind} engine cannot count tokens (local engines and vLLM can)")
 
     def close(self) -> None:  # noqa: B027 - optional hook; engines holding threads override it
         """Stop background work and release the model."""

@@ -56,6 +56,8 @@ class Chunk:
     """Messages of the history left out so that the prompt fits the context window."""
     cached_tokens: int = 0
     """Prompt tokens whose KV cache an earlier request left (prefix reuse), not evaluated again."""
+    stop_sequence: str | None = None
+    """The stop string that ended the reply (last chunk only; None for EOS or any other end)."""
 
 
 @dataclass(slots=True)
@@ -74,6 +76,7 @@ class Result:
     reasoning: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    stop_sequence: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -128,4 +131,5 @@ def collect(chunks: object) -> Result:
         reasoning="".join(thoughts),
         tool_calls=calls,
         logprobs=logprobs,
+        stop_sequence=last.stop_sequence,
     )

@@ -109,6 +109,14 @@ class LocalEngine(Engine):
         )
         return ids, dropped
 
+    def count_tokens(self, request: GenerationRequest) -> int:
+        """The whole prompt's tokens, without fitting it to the window (a count, not a request)."""
+        messages = request_messages(request.messages, request.params)
+        if messages is None:
+            assert request.prompt is not None
+            return len(self.encode_text(request.prompt))
+        return len(self.encode_chat(messages, request.params))
+
     def warm_up(self) -> None:
         """One tiny reply while loading, so that the first user's request does not pay for what
         a first run costs (llama.cpp paging the weights in, kernels and threads starting, the

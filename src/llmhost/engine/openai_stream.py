@@ -24,6 +24,8 @@ class StreamReader:
         self.usage_tokens: int | None = None
         """completion_tokens from the usage chunk, once it arrived."""
         self.finish_reason: str | None = None
+        self.stop_sequence: str | None = None
+        """The stop string that ended the reply, where the upstream says (vLLM's `stop_reason`)."""
         self.extension: dict[str, Any] = {}
         """llmhost's own `llmhost` field on chunks (dropped_turns, ...)."""
         self.reasoning = ""
@@ -55,6 +57,8 @@ class StreamReader:
             self.logprobs += _logprobs(getattr(choice, "logprobs", None))
             if choice.finish_reason:
                 self.finish_reason = choice.finish_reason
+                stop = (getattr(choice, "model_extra", None) or {}).get("stop_reason")
+                self.stop_sequence = stop if isinstance(stop, str) else None  # an int is a token id
         if text or self.reasoning:
             if self.first is None:
                 self.first = time.perf_counter()

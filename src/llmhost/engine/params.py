@@ -108,8 +108,14 @@ def format_validation_error(
     """One clause per problem, naming the parameter (through `name`) and the refused value."""
     parts: list[str] = []
     first_param: str | None = None
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "parameters"
+    errors = err.errors()
+    # a union's branches: where a value fits one branch but is wrong inside it, the other
+    # branches' "not a string" noise is left out, and no branch label shows in the location
+    inside = [e for e in errors if not e["type"].endswith("_type")]
+    for e in errors:
+        if inside and e["type"].endswith("_type") and any(_is_branch(p) for p in e["loc"]):
+            continue
+        loc = ".".join(str(p) for p in e["loc"] if not _is_branch(p)) or "parameters"
         first_param = first_param or loc
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
@@ -117,6 +123,11 @@ def format_validation_error(
         shown = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {e.get('input')!r})"
         parts.append(f"{name(loc)}: {msg}{shown}")
     return "; ".join(parts), first_param
+
+
+def _is_branch(part: object) -> bool:
+    """A union branch's label in pydantic's error location ('str', 'list[...]')."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))
 
 
 def make_params(**values: object) -> GenerationParams:

@@ -108,6 +108,7 @@ class SequenceState:
             decode_tps=decode_rate(n, self._first, self._last),
             dropped_turns=self._dropped,
             cached_tokens=self.cached_tokens,
+            stop_sequence=self._stops.matched,
         )
 
     def _token_logprob(self, token: int, scored: Scored) -> TokenLogprob:

@@ -64,14 +64,17 @@ class StopMatcher:
         self._stops = [s for s in stops if s]
         self._pending = ""
         self.stopped = False
+        #: The stop string that ended the reply (Anthropic's `stop_sequence` reports it).
+        self.matched: str | None = None
 
     def push(self, text: str) -> str:
         """Returns the text that is safe to emit now; sets `stopped` when a stop string appears."""
         if not self._stops:
             return text
         self._pending += text
-        cut = min((i for s in self._stops if (i := self._pending.find(s)) >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self._stops if (i := self._pending.find(s)) >= 0]
+        if found:
+            cut, self.matched = min(found, key=lambda f: f[0])
             self.stopped = True
             out, self._pending = self._pending[:cut], ""
             return out

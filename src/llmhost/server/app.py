@@ -26,7 +26,9 @@ from llmhost.engine.params import format_validation_error
 from llmhost.errors import LlmhostError
 from llmhost.server.metrics import Metrics
 from llmhost.server.pool import ModelPool
-from llmhost.server.protocols import PROTOCOLS, Defaults, Protocol, Reply, openai_error, protocol_at
+from llmhost.server.protocols import Defaults, Protocol, Reply, make_protocols, openai_error, protocol_at
+from llmhost.server.protocols.anthropic_messages import CountTokensRequest, Messages
+from llmhost.server.protocols.openai_responses import Responses
 from llmhost.server.settings import ServerSettings
 
 log = logging.getLogger("llmhost.server")
@@ -77,6 +79,7 @@ class Api:
         self.max_body = int(settings.max_body_mib * 2**20)
         #: What a request falls back on where it does not say (--reasoning).
         self.defaults = Defaults(reasoning={"on": True, "off": False}.get(settings.reasoning or ""))
+        self.protocols = make_protocols(settings.responses_kept)
 
     def check_key(self, header: str, api_key: str = "") -> None:
         """`Authorization: Bearer KEY`, or Anthropic's `x-api-key: KEY`."""
@@ -90,7 +93,7 @@ class Api:
         if not ok:
             raise ApiError(
                 401,
-                "missing or invalid API key: send 'Authorization: Bearer KEY'",
+                "missing or invalid API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
                 "invalid_request_error",
                 code="invalid_api_key",
             )
@@ -161,6 +164,16 @@ class Api:
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+
+    async def count_tokens(self, request: Request, messages: Messages) -> dict[str, int]:
+        """Anthropic's count_tokens: the prompt a Messages body makes, counted by its model."""
+        body = await self.parse(request, CountTokensRequest)
+        value = messages.request(body, self.defaults)
+        lease = await self.pool.aacquire(value.model)
+        try:
+            return {"input_tokens": await asyncio.to_thread(lease.engine.count_tokens, value)}
+        finally:
+            lease.release()
 
     async def _gather(
         self, request: Request, chunks: AsyncIterator[Chunk], cancel: threading.Event
@@ -321,6 +334,13 @@ def _handler(api: Api, protocol: Protocol) -> Any:
     return handle
 
 
+def _counter(api: Api, messages: Messages) -> Any:
+    async def count_tokens(request: Request) -> dict[str, int]:
+        return await api.count_tokens(request, messages)
+
+    return count_tokens
+
+
 def create_app(pool: ModelPool, settings: ServerSettings) -> FastAPI:
     api = Api(pool, settings)
     app = FastAPI(title="llmhost", version=__version__, docs_url=None, redoc_url=None)
@@ -370,8 +390,13 @@ def create_app(pool: ModelPool, settings: ServerSettings) -> FastAPI:
     def ps() -> dict[str, Any]:
         return api.ps()
 
-    for protocol in PROTOCOLS:
+    for protocol in api.protocols:
         app.add_api_route(protocol.path, _handler(api, protocol), methods=["POST"])
+        if isinstance(protocol, Messages):
+            app.add_api_route(f"{protocol.path}/count_tokens", _counter(api, protocol), methods=["POST"])
+        if isinstance(protocol, Responses):
+            app.add_api_route(f"{protocol.path}/{{response_id}}", protocol.retrieve, methods=["GET"])
+            app.add_api_route(f"{protocol.path}/{{response_id}}", protocol.delete, methods=["DELETE"])
 
     app.add_middleware(Gate, api=api)
     return app

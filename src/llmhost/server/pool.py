@@ -20,6 +20,7 @@ The larger of the two is what the budget counts.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 import threading
 import time
@@ -126,6 +127,7 @@ class ModelPool:
         self._units: dict[str, Unit] = {}
         self._served: dict[str, Served] = {}
         self._named: list[str] = []  # names given at start, in order (listed first)
+        self._aliased: dict[str, str] = {}  # alias → served name, as first answered (logged once)
         self._budget = self.settings.memory_gib
         self._closed = False
         self._sweeper = threading.Thread(target=self._sweep_loop, name="llmhost-keep-alive", daemon=True)
@@ -212,9 +214,26 @@ class ModelPool:
         kind = choose_engine(ref.base, self.load_settings)
         return kind if kind in ADAPTER_ENGINES else "transformers"
 
+    def served_name(self, name: str) -> str:
+        """The name that answers `name`: itself when served, else what --model-alias maps it to
+        (Claude Code asks for claude-… models), else itself (and the lookup says it is unknown)."""
+        if name in self._served or name in self._named:
+            return name
+        if name in self._aliased:
+            return self._aliased[name]
+        for entry in self.settings.model_alias:
+            pattern, _, target = (part.strip() for part in entry.partition("="))
+            if fnmatch.fnmatchcase(name, pattern) and (target or self._named):
+                target = target or self._named[0]
+                log.info("model %r is not served here: %s answers it (--model-alias %s)", name, target, entry)
+                self._aliased[name] = target
+                return target
+        return name
+
     def _lookup(self, name: str) -> Served:
         """A request's model name → what serves it. Only names served are resolved: a request
         never names a path (the store is read again, so new store models are found at once)."""
+        name = self.served_name(name)
         if name in self._served:  # resolved before (one that left the store still runs if loaded)
             return self._served[name]
         if not self.settings.all or name not in self.names:
@@ -253,6 +272,7 @@ class ModelPool:
         the store for a new name, a load, adding an adapter) runs in a thread."""
         import asyncio
 
+        name = self.served_name(name)
         served = self._served.get(name)
         if served is None:
             return await asyncio.to_thread(self.acquire, name)

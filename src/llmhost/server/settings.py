@@ -38,6 +38,13 @@ class ServerSettings(BaseSettings):
         description="Whether thinking models (Qwen3, QwQ) think when a request does not say "
         "(reasoning_effort, chat_template_kwargs.enable_thinking); default: the model's own.",
     )
+    responses_kept: int = Field(
+        256,
+        ge=0,
+        le=100_000,
+        description="Responses API replies kept in memory (store: true) for previous_response_id and "
+        "GET /v1/responses/ID; the oldest go first; 0 keeps none.",
+    )
     drain_timeout: float = Field(
         30.0, ge=0, le=3600, description="Seconds SIGTERM waits for requests in flight before exiting."
     )

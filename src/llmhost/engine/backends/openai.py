@@ -115,7 +115,7 @@ class OpenAIEngine(Engine):
 
     def stream(self, request: GenerationRequest) -> Iterator[Chunk]:
         create, body, start = self._begin(self._sync, request)
-        with _errors(self.base_url, self.unreachable):
+        with upstream_errors(self.base_url, self.unreachable):
             raw = create(**body)  # errors raise here, before any chunk
         return self._sync_chunks(raw, start, request.cancel)
 
@@ -123,7 +123,7 @@ class OpenAIEngine(Engine):
         state = _ChunkState(start)
         self._running += 1
         try:
-            with _errors(self.base_url, self.unreachable):
+            with upstream_errors(self.base_url, self.unreachable):
                 for item in raw:
                     if cancel is not None and cancel.is_set():
                         yield state.finish("cancelled")
@@ -137,7 +137,7 @@ class OpenAIEngine(Engine):
 
     async def astream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         create, body, start = self._begin(self._async, request)
-        with _errors(self.base_url, self.unreachable):
+        with upstream_errors(self.base_url, self.unreachable):
             raw = await create(**body)
         return self._async_chunks(raw, start, request.cancel)
 
@@ -147,7 +147,7 @@ class OpenAIEngine(Engine):
         state = _ChunkState(start)
         self._running += 1
         try:
-            with _errors(self.base_url, self.unreachable):
+            with upstream_errors(self.base_url, self.unreachable):
                 async for item in raw:
                     if cancel is not None and cancel.is_set():
                         yield state.finish("cancelled")
@@ -206,6 +206,7 @@ class _ChunkState:
             finish_reason=reason or upstream or "stop",
             ttft_s=r.ttft_s,
             decode_tps=r.decode_tps(),
+            stop_sequence=r.stop_sequence if upstream == "stop" else None,
         )
 
 
@@ -236,11 +237,11 @@ def available(base_url: str, api_key: str | None) -> list[str]:
     import openai
 
     client = openai.OpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0, timeout=30)
-    with _errors(base_url):
+    with upstream_errors(base_url):
         return [m.id for m in client.models.list()]
 
 
-class _errors:
+class upstream_errors:
     """openai client exceptions → llmhost errors with the status a gateway should answer."""
 
     def __init__(self, base_url: str, unreachable: Callable[[], None] | None = None) -> None:

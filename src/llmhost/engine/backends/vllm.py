@@ -21,8 +21,9 @@ import threading
 from pathlib import Path
 
 from llmhost.config import LoadSettings, llmhost_home
-from llmhost.engine.backends.openai import OpenAIEngine, UpstreamError
+from llmhost.engine.backends.openai import OpenAIEngine, UpstreamError, upstream_errors
 from llmhost.engine.ref import ModelRef
+from llmhost.engine.request import GenerationRequest
 from llmhost.errors import InvalidRequestError
 from llmhost.installs import VLLM_INSTALL, VllmInstall, find_vllm
 from llmhost.procs import Child, free_port, wait_http
@@ -159,6 +160,29 @@ class VLLMEngine(OpenAIEngine):
         view = OpenAIEngine(self.base_url, self.api_key, name, self.context_length)
         view.kind = self.kind
         return view
+
+    def count_tokens(self, request: GenerationRequest) -> int:
+        """vLLM's own /tokenize, given what a chat request would send (template, tools)."""
+        import httpx
+
+        self.check()
+        body = self._body(request)
+        payload = {k: body[k] for k in ("model", "messages", "prompt", "tools") if k in body}
+        if "messages" in payload:
+            payload["add_generation_prompt"] = True
+            if kwargs := body.get("extra_body", {}).get("chat_template_kwargs"):
+                payload["chat_template_kwargs"] = kwargs
+        root = self.base_url.removesuffix("/").removesuffix("/v1")
+        with upstream_errors(self.base_url, self.unreachable):
+            r = httpx.post(
+                f"{root}/tokenize",
+                json=payload,
+                headers={"Authorization": f"Bearer {self.api_key}"},
+                timeout=60,
+            )
+        if r.status_code != 200:
+            raise UpstreamError(f"vLLM could not count the tokens: {r.text[:300]}", 502)
+        return int(r.json()["count"])
 
     @classmethod
     def start(cls, folder: Path, name: str, settings: LoadSettings) -> VLLMEngine:

@@ -20,13 +20,7 @@ from llmhost.engine.chunks import Chunk, FinishReason, Result, ToolCall
 from llmhost.engine.params import make_params
 from llmhost.engine.request import GenerationRequest
 from llmhost.errors import InvalidRequestError
-from llmhost.server.protocols.base import Defaults, Protocol, Reply, sse
-
-
-class Lenient(BaseModel):
-    """Unknown fields are accepted and ignored (agents send many; Anthropic ignores them too)."""
-
-    model_config = ConfigDict(extra="ignore")
+from llmhost.server.protocols.base import Defaults, Lenient, Protocol, Reply, sse
 
 
 class Block(BaseModel):
@@ -75,6 +69,12 @@ class MessagesRequest(Lenient):
     thinking: ThinkingIn | None = None
 
 
+class CountTokensRequest(MessagesRequest):
+    """count_tokens takes a Messages body without max_tokens."""
+
+    max_tokens: int = Field(1, ge=1, le=131072)
+
+
 def _text(blocks: list[Block], where: str) -> str:
     """The text of text blocks; any other kind is a 400 naming it (thinking blocks from earlier
     turns are dropped: the model does not see its old reasoning)."""
@@ -112,6 +112,11 @@ def to_messages(req: MessagesRequest) -> list[dict[str, Any]]:
         for j, block in enumerate(m.content):
             extra = block.model_extra or {}
             if block.type == "tool_use" and m.role == "assistant":
+                missing = [k for k in ("id", "name") if not extra.get(k)]
+                if missing:
+                    raise InvalidRequestError(
+                        f"{where}[{j}] is a tool_use block without {' and '.join(missing)}", f"{where}.{j}"
+                    )
                 arguments = json.dumps(extra.get("input") or {}, ensure_ascii=False)
                 calls.append(
                     {
@@ -121,6 +126,10 @@ def to_messages(req: MessagesRequest) -> list[dict[str, Any]]:
                     }
                 )
             elif block.type == "tool_result" and m.role == "user":
+                if not extra.get("tool_use_id"):
+                    raise InvalidRequestError(
+                        f"{where}[{j}] is a tool_result block without tool_use_id", f"{where}.{j}"
+                    )
                 content = extra.get("content") or ""
                 if isinstance(content, list):
                     content = _text([Block.model_validate(b) for b in content], f"{where}.{j}.content")
@@ -198,8 +207,9 @@ class Messages(Protocol):
     def reply(self, body: MessagesRequest, request: GenerationRequest, model: str) -> MessagesReply:
         return MessagesReply(model)
 
+    @classmethod
     def error_body(
-        self, status: int, message: str, kind: str, param: str | None = None, code: str | None = None
+        cls, status: int, message: str, kind: str, param: str | None = None, code: str | None = None
     ) -> dict[str, Any]:
         return {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message}}
 
@@ -211,11 +221,12 @@ ERROR_TYPES = {
 }  # fmt: skip
 
 
-def stop_reason(reason: FinishReason | None) -> str | None:
-    # TODO(issue 30): `stop_sequence` (and which one) needs the engine to say a stop string ended it
-    return (
-        {"length": "max_tokens", "tool_calls": "tool_use"}.get(reason or "", "end_turn") if reason else None
-    )
+def stop_reason(reason: FinishReason | None, stop_sequence: str | None) -> str | None:
+    if reason is None:
+        return None
+    if stop_sequence is not None:
+        return "stop_sequence"
+    return {"length": "max_tokens", "tool_calls": "tool_use"}.get(reason, "end_turn")
 
 
 def _tool_use(call: ToolCall) -> dict[str, Any]:
@@ -284,7 +295,8 @@ class MessagesReply(Reply):
             yield self._delta({"type": "input_json_delta", "partial_json": call.arguments})
         if chunk.finish_reason is not None:
             yield from self._close_block()
-            delta = {"stop_reason": stop_reason(chunk.finish_reason), "stop_sequence": None}
+            reason = stop_reason(chunk.finish_reason, chunk.stop_sequence)
+            delta = {"stop_reason": reason, "stop_sequence": chunk.stop_sequence}
             usage = {"output_tokens": chunk.completion_tokens}
             yield sse({"type": "message_delta", "delta": delta, "usage": usage}, "message_delta")
             yield sse({"type": "message_stop"}, "message_stop")
@@ -300,7 +312,8 @@ class MessagesReply(Reply):
             content.append({"type": "text", "text": result.text})
         content += [_tool_use(c) for c in result.tool_calls]
         usage = {"input_tokens": result.prompt_tokens, "output_tokens": result.completion_tokens}
-        return self._message(content, stop_reason(result.finish_reason), usage)
+        message = self._message(content, stop_reason(result.finish_reason, result.stop_sequence), usage)
+        return {**message, "stop_sequence": result.stop_sequence}
 
     def failed(self, error: dict[str, Any]) -> Iterator[str]:
         yield sse(error, "error")  # already in Anthropic's shape (the app shapes errors by path)

@@ -4,15 +4,36 @@ and a renderer of the reply's chunks back to the wire shape. Routes only dispatc
 from __future__ import annotations
 
 import json
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from llmhost.engine.chunks import Chunk, Result
 from llmhost.engine.request import GenerationRequest
+
+log = logging.getLogger("llmhost.server")
+
+
+class Lenient(BaseModel):
+    """A body part whose unknown fields are accepted and ignored, as Anthropic's and OpenAI's own
+    APIs do for agents' newer fields (Claude Code and Codex send many); each unknown field is
+    logged once, at debug level."""
+
+    model_config = ConfigDict(extra="allow")
+    _seen: ClassVar[set[str]] = set()
+
+    @model_validator(mode="after")
+    def _note_unknown(self) -> Lenient:
+        for name in self.model_extra or {}:
+            key = f"{type(self).__name__}.{name}"
+            if key not in Lenient._seen:
+                Lenient._seen.add(key)
+                log.debug("ignoring the field %s, which llmhost does not use", key)
+        return self
 
 
 @dataclass(frozen=True)
@@ -60,8 +81,9 @@ class Protocol(ABC):
     def streams(self, body: Any) -> bool:
         return bool(getattr(body, "stream", False))
 
+    @classmethod
     def error_body(
-        self, status: int, message: str, kind: str, param: str | None = None, code: str | None = None
+        cls, status: int, message: str, kind: str, param: str | None = None, code: str | None = None
     ) -> dict[str, Any]:
         """An error in this protocol's shape (OpenAI's unless a protocol says otherwise)."""
         return openai_error(message, kind, param, code)

@@ -18,6 +18,7 @@ from llmhost.server.protocols.openai_common import (
     Sampling,
     Strict,
     openai_finish,
+    reasoning_values,
     sampling_values,
 )
 
@@ -120,7 +121,10 @@ class ChatCompletions(Protocol):
     def request(self, body: ChatCompletionRequest, defaults: Defaults) -> GenerationRequest:
         # an API caller decides what to send, unless it asks for llmhost's truncation extension
         values = sampling_values(body, body.max_completion_tokens or body.max_tokens)
-        values.update(_tool_values(body), **_reasoning_values(body, defaults.reasoning))
+        values.update(
+            _tool_values(body),
+            **reasoning_values(body.reasoning_effort, body.chat_template_kwargs, defaults.reasoning),
+        )
         if body.top_logprobs is not None and not body.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs: true", "top_logprobs")
         values["logprobs"] = (body.top_logprobs or 0) if body.logprobs else None
@@ -155,19 +159,6 @@ def _tool_values(req: ChatCompletionRequest) -> dict[str, Any]:
             )
         values.update(tool_choice="required", tool_name=choice.function.name)
     return values
-
-
-def _reasoning_values(req: ChatCompletionRequest, default: bool | None) -> dict[str, Any]:
-    """reasoning_effort "none" turns thinking off, any other effort on; the template also gets
-    the effort itself (gpt-oss templates read it) and the request's chat_template_kwargs."""
-    variables = dict(req.chat_template_kwargs or {})
-    reasoning = default
-    if req.reasoning_effort is not None:
-        reasoning = req.reasoning_effort != "none"
-        variables.setdefault("reasoning_effort", req.reasoning_effort)
-    if "enable_thinking" in variables:
-        reasoning = bool(variables.pop("enable_thinking"))
-    return {"reasoning": reasoning, "template_kwargs": variables}
 
 
 def to_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:

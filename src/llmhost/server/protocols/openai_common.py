@@ -118,6 +118,22 @@ def sampling_values(req: Sampling, max_tokens: int | None) -> dict[str, Any]:
     return values
 
 
+def reasoning_values(
+    effort: str | None, template_kwargs: dict[str, Any] | None, default: bool | None
+) -> dict[str, Any]:
+    """Effort "none" turns thinking off, any other effort on; the template also gets the effort
+    itself (gpt-oss templates read it) and the request's template variables, whose
+    enable_thinking wins."""
+    variables = dict(template_kwargs or {})
+    reasoning = default
+    if effort is not None:
+        reasoning = effort != "none"
+        variables.setdefault("reasoning_effort", effort)
+    if "enable_thinking" in variables:
+        reasoning = bool(variables.pop("enable_thinking"))
+    return {"reasoning": reasoning, "template_kwargs": variables}
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
