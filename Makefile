@@ -18,7 +18,7 @@ LLAMA_CMAKE := CMAKE_ARGS="$$CMAKE_ARGS -DLLAVA_BUILD=OFF"
 
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install lint bench clean browser vllm vllm-or-skip llama-server
+.PHONY: run test install lint bench clean browser vllm vllm-or-skip llama-server agent-clis
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,10 +67,22 @@ browser:
 	  || ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q chromium >/dev/null) \
 	  || echo "warning: could not install chromium; the browser test will be skipped"
 
-# The three installs run side by side: llama-cpp-python's compile keeps the cores busy while
+# The coding agents the tests run headless against the server (npm; ≈15 s): Claude Code speaks
+# Anthropic Messages, Codex CLI OpenAI Responses. Where npm is missing their tests are skipped
+# (CI sets LLMHOST_REQUIRE_AGENTS=1, which makes that a failure instead).
+AGENT_CLIS := .agent-clis
+$(AGENT_CLIS)/.installed:
+	npm install -s --no-audit --no-fund --prefix $(AGENT_CLIS) @anthropic-ai/claude-code@2.1.197 @openai/codex@0.171.0
+	touch $@
+
+agent-clis:
+	@command -v npm >/dev/null && $(MAKE) -s $(AGENT_CLIS)/.installed \
+	  || echo "warning: could not install the coding agents' CLIs; their tests will be skipped"
+
+# The four installs run side by side: llama-cpp-python's compile keeps the cores busy while
 # vLLM's and Chromium's downloads wait on the network (≈2 minutes less than one after another).
 test:
-	@$(MAKE) -s -j 3 $(TSTAMP) browser vllm-or-skip
+	@$(MAKE) -s -j 4 $(TSTAMP) browser vllm-or-skip agent-clis
 	@$(MAKE) -s lint
 	$(BIN)/python -m pytest
 

@@ -109,6 +109,29 @@ def test_a_function_call_streams_and_round_trips_with_its_call_id(served) -> Non
     assert answered.usage.input_tokens > alone.usage.input_tokens  # the call and its output were read
 
 
+def test_a_namespaced_function_comes_back_with_its_namespace(served) -> None:
+    # Codex groups its agent tools in namespaces: the call names the function and its namespace
+    c = client(served)
+    weather = {"type": "namespace", "name": "weather", "description": "Weather tools", "tools": [WEATHER]}
+    kw = {"model": MODEL, "tools": [weather], "temperature": 0, "max_output_tokens": 200}
+    reply = c.responses.create(**kw, input=ASK, tool_choice="required")
+    [call] = reply.output
+    assert (call.type, call.name, call.namespace) == ("function_call", "get_weather", "weather")
+    output = {"type": "function_call_output", "call_id": call.call_id, "output": "18 degrees and sunny"}
+    follow = c.responses.create(**kw, input=[output], previous_response_id=reply.id, tool_choice="none")
+    spelled_out = c.responses.create(
+        **kw,
+        input=[{"role": "user", "content": ASK}, call.model_dump(exclude_none=True), output],
+        tool_choice="none",
+    )
+    assert follow.output[0].type == "message" and follow.output_text == spelled_out.output_text
+    assert follow.usage.input_tokens == spelled_out.usage.input_tokens
+    with pytest.raises(openai.BadRequestError) as err:
+        hosted = {**weather, "tools": [{"type": "web_search"}]}
+        c.responses.create(**kw | {"tools": [hosted]}, input=ASK)
+    assert err.value.body["param"] == "tools.0.tools.0.type"
+
+
 class City(BaseModel):
     name: str
     country: str

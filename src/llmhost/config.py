@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import os
 import re
@@ -210,6 +211,15 @@ class PoolSettings(BaseSettings):
     @property
     def keep_alive_s(self) -> float | None:
         return parse_duration(self.keep_alive)
+
+    def alias(self, name: str, first: str | None) -> tuple[str, str] | None:
+        """(the served name that answers `name`, the --model-alias entry that says so), or None;
+        an entry without =NAME means `first`, the first model served."""
+        for entry in self.model_alias:
+            pattern, _, target = (part.strip() for part in entry.partition("="))
+            if fnmatch.fnmatchcase(name, pattern) and (target or first):
+                return target or first or "", entry
+        return None
 
 
 def parse_duration(text: str) -> float | None:

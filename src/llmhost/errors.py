@@ -26,12 +26,19 @@ class ContextOverflowError(InvalidRequestError):
         self.prompt_tokens = prompt_tokens
         self.max_new_tokens = max_new_tokens
         self.context_length = context_length
-        super().__init__(
-            f"the prompt is {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}, "
-            f"{prompt_tokens + max_new_tokens} in all, but the model's context window is "
-            f"{context_length} tokens: shorten the message or lower max_new_tokens",
-            param="messages",
-        )
+        if max_new_tokens <= 1:  # the reply's length was a ceiling: the prompt alone is too long
+            message = (
+                f"the prompt is {prompt_tokens} tokens, which leaves no room for a reply in the model's "
+                f"context window of {context_length} tokens: shorten the messages (a coding agent: "
+                "its flags for a short system prompt and fewer tools), or serve a longer --context-length"
+            )
+        else:
+            message = (
+                f"the prompt is {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}, "
+                f"{prompt_tokens + max_new_tokens} in all, but the model's context window is "
+                f"{context_length} tokens: shorten the message or lower max_new_tokens"
+            )
+        super().__init__(message, param="messages")
 
 
 class NotSupportedError(LlmhostError):

@@ -94,16 +94,18 @@ class LocalEngine(Engine):
         """Prompt token ids and how many history messages were dropped to fit the window."""
         params = request.params
         messages = request_messages(request.messages, params)
+        # a ceiling needs room for one token; the reply's limit is lowered to the rest (_sequence)
+        reply = 1 if params.fit_max_tokens else params.max_new_tokens
         if messages is None:
             assert request.prompt is not None
             ids = self.encode_text(request.prompt)
-            if len(ids) + params.max_new_tokens > self.context_length:
-                raise ContextOverflowError(len(ids), params.max_new_tokens, self.context_length)
+            if len(ids) + reply > self.context_length:
+                raise ContextOverflowError(len(ids), reply, self.context_length)
             return ids, 0
         _, dropped, ids = fit_messages(
             messages,
             functools.partial(self.encode_chat, params=params),
-            params.max_new_tokens,
+            reply,
             self.context_length,
             truncate=params.truncate_history,
         )
@@ -140,6 +142,9 @@ class LocalEngine(Engine):
         started = time.perf_counter()
         params = request.params
         prompt_ids, dropped = self.prepare(request)
+        if params.fit_max_tokens:
+            room = self.context_length - len(prompt_ids)
+            params = params.model_copy(update={"max_new_tokens": min(params.max_new_tokens, room)})
         chat = request.chat
         reply = ReplyParser(
             thinks=chat and self.template.thinks,

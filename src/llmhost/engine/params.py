@@ -43,6 +43,11 @@ class GenerationParams(BaseModel):
         max_length=MAX_STOP_STRINGS,
         description="Stop when this text appears (repeatable); it is never part of the reply.",
     )
+    fit_max_tokens: bool = Field(
+        False,
+        description="Treat max_new_tokens as a ceiling: lower it to what the context window leaves "
+        "after the prompt, instead of refusing (agents ask for 32000 of a small model).",
+    )
     truncate_history: bool = Field(
         True,
         description="Leave out the oldest turns when a conversation outgrows the context "

@@ -12,15 +12,13 @@ weights and decode in the same batches. The life of a request:
 3. An adapter is added to its loaded base on the inference thread, between two steps.
 4. The lease ends with the request; a sweeper unloads units idle longer than `--keep-alive`.
 
-Memory: before loading, an estimate (weights on disk at the load dtype, the KV cache, runtime
-overhead); after, what loading took (the process's resident memory, and CUDA memory, grew by).
-The larger of the two is what the budget counts.
+Memory: the larger of an estimate before loading (weights at the load dtype, the KV cache, runtime
+overhead) and what loading took (the growth of resident and CUDA memory) counts in the budget.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import logging
 import threading
 import time
@@ -215,20 +213,13 @@ class ModelPool:
         return kind if kind in ADAPTER_ENGINES else "transformers"
 
     def served_name(self, name: str) -> str:
-        """The name that answers `name`: itself when served, else what --model-alias maps it to
-        (Claude Code asks for claude-… models), else itself (and the lookup says it is unknown)."""
-        if name in self._served or name in self._named:
-            return name
-        if name in self._aliased:
-            return self._aliased[name]
-        for entry in self.settings.model_alias:
-            pattern, _, target = (part.strip() for part in entry.partition("="))
-            if fnmatch.fnmatchcase(name, pattern) and (target or self._named):
-                target = target or self._named[0]
-                log.info("model %r is not served here: %s answers it (--model-alias %s)", name, target, entry)
-                self._aliased[name] = target
-                return target
-        return name
+        """`name`, or the served name --model-alias maps it to (Claude Code asks for claude-…)."""
+        if name not in self._served and name not in self._named and name not in self._aliased:
+            found = self.settings.alias(name, self._named[0] if self._named else None)
+            if found is not None:
+                self._aliased[name] = found[0]
+                log.info("model %r is not served here: %s answers it (--model-alias %s)", name, *found)
+        return self._aliased.get(name, name)
 
     def _lookup(self, name: str) -> Served:
         """A request's model name → what serves it. Only names served are resolved: a request

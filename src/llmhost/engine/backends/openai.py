@@ -80,6 +80,9 @@ class OpenAIEngine(Engine):
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if params.fit_max_tokens and self.context_length and params.max_new_tokens >= self.context_length:
+            # a ceiling past the window: let the upstream stop at the window's end (vLLM does)
+            del body["max_tokens"]
         if params.seed is not None:
             body["seed"] = params.seed
         if params.stop:

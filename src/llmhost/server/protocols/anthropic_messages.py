@@ -201,7 +201,8 @@ class Messages(Protocol):
         reasoning = defaults.reasoning
         if body.thinking is not None and body.thinking.type != "adaptive":
             reasoning = body.thinking.type == "enabled"
-        params = make_params(truncate_history=False, reasoning=reasoning, **values)
+        # max_tokens is a ceiling (Claude Code asks for 32000): the window's end ends a reply too
+        params = make_params(truncate_history=False, fit_max_tokens=True, reasoning=reasoning, **values)
         return GenerationRequest(to_messages(body), params, model=body.model)
 
     def reply(self, body: MessagesRequest, request: GenerationRequest, model: str) -> MessagesReply:
@@ -211,6 +212,8 @@ class Messages(Protocol):
     def error_body(
         cls, status: int, message: str, kind: str, param: str | None = None, code: str | None = None
     ) -> dict[str, Any]:
+        if code == "context_length_exceeded":  # the words Claude Code looks for before compacting
+            message = f"prompt is too long: {message}"
         return {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message}}
 
 
