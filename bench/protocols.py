@@ -1,14 +1,20 @@
 """What the protocol adapters cost: the same streamed prompts through chat completions, Anthropic
-Messages and OpenAI Responses (each through its own official SDK) against one `llmhost serve` on
-the embedded model, 1 and 8 clients at once. Rounds interleave the protocols so that the
-machine's drift falls on all three; ratios are to chat completions in the same run.
+Messages and OpenAI Responses against one `llmhost serve` on the embedded model, 1 and 8 clients
+at once. Rounds interleave the protocols so that the machine's drift falls on all three; ratios
+are to chat completions in the same run. Each request's prompt is new (no prefix-cache hit).
 
-    python bench/protocols.py [--tokens 64] [--rounds 3]
+`--client raw` (default) reads the server-sent events with httpx, the same code for all three,
+so the ratios are the server's; `--client sdk` goes through each protocol's official SDK
+(openai, anthropic), whose event parsing runs on the same 2 cores as the server.
+
+    python bench/protocols.py [--tokens 64] [--rounds 3] [--client raw|sdk]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -25,7 +31,11 @@ TOPICS = [
 
 
 def ask(i: int) -> str:
-    return f"Write a long story about {TOPICS[i % len(TOPICS)]}."
+    # a new opening each time: every request evaluates its prompt (no prefix-cache hit)
+    return f"{next(SERIAL)}. Write a long story about {TOPICS[i % len(TOPICS)]}."
+
+
+SERIAL = itertools.count(1)
 
 
 def timed(
@@ -90,7 +100,61 @@ def _usage(event: Any) -> int | None:
     return event.response.usage.output_tokens if done else None
 
 
-PROTOCOLS = {"chat completions": chat, "Anthropic Messages": messages, "OpenAI Responses": responses}
+SDK = {"chat completions": chat, "Anthropic Messages": messages, "OpenAI Responses": responses}
+
+
+def raw(path: str, body: Callable[[int, int], dict], text: str, usage: Callable[[dict], int | None]):
+    """A protocol read as raw server-sent events: `text` is the event type that carries text."""
+
+    def make(server: ServerProcess) -> Callable[[int, int], Streamed]:
+        import httpx
+
+        http = httpx.Client(base_url=server.url, timeout=120, headers={"Authorization": "Bearer none"})
+
+        def one(i: int, tokens: int) -> Streamed:
+            start = time.perf_counter()
+            with http.stream("POST", path, json={**body(i, tokens), "stream": True}) as r:
+                events = (json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {"))
+                return timed(start, events, lambda e: _kind(e) == text, usage)
+
+        return one
+
+    return make
+
+
+def _kind(event: dict) -> str:
+    if "choices" in event:  # chat completions: a chunk with content
+        delta = event["choices"][0]["delta"] if event["choices"] else {}
+        return "chat.text" if delta.get("content") else "chat.other"
+    return event.get("type", "")
+
+
+def _user(i: int) -> list[dict]:
+    return [{"role": "user", "content": ask(i)}]
+
+
+RAW = {
+    "chat completions": raw(
+        "/v1/chat/completions",
+        lambda i, n: {"model": MODEL, "messages": _user(i), "max_tokens": n, "temperature": 0,
+                      "stream_options": {"include_usage": True}},
+        "chat.text",
+        lambda e: (e.get("usage") or {}).get("completion_tokens"),
+    ),
+    "Anthropic Messages": raw(
+        "/v1/messages",
+        lambda i, n: {"model": MODEL, "messages": _user(i), "max_tokens": n, "temperature": 0},
+        "content_block_delta",
+        lambda e: e["usage"]["output_tokens"] if e.get("type") == "message_delta" else None,
+    ),
+    "OpenAI Responses": raw(
+        "/v1/responses",
+        lambda i, n: {"model": MODEL, "input": ask(i), "max_output_tokens": n, "temperature": 0},
+        "response.output_text.delta",
+        lambda e: e["response"]["usage"]["output_tokens"]
+        if e.get("type") in ("response.completed", "response.incomplete") else None,
+    ),
+}  # fmt: skip
 
 
 def wave(send: Callable[[int, int], Streamed], clients: int, tokens: int) -> tuple[float, list[Streamed]]:
@@ -103,12 +167,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--client", choices=["raw", "sdk"], default="raw")
     args = ap.parse_args()
+    protocols = RAW if args.client == "raw" else SDK
 
     server = ServerProcess("--max-concurrency", "8")
     seen: dict[tuple[str, int], list[tuple[float, list[Streamed]]]] = {}
     try:
-        senders = {name: make(server) for name, make in PROTOCOLS.items()}
+        senders = {name: make(server) for name, make in protocols.items()}
         for send in senders.values():
             send(0, 8)  # warm-up: each SDK's first connection
         for round_ in range(args.rounds):
@@ -120,8 +186,8 @@ def main() -> None:
     finally:
         server.stop()
 
-    print(f"\nembedded model (llama.cpp) via `llmhost serve`, {args.tokens} max tokens, greedy, streamed; "
-          f"medians of {args.rounds} interleaved rounds\n")  # fmt: skip
+    print(f"\nembedded model (llama.cpp) via `llmhost serve`, {args.tokens} max tokens, greedy, streamed, "
+          f"{args.client} client; medians of {args.rounds} interleaved rounds\n")  # fmt: skip
     print(
         "| protocol | clients | aggregate tok/s | × chat | TTFT p50 ms | × chat | per-request tok/s "
         "| × chat |"
@@ -129,7 +195,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for clients in (1, 8):
         base = None
-        for name in PROTOCOLS:
+        for name in protocols:
             waves = seen[(name, clients)]
             agg = statistics.median(w[0] for w in waves)
             ttft = statistics.median(r.ttft for w in waves for r in w[1])

@@ -52,6 +52,39 @@ def test_tensor_parallel_1_equals_transformers(engine_server, reference) -> None
     assert _answers(served.server) == reference
 
 
+def test_agent_protocols_go_through_to_vllm(engine_server) -> None:
+    """Messages and Responses over vLLM's chat completions: the same greedy text, Claude Code's
+    32000-token max_tokens past vLLM's 2048-token window, vLLM's stop string as stop_sequence,
+    and count_tokens from vLLM's own /tokenize."""
+    import anthropic
+
+    served = engine_server("vllm")
+    ask = PROMPTS[2]
+    chat = served.server.client(KEY).chat.completions.create(
+        model=MODEL, messages=ask, temperature=0, max_tokens=48
+    )
+    text = chat.choices[0].message.content
+    claude = anthropic.Anthropic(base_url=served.server.url, api_key=KEY, max_retries=0, timeout=120)
+    kw = {"system": ask[0]["content"], "messages": ask[1:], "extra_body": {"temperature": 0}}
+    message = claude.messages.create(model="claude-sonnet-4-5", max_tokens=48, **kw)
+    assert message.content[0].text == text and message.usage.input_tokens == chat.usage.prompt_tokens
+    counted = claude.messages.count_tokens(model=MODEL, system=kw["system"], messages=kw["messages"])
+    assert counted.input_tokens == chat.usage.prompt_tokens
+    long = claude.messages.create(model=MODEL, max_tokens=32000, **kw)
+    assert long.content[0].text.startswith(text) and long.stop_reason in ("end_turn", "max_tokens")
+    stop = text.split()[1]
+    cut = claude.messages.create(model=MODEL, max_tokens=48, stop_sequences=[stop], **kw)
+    assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", stop)
+    response = served.server.client(KEY).responses.create(
+        model=MODEL,
+        instructions=ask[0]["content"],
+        input=ask[1]["content"],
+        temperature=0,
+        max_output_tokens=48,
+    )
+    assert response.output_text == text and response.usage.input_tokens == chat.usage.prompt_tokens
+
+
 @pytest.fixture(scope="module")
 def tp_model(tmp_path_factory):
     """The embedded model has 9 attention heads, which vLLM cannot split in two, so tensor
