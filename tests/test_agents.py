@@ -362,6 +362,35 @@ def test_reasoning_is_returned_apart(thinker: LocalServer) -> None:
         assert answer.content and "reasoning_content" not in answer.model_extra, off
 
 
+def test_agent_protocols_return_reasoning_apart(thinker: LocalServer) -> None:
+    """Messages: a thinking block (thinking_delta when streamed); Responses: a reasoning item,
+    its text as reasoning_text, or as summary_text when a summary is asked for."""
+    import anthropic
+
+    thought = _ask(thinker.client()).choices[0].message.model_extra["reasoning_content"]
+    claude = anthropic.Anthropic(base_url=thinker.url, api_key="none", max_retries=0)
+    kw = {"model": MODEL, "max_tokens": 12, "messages": [{"role": "user", "content": "Why is the sky blue?"}]}
+    greedy = {"extra_body": {"temperature": 0}}
+    reply = claude.messages.create(**kw, **greedy)
+    assert [b.type for b in reply.content] == ["thinking"] and reply.content[0].thinking == thought
+    with claude.messages.stream(**kw, **greedy) as stream:
+        deltas = [e.delta.thinking for e in stream if e.type == "content_block_delta"]
+    assert "".join(deltas) == thought
+    off = claude.messages.create(**kw, thinking={"type": "disabled"}, **greedy)
+    assert off.content[0].type == "text" and off.content[0].text
+    openai = thinker.client()
+    ask = {"model": MODEL, "input": "Why is the sky blue?", "max_output_tokens": 12, "temperature": 0}
+    [item] = openai.responses.create(**ask).output
+    assert item.type == "reasoning" and item.content[0].text == thought and item.summary == []
+    summary = openai.responses.create(**ask, reasoning={"summary": "auto"}).output[0]
+    assert summary.summary[0].text == thought
+    events = list(openai.responses.create(**ask, reasoning={"summary": "auto"}, stream=True))
+    streamed = [e.delta for e in events if e.type == "response.reasoning_summary_text.delta"]
+    assert "".join(streamed) == thought and events[-1].type == "response.incomplete"
+    answer = openai.responses.create(**ask, reasoning={"effort": "none"})
+    assert answer.output[0].type == "message" and answer.output_text
+
+
 def test_serve_reasoning_off_sets_the_default(thinker: LocalServer, tmp_path: Path) -> None:
     server = LocalServer(*thinker.flags, "--reasoning", "off")
     try:
