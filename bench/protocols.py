@@ -157,9 +157,13 @@ RAW = {
 }  # fmt: skip
 
 
-def wave(send: Callable[[int, int], Streamed], clients: int, tokens: int) -> tuple[float, list[Streamed]]:
-    """Aggregate tokens/s of `clients` requests at once, and each request's measures."""
-    results, wall = concurrently(clients, lambda i: send(i, tokens))
+def wave(
+    send: Callable[[int, int], Streamed], clients: int, tokens: int, each: int
+) -> tuple[float, list[Streamed]]:
+    """Aggregate tokens/s of `clients` clients at once, each sending `each` requests one after
+    another, and every request's measures."""
+    per_client, wall = concurrently(clients, lambda i: [send(i * each + k, tokens) for k in range(each)])
+    results = [r for done in per_client for r in done]
     return sum(r.tokens for r in results) / wall, results
 
 
@@ -168,6 +172,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--client", choices=["raw", "sdk"], default="raw")
+    ap.add_argument("--each", type=int, default=4, help="requests each client sends per round")
     args = ap.parse_args()
     protocols = RAW if args.client == "raw" else SDK
 
@@ -180,14 +185,18 @@ def main() -> None:
         for round_ in range(args.rounds):
             order = list(senders.items())
             order = order[round_ % 3 :] + order[: round_ % 3]  # each protocol goes first once
-            for clients in (1, 8):
+            # one client: the protocols take turns request by request (the finest interleaving)
+            for _ in range(args.each):
                 for name, send in order:
-                    seen.setdefault((name, clients), []).append(wave(send, clients, args.tokens))
+                    seen.setdefault((name, 1), []).append(wave(send, 1, args.tokens, 1))
+            for name, send in order:
+                seen.setdefault((name, 8), []).append(wave(send, 8, args.tokens, args.each))
     finally:
         server.stop()
 
     print(f"\nembedded model (llama.cpp) via `llmhost serve`, {args.tokens} max tokens, greedy, streamed, "
-          f"{args.client} client; medians of {args.rounds} interleaved rounds\n")  # fmt: skip
+          f"{args.client} client; {args.rounds} interleaved rounds of {args.each} requests per client; "
+          "medians\n")  # fmt: skip
     print(
         "| protocol | clients | aggregate tok/s | × chat | TTFT p50 ms | × chat | per-request tok/s "
         "| × chat |"

@@ -256,7 +256,7 @@ class ResponsesReply(Reply):
         if result.reasoning:
             kind = self.reasoning_kind
             self._items.append(_item(kind, _new_id(kind), result.reasoning, status))
-        if result.text or not result.tool_calls:
+        if result.text or not (result.tool_calls or result.reasoning):  # never no item at all
             self._items.append(_item(MESSAGE, _new_id(MESSAGE), result.text, status))
         self._items += [_call_item(c, self.body.functions) for c in result.tool_calls]
         final = self.response(
