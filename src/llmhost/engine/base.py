@@ -6,9 +6,9 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-from llmhost.engine.chunks import Chunk, Result, collect
+from llmhost.engine.chunks import Chunk, Embedded, Result, collect
 from llmhost.engine.request import GenerationRequest
-from llmhost.errors import LlmhostError, NotSupportedError
+from llmhost.errors import InvalidRequestError, LlmhostError, NotSupportedError
 
 
 class Engine(ABC):
@@ -56,6 +56,17 @@ class Engine(ABC):
         """Serve the LoRA adapter in `path` as model `name` on this loaded model (its requests
         decode alongside the base's); the returned engine answers under that name."""
         raise LlmhostError(f"the {self.kind} engine does not serve LoRA adapters per request")
+
+    #: What the model does: `chat` (replies) or `embed` (vectors, /v1/embeddings).
+    task = "chat"
+
+    def embed(self, inputs: list[str] | list[list[int]], dimensions: int | None = None) -> Embedded:
+        """Vectors for texts or token-id lists; only embedding models make them."""
+        raise InvalidRequestError(
+            f"{self.name} is a chat model: it makes no embeddings; serve an embedding model (a "
+            "sentence-transformers folder such as all-MiniLM-L6-v2) and name it",
+            "model",
+        )
 
     def count_tokens(self, request: GenerationRequest) -> int:
         """The prompt's length in tokens, as this engine would send `request` to the model."""

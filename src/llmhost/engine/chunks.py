@@ -94,6 +94,16 @@ class Result:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Embedded:
+    """What an embedding model returns for a batch of inputs."""
+
+    vectors: list[list[float]]
+    """One per input, in input order."""
+    prompt_tokens: int
+    """Tokens read, special tokens included (after truncation)."""
+
+
 def decode_rate(tokens: int, first: float | None, last: float) -> float | None:
     """Decode tokens/s: the first token's time is the TTFT, the rate covers the tokens after it."""
     if first is None or tokens <= 1 or last <= first:

@@ -28,6 +28,8 @@ from llmhost.server.metrics import Metrics
 from llmhost.server.pool import ModelPool
 from llmhost.server.protocols import Defaults, Protocol, Reply, make_protocols, openai_error, protocol_at
 from llmhost.server.protocols.anthropic_messages import CountTokensRequest, Messages
+from llmhost.server.protocols.openai_embeddings import EmbeddingsRequest
+from llmhost.server.protocols.openai_embeddings import render as render_embeddings
 from llmhost.server.protocols.openai_responses import Responses
 from llmhost.server.settings import ServerSettings
 
@@ -174,6 +176,17 @@ class Api:
             return {"input_tokens": await asyncio.to_thread(lease.engine.count_tokens, value)}
         finally:
             lease.release()
+
+    async def embeddings(self, request: Request) -> dict[str, Any]:
+        """OpenAI embeddings from an embedding model (a chat model answers 400 saying so)."""
+        body = await self.parse(request, EmbeddingsRequest)
+        lease = await self.pool.aacquire(body.model)
+        try:
+            engine = lease.engine
+            embedded = await asyncio.to_thread(engine.embed, body.inputs, body.dimensions)
+        finally:
+            lease.release()
+        return render_embeddings(embedded, engine.name, body.encoding_format)
 
     async def _gather(
         self, request: Request, chunks: AsyncIterator[Chunk], cancel: threading.Event
@@ -389,6 +402,10 @@ def create_app(pool: ModelPool, settings: ServerSettings) -> FastAPI:
     @app.get("/api/ps")
     def ps() -> dict[str, Any]:
         return api.ps()
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> dict[str, Any]:
+        return await api.embeddings(request)
 
     for protocol in api.protocols:
         app.add_api_route(protocol.path, _handler(api, protocol), methods=["POST"])

