@@ -136,6 +136,14 @@ def test_errors_come_in_anthropics_shape(served) -> None:
         r = http.post("/v1/messages", json={"model": MODEL, "messages": ASK})  # max_tokens is required
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
         assert "max_tokens" in r.json()["error"]["message"]
+        # tool turns without the ids that tie a call to its result
+        for block, words in (
+            ({"role": "assistant", "content": [{"type": "tool_use", "input": {}}]}, "without id and name"),
+            ({"role": "user", "content": [{"type": "tool_result", "content": "x"}]}, "without tool_use_id"),
+        ):
+            body = {"model": MODEL, "max_tokens": 2, "messages": [*ASK, block]}
+            r = http.post("/v1/messages", json=body)
+            assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
         # Claude Code's query and headers are accepted
         body = {"model": MODEL, "max_tokens": 2, "messages": ASK, "metadata": {"user_id": "u"}}
         headers = {"anthropic-version": "2023-06-01", "anthropic-beta": "interleaved-thinking-2025-05-14"}

@@ -342,3 +342,19 @@ def test_vllm_serves_adapters_on_its_base_as_transformers_does(embedded_home: Pa
         assert not until_gone(children), [p.cmdline() for p in children]
     finally:
         server.stop()
+
+
+def test_model_alias_entries_map_names_and_a_bad_entry_is_refused() -> None:
+    from llmhost.cli.options import build
+    from llmhost.config import PoolSettings
+    from llmhost.errors import InvalidRequestError
+
+    settings = PoolSettings(model_alias=["claude-*", "gpt-4*=qwen"])
+    assert settings.alias("claude-opus-4", "smol") == ("smol", "claude-*")
+    assert settings.alias("gpt-4o", "smol") == ("qwen", "gpt-4*=qwen")
+    assert settings.alias("llama", "smol") is None
+    assert settings.alias("claude-x", None) is None  # nothing served to answer it
+    assert PoolSettings().model_alias == ["claude-*"]
+    with pytest.raises(InvalidRequestError) as err:
+        build(PoolSettings, {"model_alias": ["=qwen"]})
+    assert "--model-alias" in str(err.value) and "has no pattern" in str(err.value)

@@ -195,6 +195,9 @@ def test_errors_come_in_openais_shape(served) -> None:
             None,
         ),
         ({"input": "x", "text": {"format": {"type": "json_schema", "name": "x"}}}, "schema", None),
+        ({"input": "x", "tool_choice": "required"}, "has no tools", "tool_choice"),
+        ({"input": "x", "tools": [WEATHER, WEATHER]}, "same name", "tools"),
+        ({"input": [{"type": "function_call", "name": "f"}]}, "needs call_id, arguments", "input.0"),
     ]
     for extra, words, param in cases:
         with pytest.raises(openai.BadRequestError) as err:
