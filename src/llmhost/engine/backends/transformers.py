@@ -14,15 +14,20 @@ from llmhost.engine.base import Engine
 from llmhost.engine.embedding import EmbeddingEngine, read_spec
 from llmhost.engine.local import LocalEngine
 from llmhost.engine.ref import ModelRef
+from llmhost.engine.rerank import RerankEngine, read_rerank_spec
 from llmhost.engine.template import ChatTemplate, control_tokens
 from llmhost.errors import LlmhostError
 
 
 def load(ref: ModelRef, settings: LoadSettings) -> Engine:
     """A Hugging Face folder (GGUF models converted once); an adapter is merged into its base; a
-    sentence-transformers folder is an embedding model."""
-    if not ref.is_adapter and not ref.is_gguf and (spec := read_spec(ref.path)) is not None:
-        return EmbeddingEngine.load(ref.path, spec, settings, ref.name)
+    sentence-transformers folder is an embedding model, a cross-encoder (or a model declared
+    one) a reranker."""
+    if not ref.is_adapter and not ref.is_gguf:
+        if (spec := read_spec(ref.path, ref.matryoshka)) is not None:
+            return EmbeddingEngine.load(ref.path, spec, settings, ref.name)
+        if (scoring := read_rerank_spec(ref.path, ref.declared_task)) is not None:
+            return RerankEngine.load(ref.path, scoring, settings, ref.name)
     if ref.is_adapter:
         assert ref.base is not None
         return TransformersEngine.load(ref.base.hf_folder(), settings, ref.name, adapter=ref.path, ref=ref)
