@@ -103,3 +103,26 @@ def build_last_token_embedder(out: Path, tokenizer_dir: Path, seed: int = 0) -> 
     prompts = {"prompts": {"query": QUERY_PROMPT, "document": ""}, "default_prompt_name": None}
     (out / "config_sentence_transformers.json").write_text(json.dumps(prompts))
     return out
+
+
+CONVERTER = Path(__file__).resolve().parents[1] / ".llama-converter" / "convert_hf_to_gguf.py"
+
+
+def convert_to_gguf(folder: Path, out: Path) -> Path:
+    """`folder` as a float32 GGUF, by llama.cpp's own converter (`make llama-converter` fetches it
+    from the llama-cpp-python sdist of the installed version)."""
+    import os
+    import subprocess
+    import sys
+
+    if not CONVERTER.is_file():
+        reason = f"llama.cpp's converter is missing ({CONVERTER}): run `make llama-converter`"
+        if os.environ.get("LLMHOST_REQUIRE_ENGINES") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    done = subprocess.run(
+        [sys.executable, str(CONVERTER), str(folder), "--outfile", str(out), "--outtype", "f32"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out

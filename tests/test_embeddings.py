@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -109,3 +110,31 @@ def test_llmhost_embed_prints_the_vector(minilm, reference) -> None:
     assert short.returncode == 0 and "384 dimensions, norm 1.0000" in short.stdout
     empty = llmhost("embed", str(minilm), " ")
     assert empty.returncode != 0 and "the text is empty" in empty.stderr
+
+
+def test_a_gguf_embedding_model_on_llama_cpp(minilm, tmp_path) -> None:
+    """all-MiniLM converted by llama.cpp's converter, served by the llama.cpp engine: the same
+    vectors as sentence-transformers (a GGUF carries no max_seq_length, so the long text is read
+    up to the model's 512-token window, as llama.cpp's server reads it: the reference says 512 too)."""
+    from engines import require
+    from rag_models import convert_to_gguf
+    from sentence_transformers import SentenceTransformer
+
+    require("llamacpp")
+    gguf = convert_to_gguf(minilm, tmp_path / "all-minilm-l6-v2-f32.gguf")
+    st = SentenceTransformer(str(minilm), device="cpu")
+    st.max_seq_length = 512
+    reference = st.encode(TEXTS)
+    server = LocalServer(str(gguf), "--engine", "llamacpp", "--api-key", KEY)
+    try:
+        client = server.client(KEY)
+        got = client.embeddings.create(model=gguf.stem, input=TEXTS)  # the SDK's base64
+        assert cosines([d.embedding for d in got.data], reference).min() >= 0.999
+        assert got.usage.prompt_tokens > 512
+        ps = httpx.get(server.url + "/api/ps", headers={"Authorization": f"Bearer {KEY}"}).json()
+        assert [(m["engine"], m["task"]) for m in ps["models"]] == [("llamacpp", "embed")]
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=gguf.stem, messages=[{"role": "user", "content": "Hi"}])
+        assert "is an embedding model" in err.value.body["message"]
+    finally:
+        server.stop()
