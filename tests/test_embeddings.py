@@ -116,9 +116,10 @@ def test_a_gguf_embedding_model_on_llama_cpp(minilm, tmp_path) -> None:
     """all-MiniLM converted by llama.cpp's converter, served by the llama.cpp engine: the same
     vectors as sentence-transformers (a GGUF carries no max_seq_length, so the long text is read
     up to the model's 512-token window, as llama.cpp's server reads it: the reference says 512 too)."""
+    from sentence_transformers import SentenceTransformer
+
     from engines import require
     from rag_models import convert_to_gguf
-    from sentence_transformers import SentenceTransformer
 
     require("llamacpp")
     gguf = convert_to_gguf(minilm, tmp_path / "all-minilm-l6-v2-f32.gguf")
