@@ -98,8 +98,9 @@ def vllm_server(folder: Path, python: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
            "--runner", "pooling", "--port", str(port), "--host", "127.0.0.1",
-           "--served-model-name", folder.name, "--dtype", "float32"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+           "--served-model-name", folder.name, "--dtype", "float32", "--enforce-eager"]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}  # as llmhost starts it
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     while time.time() < deadline:

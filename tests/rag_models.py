@@ -25,13 +25,14 @@ def unpack_minilm(out: Path) -> Path:
 
 
 def build_cross_encoder(out: Path, minilm: Path, seed: int = 0) -> Path:
-    """A 2-layer random BERT cross-encoder with all-MiniLM's WordPiece tokenizer."""
+    """A 2-layer random BERT cross-encoder with all-MiniLM's WordPiece tokenizer (head dim 64,
+    which vLLM's CPU attention takes)."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(
-        vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=128, max_position_embeddings=512, num_labels=1,
+        vocab_size=30522, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=256, max_position_embeddings=512, num_labels=1,
     )  # fmt: skip
     torch.manual_seed(seed)
     model = BertForSequenceClassification(config)

@@ -139,3 +139,15 @@ def test_a_gguf_embedding_model_on_llama_cpp(minilm, tmp_path) -> None:
         assert "is an embedding model" in err.value.body["message"]
     finally:
         server.stop()
+
+
+def test_llamaindex_openai_like_embedding(served, minilm, reference) -> None:
+    """LlamaIndex's OpenAI-compatible embedding class, as its RAG pipelines use it: documents in
+    batches, then a query."""
+    from llama_index.embeddings.openai_like import OpenAILikeEmbedding
+
+    model = OpenAILikeEmbedding(
+        model_name=minilm.name, api_base=served.url + "/v1", api_key=KEY, embed_batch_size=3
+    )
+    assert cosines(model.get_text_embedding_batch(TEXTS), reference).min() >= 0.999
+    assert cosines([model.get_query_embedding(TEXTS[2])], reference[2:3]).min() >= 0.999

@@ -87,6 +87,15 @@ class Engine(ABC):
     async def arerank(self, request: RerankRequest) -> Scored:
         return await asyncio.to_thread(self.rerank, request)
 
+    def not_chat(self) -> InvalidRequestError:
+        """The 400 an embedding model or a reranker answers a chat or completion request with."""
+        endpoint = {"embed": "POST /v1/embeddings", "rerank": "POST /v1/rerank"}.get(self.task, "")
+        return InvalidRequestError(
+            f"{self.name} is {_TASKS[self.task]}: it answers {endpoint}, not chat or completions; ask a "
+            "chat model for replies",
+            "model",
+        )
+
     def count_tokens(self, request: GenerationRequest) -> int:
         """The prompt's length in tokens, as this engine would send `request` to the model."""
         raise NotSupportedError(f"the {self.kind} engine cannot count tokens (local engines and vLLM can)")

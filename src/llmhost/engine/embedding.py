@@ -113,7 +113,6 @@ class EmbeddingEngine(EncoderEngine):
     """An embedding model on transformers; concurrent requests share forward passes."""
 
     task = "embed"
-    serves = ("an embedding model", "POST /v1/embeddings")
 
     def __init__(self, model: Any, tokenizer: Any, spec: EmbeddingSpec, name: str, device: str) -> None:
         super().__init__(

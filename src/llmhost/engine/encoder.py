@@ -25,7 +25,7 @@ from llmhost.config import LoadSettings
 from llmhost.engine.base import Engine
 from llmhost.engine.chunks import Chunk
 from llmhost.engine.request import GenerationRequest
-from llmhost.errors import InvalidRequestError, LlmhostError
+from llmhost.errors import LlmhostError
 
 #: One tokenized input: input_ids plus whatever else the model reads (token_type_ids).
 Row = dict[str, list[int]]
@@ -151,8 +151,6 @@ class EncoderEngine(Engine):
     refuses chat with a 400 that names the endpoint it serves instead."""
 
     kind = "transformers"
-    #: What the 400 for a chat request says this model is and which endpoint it answers.
-    serves = ("an encoder model", "")
 
     def __init__(self, model: Any, tokenizer: Any, name: str, device: str, context_length: int) -> None:
         self.model, self.tokenizer, self.name, self.device = model, tokenizer, name, device
@@ -179,19 +177,11 @@ class EncoderEngine(Engine):
         model.to(device).eval()
         return tokenizer, model, device
 
-    def _refuse_chat(self) -> InvalidRequestError:
-        what, endpoint = self.serves
-        return InvalidRequestError(
-            f"{self.name} is {what}: it answers {endpoint}, not chat or completions; ask a chat model "
-            "for replies",
-            "model",
-        )
-
     def stream(self, request: GenerationRequest) -> Iterator[Chunk]:
-        raise self._refuse_chat()
+        raise self.not_chat()
 
     async def astream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        raise self._refuse_chat()
+        raise self.not_chat()
 
     def _submit(self, prepare: Callable[[], list[Row]]) -> list[Any]:
         return self.batcher.submit(prepare).result()

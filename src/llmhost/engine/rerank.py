@@ -78,7 +78,6 @@ class RerankEngine(EncoderEngine):
     """A reranker on transformers; the pairs of concurrent requests share forward passes."""
 
     task = "rerank"
-    serves = ("a reranker", "POST /v1/rerank")
 
     def __init__(self, model: Any, tokenizer: Any, spec: RerankSpec, name: str, device: str) -> None:
         config = model.config

@@ -113,6 +113,8 @@ class OpenAIEngine(Engine):
     def _begin(self, client: Any, request: GenerationRequest) -> tuple[Any, dict, float]:
         """What both stream() and astream() send: the client's create method and the body."""
         self.check()
+        if self.task != "chat":  # a vLLM pooling child: answer as a local embedding model would
+            raise self.not_chat()
         body = self._body(request)
         api = client.chat.completions if "messages" in body else client.completions
         return api.create, body, time.perf_counter()

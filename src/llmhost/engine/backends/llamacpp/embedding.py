@@ -56,7 +56,6 @@ class LlamaCppEmbeddingEngine(EncoderEngine):
 
     kind = "llamacpp"
     task = "embed"
-    serves = ("an embedding model", "POST /v1/embeddings")
 
     def __init__(self, llm: Any, name: str) -> None:
         super().__init__(llm, None, name, "cpu", llm.n_ctx())
