@@ -88,6 +88,14 @@ def test_bad_inputs_and_the_wrong_kind_of_model_are_400s(served, minilm, engine_
         with pytest.raises(openai.BadRequestError) as err:
             client.embeddings.create(model=minilm.name, **extra)
         assert words in err.value.body["message"], err.value.body
+    for strict in (False, "NONE"):  # off (Cohere's NONE): a 400 with the numbers instead of a cut
+        with pytest.raises(openai.BadRequestError) as err:
+            client.embeddings.create(
+                model=minilm.name, input=["ok", TEXTS[3]], extra_body={"truncate": strict}
+            )
+        assert "input[1] is 600 tokens and all-minilm-l6-v2 reads at most 254" in err.value.body["message"]
+    fits = client.embeddings.create(model=minilm.name, input=TEXTS[0], extra_body={"truncate": False})
+    assert len(fits.data[0].embedding) == 384
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=minilm.name, messages=[{"role": "user", "content": "Hi"}])
     assert "embedding model" in err.value.body["message"] and err.value.body["param"] == "model"

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from llmhost.config import LoadSettings
 from llmhost.engine.chunks import Embedded
-from llmhost.engine.encoder import EncoderEngine, Row, last_index
+from llmhost.engine.encoder import EncoderEngine, Row, fitted, last_index
 from llmhost.engine.request import EmbedRequest
 from llmhost.errors import InvalidRequestError, LlmhostError
 
@@ -191,7 +191,11 @@ class EmbeddingEngine(EncoderEngine):
                         f"input.{index}",
                     )
             ids = [[*head, *row] for row in inputs]  # type: ignore[misc]
-        return [{"input_ids": [*before, *row[:room], *after]} for row in ids]
+        cut = request.truncate
+        return [
+            {"input_ids": [*before, *fitted(row, room, cut, i, self.name), *after]}
+            for i, row in enumerate(ids)
+        ]
 
     def _forward(self, batch: dict[str, Any]) -> list[Any]:
         import torch

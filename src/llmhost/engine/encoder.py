@@ -25,7 +25,7 @@ from llmhost.config import LoadSettings
 from llmhost.engine.base import Engine
 from llmhost.engine.chunks import Chunk
 from llmhost.engine.request import GenerationRequest
-from llmhost.errors import LlmhostError
+from llmhost.errors import InvalidRequestError, LlmhostError
 
 #: One tokenized input: input_ids plus whatever else the model reads (token_type_ids).
 Row = dict[str, list[int]]
@@ -217,3 +217,14 @@ class EncoderEngine(Engine):
 def last_index(mask: Any) -> Any:
     """Each row's last real position in an attention mask, whichever side it is padded on."""
     return mask.shape[1] - 1 - mask.flip(1).int().argmax(dim=1)
+
+
+def fitted(ids: list[int], room: int, truncate: bool, index: int, name: str) -> list[int]:
+    """An input's ids cut to `room` tokens, or with `truncate` off a 400 that gives the numbers."""
+    if len(ids) <= room or truncate:
+        return ids[:room]
+    raise InvalidRequestError(
+        f"input[{index}] is {len(ids)} tokens and {name} reads at most {room}: shorten it, or leave "
+        "truncate on (the model then reads its first tokens, as sentence-transformers does)",
+        f"input.{index}",
+    )

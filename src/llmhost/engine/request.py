@@ -50,6 +50,8 @@ class EmbedRequest:
     prompt: str | None = None
     #: A model without that prompt embeds the text bare (a client's input_type hint), not a 400.
     prompt_optional: bool = False
+    #: Inputs past the model's limit are cut to it (sentence-transformers' way); off, a 400.
+    truncate: bool = True
 
 
 @dataclass(frozen=True)

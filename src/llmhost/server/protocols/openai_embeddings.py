@@ -31,6 +31,10 @@ class EmbeddingsRequest(Lenient):
         max_length=128,
         description="Which of the model's prompts goes first (sentence-transformers' name).",
     )
+    truncate: bool | Literal["NONE", "END"] = Field(
+        True,
+        description="Cut inputs past the model's limit (true, Cohere's END) or answer 400 (false, NONE).",
+    )
     input_type: str | None = Field(
         None,
         max_length=64,
@@ -52,11 +56,12 @@ class EmbeddingsRequest(Lenient):
         return value
 
     def request(self) -> EmbedRequest:
+        cut = self.truncate not in (False, "NONE")
         if self.prompt_name is not None or self.input_type is None:
-            return EmbedRequest(self.input, self.model, self.dimensions, self.prompt_name)  # type: ignore[arg-type]
+            return EmbedRequest(self.input, self.model, self.dimensions, self.prompt_name, truncate=cut)  # type: ignore[arg-type]
         # input_type is a hint: the model's prompt of that name where it has one
         prompt = INPUT_TYPES.get(self.input_type, self.input_type)
-        return EmbedRequest(self.input, self.model, self.dimensions, prompt, prompt_optional=True)  # type: ignore[arg-type]
+        return EmbedRequest(self.input, self.model, self.dimensions, prompt, True, cut)  # type: ignore[arg-type]
 
 
 #: Other APIs' input types → sentence-transformers' usual prompt names.

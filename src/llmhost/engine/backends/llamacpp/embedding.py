@@ -18,7 +18,7 @@ from typing import Any
 
 from llmhost.config import LoadSettings
 from llmhost.engine.chunks import Embedded
-from llmhost.engine.encoder import EncoderEngine, Row
+from llmhost.engine.encoder import EncoderEngine, Row, fitted
 from llmhost.engine.request import EmbedRequest
 from llmhost.errors import InvalidRequestError, LlmhostError
 
@@ -70,16 +70,13 @@ class LlamaCppEmbeddingEngine(EncoderEngine):
     def load(
         cls, gguf: Path, settings: LoadSettings, name: str, pooling: str, window: int
     ) -> LlamaCppEmbeddingEngine:
-        from llmhost.engine.backends.llamacpp import repack as weight_repack
-        from llmhost.engine.backends.llamacpp.engine import INSTALL, available
+        import llmhost.engine.backends.llamacpp.repack as weight_repack
 
         if pooling not in ("mean", "cls", "last"):
             raise LlmhostError(
                 f"{gguf.name} pools with {pooling!r}: llmhost serves GGUF embedding models (mean, CLS or "
                 "last-token pooling); serve a reranker from its safetensors folder (--engine transformers)"
             )
-        if not available():
-            raise LlmhostError(f"the llama.cpp engine is not installed: {INSTALL}")
         window = settings.context_length or window
         decision = weight_repack.decide(settings.weight_repack, gguf)
         # a non-causal model reads each sequence in one ubatch: the batch holds a whole window
@@ -133,7 +130,9 @@ class LlamaCppEmbeddingEngine(EncoderEngine):
                         f"input.{index}",
                     )
                 ids = list(item)
-            rows.append({"input_ids": [*before, *ids[:room], *after]})
+            rows.append(
+                {"input_ids": [*before, *fitted(ids, room, request.truncate, index, self.name), *after]}
+            )
         return rows
 
     def _run(self, rows: list[Row]) -> list[Any]:

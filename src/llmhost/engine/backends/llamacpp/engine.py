@@ -93,6 +93,8 @@ def load(ref: ModelRef, settings: LoadSettings) -> Engine:
     try:
         gguf = ref.gguf_file()
         if (pooling := gguf_pooling(gguf)) is not None:
+            if not available():
+                raise LlmhostError(f"the llama.cpp engine is not installed: {INSTALL}")
             return LlamaCppEmbeddingEngine.load(gguf, settings, ref.name, *pooling)
         return LlamaCppEngine.load(gguf, settings, ref.name)
     except GGUFReadError as err:
