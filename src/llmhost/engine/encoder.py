@@ -43,12 +43,14 @@ class _Job:
     future: Future[list[Any]] = field(default_factory=Future)
     rows: list[Row] | None = None
     outputs: list[Any] = field(default_factory=list)
-    taken = 0
-    left = 0
+    taken: int = 0  # rows handed to batches so far
+    left: int = 0  # rows whose output has not come back yet
 
     def start(self) -> None:
         self.rows = self.prepare()
         self.outputs, self.left = [None] * len(self.rows), len(self.rows)
+        if not self.rows:
+            self.future.set_result([])
 
     def fail(self, err: BaseException) -> None:
         if not self.future.done():
@@ -126,8 +128,9 @@ class Batcher:
                     job.start()  # tokenizing here keeps it off the event loop
                 except Exception as err:
                     job.fail(err)
-                    self._drop(job)
-                    continue
+            if job.future.done():  # failed (here or in an earlier batch), or nothing to run
+                self._drop(job)
+                continue
             rows = job.rows
             assert rows is not None
             while job.taken < len(rows):

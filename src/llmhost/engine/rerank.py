@@ -84,7 +84,7 @@ class RerankEngine(EncoderEngine):
         limit = int(min(tokenizer.model_max_length, getattr(config, "max_position_embeddings", 512)))
         if config.model_type in ("roberta", "xlm-roberta", "camembert"):
             limit = min(
-                limit, config.max_position_embeddings - config.pad_token_id - 1
+                limit, config.max_position_embeddings - (config.pad_token_id or 1) - 1
             )  # positions start past padding
         if spec.scoring == "yes-no":
             limit = min(limit, YES_NO_MAX)
