@@ -120,6 +120,30 @@ def test_llmhost_embed_prints_the_vector(minilm, reference) -> None:
     assert empty.returncode != 0 and "the text is empty" in empty.stderr
 
 
+def test_a_bare_encoder_is_refused_not_guessed(minilm, tmp_path) -> None:
+    """A BertModel without sentence-transformers' files: how to pool it is unknown, so no vectors
+    (and no chat either: it has no language-model head)."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    from cli import llmhost
+
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    BertModel(config).save_pretrained(str(tmp_path / "bare"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(minilm / name, tmp_path / "bare" / name)
+    for command in (
+        ("embed", str(tmp_path / "bare"), "hello"),
+        ("generate", str(tmp_path / "bare"), "hello"),
+    ):
+        done = llmhost(*command, "--engine", "transformers")
+        assert done.returncode == 1 and "without sentence-transformers files" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+
 def test_a_gguf_embedding_model_on_llama_cpp(minilm, tmp_path) -> None:
     """all-MiniLM converted by llama.cpp's converter, served by the llama.cpp engine: the same
     vectors as sentence-transformers (a GGUF carries no max_seq_length, so the long text is read
