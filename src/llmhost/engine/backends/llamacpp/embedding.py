@@ -24,6 +24,8 @@ from llmhost.errors import InvalidRequestError, LlmhostError
 
 #: llama.cpp's pooling types (llama_pooling_type).
 POOLING = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
+#: llama.cpp's encoder-only architectures (BERT and XLM-R convert as "bert").
+ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "neo-bert", "modern-bert", "t5encoder"}
 
 
 def gguf_pooling(gguf: Path) -> tuple[str, int] | None:
@@ -33,9 +35,10 @@ def gguf_pooling(gguf: Path) -> tuple[str, int] | None:
     from llmhost.engine.backends.gguf import GGUFReadError
 
     try:
-        fields = GGUFReader(str(gguf)).fields
+        reader = GGUFReader(str(gguf))
     except Exception as err:
         raise GGUFReadError(f"{type(err).__name__}: {err}".splitlines()[0]) from None
+    fields = reader.fields
 
     def value(key: str) -> Any:
         field = fields.get(key)
@@ -46,9 +49,13 @@ def gguf_pooling(gguf: Path) -> tuple[str, int] | None:
 
     arch = value("general.architecture")
     pooling = value(f"{arch}.pooling_type")
+    window = int(value(f"{arch}.context_length") or 512)
+    if any(t.name.startswith("cls.output") for t in reader.tensors):  # a classification head: a reranker
+        return "rank", window
     if pooling is None:
-        return None
-    return POOLING.get(int(pooling), "unknown"), int(value(f"{arch}.context_length") or 512)
+        # an encoder says how it pools; one that does not cannot chat either
+        return ("none", window) if arch in ENCODERS else None
+    return POOLING.get(int(pooling), "unknown"), window
 
 
 class LlamaCppEmbeddingEngine(EncoderEngine):
@@ -72,10 +79,16 @@ class LlamaCppEmbeddingEngine(EncoderEngine):
     ) -> LlamaCppEmbeddingEngine:
         import llmhost.engine.backends.llamacpp.repack as weight_repack
 
+        if pooling == "rank":
+            raise LlmhostError(
+                f"{gguf.name} is a GGUF reranker: llmhost does not serve GGUF rerankers yet; serve the "
+                "reranker's safetensors folder (the transformers engine or vLLM)"
+            )
         if pooling not in ("mean", "cls", "last"):
             raise LlmhostError(
-                f"{gguf.name} pools with {pooling!r}: llmhost serves GGUF embedding models (mean, CLS or "
-                "last-token pooling); serve a reranker from its safetensors folder (--engine transformers)"
+                f"{gguf.name} is an encoder whose GGUF says no pooling ({pooling}): llmhost serves GGUF "
+                "embedding models with mean, CLS or last-token pooling; convert it from its "
+                "sentence-transformers folder, or serve that folder"
             )
         window = settings.context_length or window
         decision = weight_repack.decide(settings.weight_repack, gguf)
