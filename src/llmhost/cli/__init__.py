@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -101,12 +102,19 @@ def embed(
     model: Annotated[str, typer.Argument(help="An embedding model: a store name or a folder.")],
     text: Annotated[str, typer.Argument(help="The text to embed; '-' reads stdin.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole vector as JSON.")] = False,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", help="The model's prompt to put first (query, document).")
+    ] = None,
+    dimensions: Annotated[
+        int | None, typer.Option("--dimensions", min=1, help="Shorten the vector (Matryoshka models).")
+    ] = None,
     *,
     load: LoadSettings,
 ) -> None:
     """Embed TEXT with an embedding model: its size, norm and first values (a quick try)."""
     import math
 
+    from llmhost.engine.request import EmbedRequest
     from llmhost.errors import InvalidRequestError
 
     if text == "-":
@@ -115,7 +123,7 @@ def embed(
         raise InvalidRequestError("the text is empty")
     engine = load_model(model, load)
     try:
-        embedded = engine.embed([text])
+        embedded = engine.embed(EmbedRequest([text], dimensions=dimensions, prompt=prompt))
     finally:
         engine.close()
     vector = embedded.vectors[0]
@@ -289,16 +297,28 @@ def rm(
     remove(name, yes)
 
 
+class Task(str, Enum):
+    rerank = "rerank"
+
+
 @app.command("import")
 @command
 def import_(
     path: Annotated[str, typer.Argument(metavar="PATH", help="A Hugging Face model folder or a .gguf file.")],
     name: Annotated[str | None, typer.Option("--name", help="Store it under this name.")] = None,
+    task: Annotated[
+        Task | None,
+        typer.Option(
+            "--task",
+            help="What it does, where its files cannot say: rerank for a yes/no reranker such as "
+            "Qwen3-Reranker (embedding models and cross-encoders are read from their files).",
+        ),
+    ] = None,
 ) -> None:
     """Add a local model to the store (hard-linked when possible, else copied)."""
     from llmhost.cli.models import run_import
 
-    run_import(path, name)
+    run_import(path, name, task.value if task else None)
 
 
 @app.command()

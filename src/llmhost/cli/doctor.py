@@ -99,9 +99,10 @@ def run_estimate(model: str, context: int | None, dtypes: list[str], as_json: bo
     if as_json:
         typer.echo(json.dumps([e.to_dict() for e in rows]))
         return
+    cache = f"{shape.kv_heads} KV heads × {shape.head_dim}" if shape.kv_heads else "no KV cache"
     console.print(
-        f"{model}: {shape.params / 1e9:.2f}B parameters, {shape.layers} layers, "
-        f"{shape.kv_heads} KV heads × {shape.head_dim}, context {rows[0].context}"
+        f"{model}: {shape.params / 1e9:.2f}B parameters, {shape.layers} layers, {cache}, "
+        f"context {rows[0].context}"
     )
     table = Table("DTYPE", "WEIGHTS", "KV CACHE", "OVERHEAD", "TOTAL (GiB)", box=None)
     for e in rows:

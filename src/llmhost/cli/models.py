@@ -153,6 +153,8 @@ def catalog_facts(e: CatalogEntry) -> dict[str, Any]:
         "description": e.description,
         "repos": e.repos,
         "default_source": e.default_source(),
+        "task": e.task,
+        **({"matryoshka_min_dimensions": e.matryoshka} if e.matryoshka else {}),
         "params_billion": e.params_b,
         "context": e.context,
         "license": e.license,
@@ -173,7 +175,7 @@ def show_catalog(as_json: bool) -> None:
         notes = (
             "remote code; successor " + (e.successor or "-")
             if e.remote_code
-            else ("embedded" if e.embedded else "")
+            else ("embedded" if e.embedded else {"embed": "embeddings", "rerank": "reranker"}.get(e.task, ""))
         )
         table.add_row(e.name, f"{e.params_b:g}B", str(e.context), e.license, ", ".join(e.repos), notes)
     console.print(table)
@@ -188,10 +190,10 @@ def remove(name: str, yes: bool) -> None:
     console.print(f"removed {model.name}")
 
 
-def run_import(path: str, name: str | None) -> None:
+def run_import(path: str, name: str | None, task: str | None = None) -> None:
     from pathlib import Path
 
-    model = import_path(Store(), Path(path), name)
+    model = import_path(Store(), Path(path), name, task)
     console.print(
         f"[green]✓[/green] imported {model.name} ({model.format}, {human(model.size)}) into {model.folder}"
     )

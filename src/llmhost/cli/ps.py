@@ -46,18 +46,30 @@ def show_ps(api_key: str | None, as_json: bool) -> None:
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)
-    for col in ("SERVER", "MODEL", "ENGINE", "ADAPTERS", "MEMORY", "RUNNING", "QUEUED", "IDLE", "UNLOADS IN"):
+    for col in (
+        "SERVER",
+        "MODEL",
+        "KIND",
+        "ENGINE",
+        "ADAPTERS",
+        "MEMORY",
+        "RUNNING",
+        "QUEUED",
+        "IDLE",
+        "UNLOADS IN",
+    ):
         table.add_column(col)
     for row in rows:
         if "error" in row:
-            table.add_row(row["url"], f"[yellow]{row['error']}[/yellow]", *[""] * 7)
+            table.add_row(row["url"], f"[yellow]{row['error']}[/yellow]", *[""] * 8)
             continue
         if not row["models"]:
-            table.add_row(row["url"], "(nothing loaded)", *[""] * 7)
+            table.add_row(row["url"], "(nothing loaded)", *[""] * 8)
         for m in row["models"]:
             table.add_row(
                 row["url"],
                 m["name"],
+                m.get("task", "chat"),
                 m["engine"],
                 ", ".join(m["adapters"]) or "-",
                 f"{m['memory_gib']:.2f} GiB",

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-from llmhost.engine.chunks import Chunk, Embedded, Result, collect
-from llmhost.engine.request import GenerationRequest
+from llmhost.engine.chunks import Chunk, Embedded, Result, Scored, collect
+from llmhost.engine.request import EmbedRequest, GenerationRequest, RerankRequest
 from llmhost.errors import InvalidRequestError, LlmhostError, NotSupportedError
+
+#: How an error names what a model of each task is.
+_TASKS = {"chat": "a chat model", "embed": "an embedding model", "rerank": "a reranker"}
 
 
 class Engine(ABC):
@@ -57,14 +61,38 @@ class Engine(ABC):
         decode alongside the base's); the returned engine answers under that name."""
         raise LlmhostError(f"the {self.kind} engine does not serve LoRA adapters per request")
 
-    #: What the model does: `chat` (replies) or `embed` (vectors, /v1/embeddings).
+    #: What the model does: `chat` (replies), `embed` (vectors, /v1/embeddings) or `rerank`
+    #: (relevance scores, /v1/rerank).
     task = "chat"
 
-    def embed(self, inputs: list[str] | list[list[int]], dimensions: int | None = None) -> Embedded:
+    def embed(self, request: EmbedRequest) -> Embedded:
         """Vectors for texts or token-id lists; only embedding models make them."""
         raise InvalidRequestError(
-            f"{self.name} is a chat model: it makes no embeddings; serve an embedding model (a "
-            "sentence-transformers folder such as all-MiniLM-L6-v2) and name it",
+            f"{self.name} is {_TASKS[self.task]}: it makes no embeddings; name an embedding model "
+            "(a sentence-transformers folder such as all-MiniLM-L6-v2 or bge-small-zh-v1.5)",
+            "model",
+        )
+
+    async def aembed(self, request: EmbedRequest) -> Embedded:
+        return await asyncio.to_thread(self.embed, request)
+
+    def rerank(self, request: RerankRequest) -> Scored:
+        """Relevance scores of documents for a query; only rerankers make them."""
+        raise InvalidRequestError(
+            f"{self.name} is {_TASKS[self.task]}: it does not rerank; name a reranker (a "
+            "cross-encoder such as bge-reranker-v2-m3, or Qwen3-Reranker)",
+            "model",
+        )
+
+    async def arerank(self, request: RerankRequest) -> Scored:
+        return await asyncio.to_thread(self.rerank, request)
+
+    def not_chat(self) -> InvalidRequestError:
+        """The 400 an embedding model or a reranker answers a chat or completion request with."""
+        endpoint = {"embed": "POST /v1/embeddings", "rerank": "POST /v1/rerank"}.get(self.task, "")
+        return InvalidRequestError(
+            f"{self.name} is {_TASKS[self.task]}: it answers {endpoint}, not chat or completions; ask a "
+            "chat model for replies",
             "model",
         )
 

@@ -104,6 +104,15 @@ class Embedded:
     """Tokens read, special tokens included (after truncation)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """What a reranker returns: one relevance score per document, in the documents' order."""
+
+    scores: list[float]
+    prompt_tokens: int
+    """Tokens read over all (query, document) pairs."""
+
+
 def decode_rate(tokens: int, first: float | None, last: float) -> float | None:
     """Decode tokens/s: the first token's time is the TTFT, the rate covers the tokens after it."""
     if first is None or tokens <= 1 or last <= first:

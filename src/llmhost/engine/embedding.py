@@ -1,27 +1,28 @@
 """Embedding models: what a sentence-transformers folder says about itself (pooling, normalising,
-the longest input), read from its files and never guessed from its name, and the engine that
-runs it on transformers.
+the longest input, its prompts), read from its files and never guessed from its name, and the
+engine that runs it on transformers.
 
 A folder is an embedding model when its `modules.json` lists a Pooling module; the Transformer
 module's `sentence_bert_config.json` gives `max_seq_length`, the Pooling module's `config.json`
-the pooling mode, and a Normalize module unit-length vectors. Inputs longer than
-`max_seq_length` are truncated, as sentence-transformers does (the vector then describes the
-first `max_seq_length` tokens; `usage.prompt_tokens` counts what was read).
+the pooling mode, a Normalize module unit-length vectors, and `config_sentence_transformers.json`
+the prompts put before texts (Qwen3-Embedding's query instruction, e5's `query: `). Inputs
+longer than `max_seq_length` are truncated, as sentence-transformers does (the vector then
+describes the first `max_seq_length` tokens; `usage.prompt_tokens` counts what was read).
+Shortened vectors (`dimensions`) only for models the catalog says were trained for it
+(Matryoshka), renormalised when the model normalises.
 """
 
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from llmhost.config import LoadSettings
-from llmhost.engine.base import Engine
-from llmhost.engine.chunks import Chunk, Embedded
-from llmhost.engine.request import GenerationRequest
+from llmhost.engine.chunks import Embedded
+from llmhost.engine.encoder import EncoderEngine, Row, fitted, last_index
+from llmhost.engine.request import EmbedRequest
 from llmhost.errors import InvalidRequestError, LlmhostError
 
 Pooling = Literal["cls", "mean", "max", "lasttoken"]
@@ -32,8 +33,6 @@ POOLING_KEYS: dict[str, Pooling] = {
     "pooling_mode_max_tokens": "max",
     "pooling_mode_lasttoken": "lasttoken",
 }
-#: Inputs embedded in one forward pass (sorted by length, so padding stays short).
-BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -42,9 +41,15 @@ class EmbeddingSpec:
     normalize: bool
     dimension: int
     max_seq_length: int | None
+    #: Prompt name → the text put before an input (sentence-transformers' `prompts`).
+    prompts: dict[str, str] = field(default_factory=dict)
+    #: The prompt used where a request names none.
+    default_prompt: str | None = None
+    #: The fewest dimensions a shortened vector may keep; None: the model was not trained for it.
+    matryoshka: int | None = None
 
 
-def read_spec(folder: Path) -> EmbeddingSpec | None:
+def read_spec(folder: Path, matryoshka: int | None = None) -> EmbeddingSpec | None:
     """The folder's embedding setup, or None when it is not an embedding model; a module
     llmhost cannot run (Dense, a pooling mode it lacks) is an error that names it."""
     try:
@@ -65,11 +70,19 @@ def read_spec(folder: Path) -> EmbeddingSpec | None:
             f"{folder}: pooling {sorted(others) or modes} is not supported (cls, mean, max, last token)"
         )
     settings = _json(folder / "sentence_bert_config.json")
+    st = _json(folder / "config_sentence_transformers.json")
+    prompts = {str(k): str(v) for k, v in (st.get("prompts") or {}).items()}
+    default = st.get("default_prompt_name")
+    if default is not None and default not in prompts:
+        raise LlmhostError(f"{folder}: default_prompt_name {default!r} is not one of its prompts")
     return EmbeddingSpec(
         pooling=modes[0],
         normalize="Normalize" in kinds,
         dimension=int(config["word_embedding_dimension"]),
         max_seq_length=settings.get("max_seq_length"),
+        prompts=prompts,
+        default_prompt=default,
+        matryoshka=matryoshka,
     )
 
 
@@ -88,28 +101,27 @@ def pool(hidden: Any, mask: Any, mode: Pooling) -> Any:
 
     if mode == "cls":
         return hidden[:, 0]
-    if mode == "lasttoken":  # right padding: the last real token of each row
-        last = mask.sum(dim=1) - 1
-        return hidden[torch.arange(hidden.shape[0]), last]
+    if mode == "lasttoken":
+        return hidden[torch.arange(hidden.shape[0]), last_index(mask)]
     weights = mask.unsqueeze(-1).to(hidden.dtype)
     if mode == "max":
         return hidden.masked_fill(weights == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
 
 
-class EmbeddingEngine(Engine):
-    """An embedding model on transformers: batched forward passes without gradients, one batch
-    at a time (a lock; requests from many clients take turns)."""
+class EmbeddingEngine(EncoderEngine):
+    """An embedding model on transformers; concurrent requests share forward passes."""
 
-    kind = "transformers"
     task = "embed"
 
     def __init__(self, model: Any, tokenizer: Any, spec: EmbeddingSpec, name: str, device: str) -> None:
-        self.model, self.tokenizer, self.spec, self.name, self.device = model, tokenizer, spec, name, device
-        self.context_length = spec.max_seq_length or int(tokenizer.model_max_length)
-        self._lock = threading.Lock()
-        # the special tokens the tokenizer puts around a text ([CLS] … [SEP], <s> … </s>), found
-        # once from a sample: token-id inputs get the same, and truncation keeps room for them
+        super().__init__(
+            model, tokenizer, name, device, spec.max_seq_length or int(tokenizer.model_max_length)
+        )
+        self.spec = spec
+        # the special tokens the tokenizer puts around a text ([CLS] … [SEP], <s> … </s>, an
+        # EOS for last-token pooling), found once from a sample: token-id inputs get the same,
+        # and truncation keeps room for them
         bare = tokenizer("a", add_special_tokens=False)["input_ids"]
         full = tokenizer("a")["input_ids"]
         at = next(i for i in range(len(full)) if full[i : i + len(bare)] == bare)
@@ -117,76 +129,95 @@ class EmbeddingEngine(Engine):
 
     @classmethod
     def load(cls, folder: Path, spec: EmbeddingSpec, settings: LoadSettings, name: str) -> EmbeddingEngine:
-        import torch
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
-        from llmhost.engine.backends.hf_folder import load_errors
-        from llmhost.hardware import pick_device, pick_dtype
-
-        device = pick_device(settings.device)
-        dtype = getattr(torch, pick_dtype(settings.dtype, device))
-        remote = settings.trust_remote_code
-        with load_errors(folder, None, remote):
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=remote)
-            model = AutoModel.from_pretrained(
-                str(folder), dtype=dtype, trust_remote_code=remote, use_safetensors=True
-            )
-        model.to(device).eval()
+        tokenizer, model, device = cls.load_parts(folder, settings, AutoModel)
         return cls(model, tokenizer, spec, name, device)
 
-    def _refuse_chat(self) -> InvalidRequestError:
-        return InvalidRequestError(
-            f"{self.name} is an embedding model: it answers POST /v1/embeddings, not chat or "
-            "completions; ask a chat model for replies",
-            "model",
-        )
-
-    def stream(self, request: GenerationRequest) -> Iterator[Chunk]:
-        raise self._refuse_chat()
-
-    async def astream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        raise self._refuse_chat()
-
-    def embed(self, inputs: list[str] | list[list[int]], dimensions: int | None = None) -> Embedded:
+    def embed(self, request: EmbedRequest) -> Embedded:
         """Vectors for texts or token-id lists (this model's own ids, without special tokens)."""
-        import torch
+        check = self._checked(request)
+        return self._result(request, self._submit(lambda: self._rows(request, check)))
 
-        if dimensions is not None and dimensions != self.spec.dimension:
+    async def aembed(self, request: EmbedRequest) -> Embedded:
+        check = self._checked(request)
+        return self._result(request, await self._asubmit(lambda: self._rows(request, check)))
+
+    def _checked(self, request: EmbedRequest) -> str:
+        """The prompt text for the request, after checking what it asks of this model."""
+        spec, dims = self.spec, request.dimensions
+        if dims is not None and dims != spec.dimension:
+            if spec.matryoshka is None:
+                raise InvalidRequestError(
+                    f"{self.name} gives {spec.dimension}-dimensional vectors and was not trained to be "
+                    "shortened (Matryoshka): leave dimensions out",
+                    "dimensions",
+                )
+            if not spec.matryoshka <= dims <= spec.dimension:
+                raise InvalidRequestError(
+                    f"dimensions must be from {spec.matryoshka} to {spec.dimension} for {self.name}",
+                    "dimensions",
+                )
+        name = request.prompt or spec.default_prompt
+        if name is None:
+            return ""
+        if name not in spec.prompts:
+            if request.prompt_optional:
+                return spec.prompts.get(spec.default_prompt or "", "")
+            have = ", ".join(sorted(spec.prompts)) or "none"
             raise InvalidRequestError(
-                f"{self.name} gives {self.spec.dimension}-dimensional vectors and was not trained to be "
-                "shortened (Matryoshka): leave dimensions out",
-                "dimensions",
+                f"{self.name} has no prompt {name!r} (its prompts: {have})", "prompt_name"
             )
-        rows = [self._ids(x, i) for i, x in enumerate(inputs)]
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-        vectors: list[list[float]] = [[] for _ in rows]
-        with self._lock, torch.inference_mode():
-            for start in range(0, len(order), BATCH):
-                batch = order[start : start + BATCH]
-                padded = self.tokenizer.pad({"input_ids": [rows[i] for i in batch]}, return_tensors="pt")
-                padded = {k: v.to(self.device) for k, v in padded.items()}
-                hidden = self.model(**padded).last_hidden_state
-                out = pool(hidden, padded["attention_mask"], self.spec.pooling).float()
-                if self.spec.normalize:
-                    out = torch.nn.functional.normalize(out, p=2, dim=1)
-                for i, vector in zip(batch, out.cpu().tolist(), strict=True):
-                    vectors[i] = vector
-        return Embedded(vectors, sum(len(r) for r in rows))
+        return spec.prompts[name]
 
-    def _ids(self, text_or_ids: str | list[int], index: int) -> list[int]:
-        """One input's token ids with the model's special tokens, truncated to the limit."""
+    def _rows(self, request: EmbedRequest, prompt: str) -> list[Row]:
+        """Each input's token ids with the prompt and the model's special tokens, truncated to
+        the limit (run on the batcher's thread)."""
         before, after = self._around
         room = self.context_length - len(before) - len(after)
-        if isinstance(text_or_ids, str):
-            ids = self.tokenizer(text_or_ids, add_special_tokens=False)["input_ids"]
+        inputs = request.inputs
+        if isinstance(inputs[0], str):
+            texts = [prompt + text for text in inputs]  # type: ignore[operator]
+            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         else:
-            ids = text_or_ids
+            head = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
             vocab = len(self.tokenizer)
-            bad = next((t for t in ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise InvalidRequestError(
-                    f"input[{index}] holds the token id {bad}, outside this model's vocabulary of {vocab}: "
-                    "token ids are the model's own (send text instead)",
-                    f"input.{index}",
-                )
-        return [*before, *ids[:room], *after]
+            for index, row in enumerate(inputs):
+                bad = next((t for t in row if not 0 <= t < vocab), None)  # type: ignore[union-attr]
+                if bad is not None:
+                    raise InvalidRequestError(
+                        f"input[{index}] holds the token id {bad}, outside this model's vocabulary of "
+                        f"{vocab}: token ids are the model's own (send text instead)",
+                        f"input.{index}",
+                    )
+            ids = [[*head, *row] for row in inputs]  # type: ignore[misc]
+        cut = request.truncate
+        return [
+            {"input_ids": [*before, *fitted(row, room, cut, i, self.name), *after]}
+            for i, row in enumerate(ids)
+        ]
+
+    def _forward(self, batch: dict[str, Any]) -> list[Any]:
+        import torch
+
+        hidden = self.model(**batch).last_hidden_state
+        out = pool(hidden, batch["attention_mask"], self.spec.pooling).float()
+        if self.spec.normalize:
+            out = torch.nn.functional.normalize(out, p=2, dim=1)
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        return list(zip(out.cpu().tolist(), lengths, strict=True))
+
+    def _result(self, request: EmbedRequest, outputs: list[tuple[list[float], int]]) -> Embedded:
+        dims = request.dimensions
+        vectors = [vector for vector, _ in outputs]
+        if dims is not None and dims < self.spec.dimension:
+            vectors = [_shorten(v, dims, self.spec.normalize) for v in vectors]
+        return Embedded(vectors, sum(n for _, n in outputs))
+
+
+def _shorten(vector: list[float], dims: int, normalize: bool) -> list[float]:
+    kept = vector[:dims]
+    if not normalize:
+        return kept
+    norm = sum(x * x for x in kept) ** 0.5 or 1.0
+    return [x / norm for x in kept]

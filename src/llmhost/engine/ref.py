@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from llmhost.errors import DamagedModelError, InvalidRequestError, ModelNotFoundError
+from llmhost.store.catalog import CatalogEntry, find
 from llmhost.store.embedded import DEFAULT_MODEL_NAME, embedded_gguf
 from llmhost.store.local import Store, StoredModel
 from llmhost.store.names import check_name
@@ -58,6 +59,23 @@ class ModelRef:
         if self.origin == "embedded":
             return EMBEDDED_KEY
         return str(self.path.resolve()) if self.origin == "path" else self.name
+
+    @property
+    def declared_task(self) -> str | None:
+        """The task the import or the catalog gave a store model (None: read from its files)."""
+        if self.record is None:
+            return None
+        entry = self._catalog_entry()
+        return self.record.extra.get("task") or (entry.task if entry else None)
+
+    @property
+    def matryoshka(self) -> int | None:
+        """The fewest dimensions the catalog says this embedding model's vectors may keep."""
+        entry = self._catalog_entry()
+        return entry.matryoshka if entry else None
+
+    def _catalog_entry(self) -> CatalogEntry | None:
+        return find(self.record.catalog) if self.record is not None and self.record.catalog else None
 
     def damaged(self, file: Path, detail: str, what: str = "model file") -> DamagedModelError:
         """The error for a file of this model that cannot be read, with the way to mend it."""

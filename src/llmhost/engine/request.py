@@ -36,3 +36,30 @@ class GenerationRequest:
     def chat(self) -> bool:
         """A chat reply (the template, tools and reasoning apply), not a plain continuation."""
         return self.messages is not None
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """Vectors for texts, or for lists of the model's own token ids (without special tokens)."""
+
+    inputs: list[str] | list[list[int]]
+    model: str | None = None
+    #: Keep the first `dimensions` values (Matryoshka models only), renormalised.
+    dimensions: int | None = None
+    #: Which of the model's prompts goes before each text ("query", "document"); None: its default.
+    prompt: str | None = None
+    #: A model without that prompt embeds the text bare (a client's input_type hint), not a 400.
+    prompt_optional: bool = False
+    #: Inputs past the model's limit are cut to it (sentence-transformers' way); off, a 400.
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class RerankRequest:
+    """How relevant each document is to the query, one score per document in their order."""
+
+    query: str
+    documents: list[str]
+    model: str | None = None
+    #: The task description for rerankers that take one (Qwen3-Reranker); None: the model's default.
+    instruction: str | None = None

@@ -31,6 +31,7 @@ from llmhost.server.protocols.anthropic_messages import CountTokensRequest, Mess
 from llmhost.server.protocols.openai_embeddings import EmbeddingsRequest
 from llmhost.server.protocols.openai_embeddings import render as render_embeddings
 from llmhost.server.protocols.openai_responses import Responses
+from llmhost.server.protocols.rerank import RerankBody, RerankV2Body, ScoreBody, render_scores
 from llmhost.server.settings import ServerSettings
 
 log = logging.getLogger("llmhost.server")
@@ -177,16 +178,43 @@ class Api:
         finally:
             lease.release()
 
-    async def embeddings(self, request: Request) -> dict[str, Any]:
-        """OpenAI embeddings from an embedding model (a chat model answers 400 saying so)."""
+    async def embeddings(self, request: Request) -> JSONResponse:
+        """OpenAI embeddings from an embedding model (a chat model answers 400 saying so); the
+        body is plain JSON, skipping FastAPI's encoder, which walks every float of every vector
+        (it took longer than one short text's forward pass)."""
         body = await self.parse(request, EmbeddingsRequest)
+        value = body.request()
+        lease = await self.pool.aacquire(value.model)
+        try:
+            engine = lease.engine
+            embedded = await engine.aembed(value)
+        finally:
+            lease.release()
+        return JSONResponse(render_embeddings(embedded, engine.name, body.encoding_format))
+
+    async def rerank(self, request: Request, shape: type[RerankBody]) -> dict[str, Any]:
+        """Documents ranked for a query by a reranker, in Jina's / Cohere's shape."""
+        body = await self.parse(request, shape)
+        value = body.request()
+        lease = await self.pool.aacquire(value.model)
+        try:
+            engine = lease.engine
+            scored = await engine.arerank(value)
+        finally:
+            lease.release()
+        return body.render(scored, engine.name)
+
+    async def score(self, request: Request) -> dict[str, Any]:
+        """vLLM's pair scores: each pair a request of its own, batched together by the engine."""
+        body = await self.parse(request, ScoreBody)
+        values = body.requests()
         lease = await self.pool.aacquire(body.model)
         try:
             engine = lease.engine
-            embedded = await asyncio.to_thread(engine.embed, body.inputs, body.dimensions)
+            scored = await asyncio.gather(*(engine.arerank(v) for v in values))
         finally:
             lease.release()
-        return render_embeddings(embedded, engine.name, body.encoding_format)
+        return render_scores(list(scored), engine.name)
 
     async def _gather(
         self, request: Request, chunks: AsyncIterator[Chunk], cancel: threading.Event
@@ -335,7 +363,7 @@ class Gate:
         return counting
 
     def _count(self, path: str, status: int) -> None:
-        if path.startswith("/v1/"):
+        if path.startswith("/v1/") or path in ("/rerank", "/v2/rerank", "/score"):
             self.api.metrics.requests.labels(path, str(status)).inc()
 
 
@@ -352,6 +380,13 @@ def _counter(api: Api, messages: Messages) -> Any:
         return await api.count_tokens(request, messages)
 
     return count_tokens
+
+
+def _ranker(api: Api, shape: type[RerankBody]) -> Any:
+    async def rerank(request: Request) -> dict[str, Any]:
+        return await api.rerank(request, shape)
+
+    return rerank
 
 
 def create_app(pool: ModelPool, settings: ServerSettings) -> FastAPI:
@@ -404,8 +439,14 @@ def create_app(pool: ModelPool, settings: ServerSettings) -> FastAPI:
         return api.ps()
 
     @app.post("/v1/embeddings")
-    async def embeddings(request: Request) -> dict[str, Any]:
+    async def embeddings(request: Request) -> JSONResponse:
         return await api.embeddings(request)
+
+    # rerank at every path its clients call; all of them behind the API key (the Gate)
+    for path, shape in (("/v1/rerank", RerankBody), ("/rerank", RerankBody), ("/v2/rerank", RerankV2Body)):
+        app.add_api_route(path, _ranker(api, shape), methods=["POST"])
+    for path in ("/v1/score", "/score"):
+        app.add_api_route(path, api.score, methods=["POST"])
 
     for protocol in api.protocols:
         app.add_api_route(protocol.path, _handler(api, protocol), methods=["POST"])

@@ -348,8 +348,7 @@ class ModelPool:
             unit.unloaded.clear()
             self._cv.notify_all()
         future.set_result(engine)
-        # Child processes (a vLLM server) die with the thread that started them (their death
-        # signal is tied to it), so this thread lives as long as the engine does.
+        # a vLLM child dies with the thread that started it: this thread lives as long as the engine
         unit.unloaded.wait()
 
     def _make_room(self, unit: Unit) -> None:
@@ -425,6 +424,7 @@ class ModelPool:
                 {
                     "name": names[0] if names else (unit.label),
                     "engine": unit.kind,
+                    "task": unit.engine.task,
                     "adapters": sorted(unit.adapters),
                     "memory_gib": round(unit.gib, 3),
                     "estimated_gib": round(unit.estimate_gib, 3),

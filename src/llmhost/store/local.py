@@ -207,8 +207,9 @@ def describe_files(folder: Path) -> tuple[StoredFile, ...]:
     )
 
 
-def import_path(store: Store, path: Path, name: str | None = None) -> StoredModel:
-    """Add a local HF folder or .gguf file to the store (hard links where possible, else copies)."""
+def import_path(store: Store, path: Path, name: str | None = None, task: str | None = None) -> StoredModel:
+    """Add a local HF folder or .gguf file to the store (hard links where possible, else copies);
+    `task` declares what its files cannot say (a yes/no reranker's files are a chat model's)."""
     path = Path(path).expanduser().resolve()
     if path.is_file() and path.suffix == ".gguf":
         fmt, files = "gguf", [path]
@@ -243,7 +244,7 @@ def import_path(store: Store, path: Path, name: str | None = None) -> StoredMode
                 os.link(src, dst)
             except OSError:
                 shutil.copy2(src, dst)
-        return w.commit(fmt, "import", repo=str(path))
+        return w.commit(fmt, "import", repo=str(path), extra={"task": task} if task else {})
 
 
 def _skipped(rel: Path) -> bool:

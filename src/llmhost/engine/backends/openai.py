@@ -7,6 +7,7 @@ chunks (text deltas, token counts, timings), so every front end works unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -14,11 +15,11 @@ from typing import Any
 
 from llmhost.config import LoadSettings
 from llmhost.engine.base import Engine
-from llmhost.engine.chunks import Chunk, FinishReason
+from llmhost.engine.chunks import Chunk, Embedded, FinishReason, Scored
 from llmhost.engine.context import request_messages
 from llmhost.engine.openai_stream import StreamReader
 from llmhost.engine.params import GenerationParams
-from llmhost.engine.request import GenerationRequest
+from llmhost.engine.request import EmbedRequest, GenerationRequest, RerankRequest
 from llmhost.errors import InvalidRequestError, LlmhostError, ModelNotFoundError
 
 
@@ -112,6 +113,8 @@ class OpenAIEngine(Engine):
     def _begin(self, client: Any, request: GenerationRequest) -> tuple[Any, dict, float]:
         """What both stream() and astream() send: the client's create method and the body."""
         self.check()
+        if self.task != "chat":  # a vLLM pooling child: answer as a local embedding model would
+            raise self.not_chat()
         body = self._body(request)
         api = client.chat.completions if "messages" in body else client.completions
         return api.create, body, time.perf_counter()
@@ -161,6 +164,68 @@ class OpenAIEngine(Engine):
         finally:
             self._running -= 1
             await raw.close()
+
+    # embeddings and rerank pass through: the upstream's model says what it can do
+    def embed(self, request: EmbedRequest) -> Embedded:
+        return self._embedded(self._post(self._sync, "/embeddings", self._embed_body(request)))
+
+    async def aembed(self, request: EmbedRequest) -> Embedded:
+        return self._embedded(await self._post(self._async, "/embeddings", self._embed_body(request)))
+
+    def rerank(self, request: RerankRequest) -> Scored:
+        return self._scored(self._post(self._sync, "/rerank", self._rerank_body(request)), request)
+
+    async def arerank(self, request: RerankRequest) -> Scored:
+        return self._scored(await self._post(self._async, "/rerank", self._rerank_body(request)), request)
+
+    def _post(self, client: Any, path: str, body: dict[str, Any]) -> Any:
+        """The upstream's JSON answer (a coroutine for the async client); errors as upstream_errors'."""
+        self.check()
+        with upstream_errors(self.base_url, self.unreachable):
+            answer = client.post(path, cast_to=object, body=body)
+        if not asyncio.iscoroutine(answer):
+            return answer
+
+        async def awaited() -> Any:
+            with upstream_errors(self.base_url, self.unreachable):
+                return await answer
+
+        return awaited()
+
+    def _embed_body(self, request: EmbedRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.name, "input": request.inputs, "encoding_format": "float"}
+        if request.dimensions is not None:
+            body["dimensions"] = request.dimensions
+        if request.prompt is not None:
+            body["input_type" if request.prompt_optional else "prompt_name"] = request.prompt
+        return body
+
+    def _rerank_body(self, request: RerankRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.name, "query": request.query, "documents": request.documents}
+        if request.instruction is not None:
+            body["instruction"] = request.instruction
+        return body
+
+    def _embedded(self, got: Any) -> Embedded:
+        try:
+            data = sorted(got["data"], key=lambda d: d["index"])
+            return Embedded([d["embedding"] for d in data], int(got.get("usage", {}).get("prompt_tokens", 0)))
+        except (KeyError, TypeError, AttributeError) as err:
+            raise self._odd("embeddings", err) from None
+
+    def _scored(self, got: Any, request: RerankRequest) -> Scored:
+        try:
+            scores = [0.0] * len(request.documents)
+            for result in got["results"]:
+                scores[result["index"]] = float(result["relevance_score"])
+            return Scored(scores, int(got.get("usage", {}).get("total_tokens", 0)))
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as err:
+            raise self._odd("rerank", err) from None
+
+    def _odd(self, what: str, err: Exception) -> UpstreamError:
+        return UpstreamError(
+            f"the upstream {self.base_url} answered {what} in a shape llmhost does not know ({err!r})"
+        )
 
     def check(self) -> None:
         """Raise when the upstream is known to be gone (a managed child that died)."""

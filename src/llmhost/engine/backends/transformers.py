@@ -14,19 +14,38 @@ from llmhost.engine.base import Engine
 from llmhost.engine.embedding import EmbeddingEngine, read_spec
 from llmhost.engine.local import LocalEngine
 from llmhost.engine.ref import ModelRef
+from llmhost.engine.rerank import RerankEngine, read_rerank_spec
 from llmhost.engine.template import ChatTemplate, control_tokens
 from llmhost.errors import LlmhostError
 
 
 def load(ref: ModelRef, settings: LoadSettings) -> Engine:
     """A Hugging Face folder (GGUF models converted once); an adapter is merged into its base; a
-    sentence-transformers folder is an embedding model."""
-    if not ref.is_adapter and not ref.is_gguf and (spec := read_spec(ref.path)) is not None:
-        return EmbeddingEngine.load(ref.path, spec, settings, ref.name)
+    sentence-transformers folder is an embedding model, a cross-encoder (or a model declared
+    one) a reranker."""
+    if not ref.is_adapter and not ref.is_gguf:
+        if (spec := read_spec(ref.path, ref.matryoshka)) is not None:
+            return EmbeddingEngine.load(ref.path, spec, settings, ref.name)
+        if (scoring := read_rerank_spec(ref.path, ref.declared_task)) is not None:
+            return RerankEngine.load(ref.path, scoring, settings, ref.name)
+        _refuse_bare_encoder(ref)
     if ref.is_adapter:
         assert ref.base is not None
         return TransformersEngine.load(ref.base.hf_folder(), settings, ref.name, adapter=ref.path, ref=ref)
     return TransformersEngine.load(ref.hf_folder(), settings, ref.name, ref=ref)
+
+
+def _refuse_bare_encoder(ref: ModelRef) -> None:
+    """A base model without a head (BertModel, XLMRobertaModel, Qwen3Model) and without the
+    sentence-transformers files that say how to pool it: its vectors would be a guess."""
+    architectures = [str(a) for a in read_config(ref.path).get("architectures") or []]
+    if architectures and all(a.endswith("Model") and "LMHead" not in a for a in architectures):
+        raise LlmhostError(
+            f"{ref.name} is a {architectures[0]} without a language-model head and without "
+            "sentence-transformers files (modules.json, 1_Pooling/config.json) that say how to pool it; "
+            "llmhost does not guess: use the model's sentence-transformers version, or save it with "
+            "sentence-transformers (SentenceTransformer(...).save(folder))"
+        )
 
 
 def chat_template_of(tokenizer: Any, name: str, override: str | None = None) -> ChatTemplate:

@@ -58,11 +58,32 @@ def check_parallel(folder: Path, name: str, tp: int) -> None:
         )
 
 
+def folder_task(folder: Path, name: str, declared: str | None) -> str:
+    """chat, embed or rerank, from the folder's files as the local engines read them; vLLM runs
+    the last two with its pooling runner."""
+    from llmhost.engine.embedding import read_spec
+    from llmhost.engine.rerank import read_rerank_spec
+
+    if read_spec(folder) is not None:
+        return "embed"
+    spec = read_rerank_spec(folder, declared)
+    if spec is None:
+        return "chat"
+    if spec.scoring == "yes-no":
+        raise InvalidRequestError(
+            f"{name} is a yes/no reranker (Qwen3-Reranker's files): vLLM scores it only in its converted "
+            "sequence-classification form; serve it with --engine transformers"
+        )
+    return "rerank"
+
+
 def server_args(
-    folder: Path, name: str, port: int, settings: LoadSettings, install: VllmInstall
+    folder: Path, name: str, port: int, settings: LoadSettings, install: VllmInstall, task: str = "chat"
 ) -> list[str]:
     """vLLM's server flags for llmhost's settings; --vllm-args come last, so they win."""
     args = ["--model", str(folder), "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port)]
+    if task != "chat":
+        args += ["--runner", "pooling"]
     args += ["--tensor-parallel-size", str(settings.tensor_parallel_size)]
     args += ["--pipeline-parallel-size", str(settings.pipeline_parallel_size)]
     # llmhost sends every sampling parameter itself: the model's generation_config must not
@@ -80,7 +101,8 @@ def server_args(
         args += ["--chat-template", str(settings.chat_template)]
     if install.cpu:
         args.append("--enforce-eager")  # compiling graphs costs minutes on a CPU and gains little
-    return args + parser_args(_template_source(folder, settings)) + shlex.split(settings.vllm_args or "")
+    parsers = parser_args(_template_source(folder, settings)) if task == "chat" else []
+    return args + parsers + shlex.split(settings.vllm_args or "")
 
 
 def parser_args(template: str | None) -> list[str]:
@@ -131,7 +153,8 @@ def load(ref: ModelRef, settings: LoadSettings) -> VLLMEngine:
             f"{ref.name} is a LoRA adapter: `llmhost serve {ref.name} --engine vllm` serves it on its base, "
             f"or `llmhost merge {ref.name} NAME` makes a standalone model"
         )
-    return VLLMEngine.start(ref.hf_folder(), ref.name, settings)
+    folder = ref.hf_folder()
+    return VLLMEngine.start(folder, ref.name, settings, folder_task(folder, ref.name, ref.declared_task))
 
 
 class VLLMEngine(OpenAIEngine):
@@ -185,14 +208,14 @@ class VLLMEngine(OpenAIEngine):
         return int(r.json()["count"])
 
     @classmethod
-    def start(cls, folder: Path, name: str, settings: LoadSettings) -> VLLMEngine:
+    def start(cls, folder: Path, name: str, settings: LoadSettings, task: str = "chat") -> VLLMEngine:
         check_parallel(folder, name, settings.tensor_parallel_size)
         install = locate(settings)
         port, key = free_port(), secrets.token_urlsafe(24)
         # -I: the script's folder must not go on sys.path: its neighbours are named vllm.py,
         # openai.py and transformers.py, which would shadow the real packages in vLLM's Python
         cmd = [str(install.python), "-I", "-u", str(CHILD), str(os.getpid())]
-        cmd += server_args(folder, name, port, settings, install)
+        cmd += server_args(folder, name, port, settings, install, task)
         logfile = llmhost_home() / "logs" / f"vllm-{name.replace('/', '_')}-{port}.log"
         child = Child("vLLM server", cmd, child_env(key, install, settings), logfile, group=True)
         log.info("starting vLLM %s for %s (log: %s)", install.version, name, logfile)
@@ -203,7 +226,7 @@ class VLLMEngine(OpenAIEngine):
         except BaseException:
             child.stop()
             raise
-        engine.child = child
+        engine.child, engine.task = child, task
         threading.Thread(target=engine._watch, name="vllm-watch", daemon=True).start()
         return engine
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from llmhost.engine.chunks import Embedded
+from llmhost.engine.request import EmbedRequest
 from llmhost.server.protocols.base import Lenient
 
 #: Most inputs in one request (OpenAI's own limit).
@@ -25,6 +26,20 @@ class EmbeddingsRequest(Lenient):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, le=65536)
     user: str | None = Field(None, max_length=256)
+    prompt_name: str | None = Field(
+        None,
+        max_length=128,
+        description="Which of the model's prompts goes first (sentence-transformers' name).",
+    )
+    truncate: bool | Literal["NONE", "END"] = Field(
+        True,
+        description="Cut inputs past the model's limit (true, Cohere's END) or answer 400 (false, NONE).",
+    )
+    input_type: str | None = Field(
+        None,
+        max_length=64,
+        description="query or document (Cohere's, Voyage's and NVIDIA's field for the same).",
+    )
 
     @field_validator("input")
     @classmethod
@@ -40,9 +55,17 @@ class EmbeddingsRequest(Lenient):
                 raise ValueError(f"input[{i}] is empty: every input needs some text")
         return value
 
-    @property
-    def inputs(self) -> list[str] | list[list[int]]:
-        return self.input  # type: ignore[return-value]  # a list after _not_empty
+    def request(self) -> EmbedRequest:
+        cut = self.truncate not in (False, "NONE")
+        if self.prompt_name is not None or self.input_type is None:
+            return EmbedRequest(self.input, self.model, self.dimensions, self.prompt_name, truncate=cut)  # type: ignore[arg-type]
+        # input_type is a hint: the model's prompt of that name where it has one
+        prompt = INPUT_TYPES.get(self.input_type, self.input_type)
+        return EmbedRequest(self.input, self.model, self.dimensions, prompt, True, cut)  # type: ignore[arg-type]
+
+
+#: Other APIs' input types → sentence-transformers' usual prompt names.
+INPUT_TYPES = {"search_query": "query", "search_document": "document", "passage": "document"}
 
 
 def render(embedded: Embedded, model: str, encoding: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from llmhost.config import LoadSettings
 from llmhost.engine.backends.gguf import GGUFReadError, check_readable
 from llmhost.engine.backends.llamacpp.runner import LlamaCppRunner
 from llmhost.engine.backends.llamacpp.slots import PREFILL_BLOCK
+from llmhost.engine.base import Engine
 from llmhost.engine.local import LocalEngine
 from llmhost.engine.ref import ModelRef
 from llmhost.engine.template import ChatTemplate, control_tokens
@@ -85,10 +86,17 @@ def _controls(llm: Any, template: str | None) -> list[str]:
     return control_tokens(special, added, template)
 
 
-def load(ref: ModelRef, settings: LoadSettings) -> LlamaCppEngine:
-    """The GGUF file itself, read by llama.cpp (no conversion)."""
+def load(ref: ModelRef, settings: LoadSettings) -> Engine:
+    """The GGUF file itself, read by llama.cpp (no conversion); one with a pooling type embeds."""
+    from llmhost.engine.backends.llamacpp.embedding import LlamaCppEmbeddingEngine, gguf_pooling
+
     try:
-        return LlamaCppEngine.load(ref.gguf_file(), settings, ref.name)
+        gguf = ref.gguf_file()
+        if (pooling := gguf_pooling(gguf)) is not None:
+            if not available():
+                raise LlmhostError(f"the llama.cpp engine is not installed: {INSTALL}")
+            return LlamaCppEmbeddingEngine.load(gguf, settings, ref.name, *pooling)
+        return LlamaCppEngine.load(gguf, settings, ref.name)
     except GGUFReadError as err:
         raise ref.damaged(ref.path, str(err), "GGUF model") from None
 

