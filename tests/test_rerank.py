@@ -305,3 +305,29 @@ def test_matryoshka_dimensions_where_the_catalog_allows(rag) -> None:
             engine.embed(EmbedRequest(DOCS[:1], dimensions=8))
     finally:
         engine.close()
+
+
+def test_litellm_embeds_and_reranks_through_its_providers(rag) -> None:
+    """litellm, as gateways and agent frameworks call a local server: embeddings through its
+    OpenAI provider, rerank through its Cohere, Jina and vLLM providers (each its own path and
+    shape on the wire)."""
+    import litellm
+
+    url = rag.server.url
+    got = litellm.embedding(
+        model=f"openai/{rag.minilm.name}", input=DOCS[:2], api_base=url + "/v1", api_key=KEY
+    )
+    direct = rag.server.client(KEY).embeddings.create(
+        model=rag.minilm.name, input=DOCS[:2], encoding_format="float"
+    )
+    assert np.allclose([d["embedding"] for d in got.data], [d.embedding for d in direct.data], atol=1e-6)
+    reference = cross_encoder_reference(rag.cross_encoder, QUERY, DOCS)
+    for provider in ("cohere", "jina_ai", "hosted_vllm"):
+        ranked = litellm.rerank(
+            model=f"{provider}/{CE}", query=QUERY, documents=DOCS, top_n=3, api_base=url, api_key=KEY
+        )
+        indices = [r["index"] for r in ranked.results]
+        assert indices == np.argsort(-reference)[:3].tolist(), provider
+        assert np.allclose([r["relevance_score"] for r in ranked.results], reference[indices], atol=1e-5), (
+            provider
+        )

@@ -11,8 +11,8 @@ import hmac
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llmhost import __version__
+from llmhost.engine.base import Engine
 from llmhost.engine.chunks import Chunk, collect
 from llmhost.engine.params import format_validation_error
 from llmhost.errors import LlmhostError
@@ -35,6 +36,7 @@ from llmhost.server.protocols.rerank import RerankBody, RerankV2Body, ScoreBody,
 from llmhost.server.settings import ServerSettings
 
 log = logging.getLogger("llmhost.server")
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -172,11 +174,8 @@ class Api:
         """Anthropic's count_tokens: the prompt a Messages body makes, counted by its model."""
         body = await self.parse(request, CountTokensRequest)
         value = messages.request(body, self.defaults)
-        lease = await self.pool.aacquire(value.model)
-        try:
-            return {"input_tokens": await asyncio.to_thread(lease.engine.count_tokens, value)}
-        finally:
-            lease.release()
+        _, count = await self._on_model(value.model, lambda e: asyncio.to_thread(e.count_tokens, value))
+        return {"input_tokens": count}
 
     async def embeddings(self, request: Request) -> JSONResponse:
         """OpenAI embeddings from an embedding model (a chat model answers 400 saying so); the
@@ -184,37 +183,33 @@ class Api:
         (it took longer than one short text's forward pass)."""
         body = await self.parse(request, EmbeddingsRequest)
         value = body.request()
-        lease = await self.pool.aacquire(value.model)
-        try:
-            engine = lease.engine
-            embedded = await engine.aembed(value)
-        finally:
-            lease.release()
-        return JSONResponse(render_embeddings(embedded, engine.name, body.encoding_format))
+        name, embedded = await self._on_model(value.model, lambda e: e.aembed(value))
+        return JSONResponse(render_embeddings(embedded, name, body.encoding_format))
 
     async def rerank(self, request: Request, shape: type[RerankBody]) -> dict[str, Any]:
         """Documents ranked for a query by a reranker, in Jina's / Cohere's shape."""
         body = await self.parse(request, shape)
         value = body.request()
-        lease = await self.pool.aacquire(value.model)
-        try:
-            engine = lease.engine
-            scored = await engine.arerank(value)
-        finally:
-            lease.release()
-        return body.render(scored, engine.name)
+        name, scored = await self._on_model(value.model, lambda e: e.arerank(value))
+        return body.render(scored, name)
 
     async def score(self, request: Request) -> dict[str, Any]:
         """vLLM's pair scores: each pair a request of its own, batched together by the engine."""
         body = await self.parse(request, ScoreBody)
         values = body.requests()
-        lease = await self.pool.aacquire(body.model)
+        name, scored = await self._on_model(
+            body.model, lambda e: asyncio.gather(*(e.arerank(v) for v in values))
+        )
+        return render_scores(list(scored), name)
+
+    async def _on_model(self, model: str | None, work: Callable[[Engine], Awaitable[T]]) -> tuple[str, T]:
+        """`work` on the model's engine (loaded if need be), held until it is done: the name
+        the model answered under and what the work returned."""
+        lease = await self.pool.aacquire(model)
         try:
-            engine = lease.engine
-            scored = await asyncio.gather(*(engine.arerank(v) for v in values))
+            return lease.engine.name, await work(lease.engine)
         finally:
             lease.release()
-        return render_scores(list(scored), engine.name)
 
     async def _gather(
         self, request: Request, chunks: AsyncIterator[Chunk], cancel: threading.Event
