@@ -242,3 +242,26 @@ def test_web_reports_a_model_server_that_fails_to_start(tmp_path):
     assert r.exit_code == 1, r.output
     assert "the model server exited before it was ready" in r.stderr
     assert "error: no model" in r.stderr  # the child's own message is passed on
+
+
+def test_an_error_prints_its_brackets(monkeypatch) -> None:
+    # Rich would read `[llamacpp]` as markup and drop it from an install hint
+    import typer
+    from rich.console import Console
+
+    from llmhost.cli import common
+    from llmhost.errors import LlmhostError
+
+    out = Console(record=True, width=300)
+    monkeypatch.setattr(common, "console", out)
+
+    @common.command
+    def failing() -> None:
+        raise LlmhostError("the llama.cpp engine is not installed: pip install 'llmhost[llamacpp]'")
+
+    with pytest.raises(typer.Exit) as exit_:
+        failing()
+    assert exit_.value.exit_code == 1
+    assert "error: the llama.cpp engine is not installed: pip install 'llmhost[llamacpp]'" in (
+        out.export_text()
+    )

@@ -220,3 +220,71 @@ def test_a_safetensors_header_claiming_more_than_the_file_is_one_error_naming_it
         shape_from_folder(folder)
     assert str(weights) in str(err.value) and f"claims {2**60} bytes" in str(err.value)
     assert "damaged or incomplete" in str(err.value)
+
+
+def test_apple_silicon_counts_the_gpus_share_of_unified_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmhost.store import doctor
+
+    monkeypatch.setattr(doctor, "apple_silicon", lambda: True)
+    monkeypatch.setattr(doctor, "memory_gib", lambda: (16.0, 9.0))  # a 16 GB MacBook
+    mac = build_report(
+        NvidiaReport(problem="no nvidia-smi"), TorchFacts("2.13.0", None, mps=True), Path("/tmp/x")
+    )
+    assert mac.on_gpu and mac.gpu_kind.startswith("Apple silicon")
+    assert mac.advice.ok and "MPS" in mac.advice.message
+    fit = {f.model: f for f in mac.fits}
+    # budgeted from 65% of the 16 GiB (10.4), not from the 9 GiB free now nor all of it
+    assert fit["qwen2.5-7b-instruct"].room_gib == pytest.approx(
+        16 * 0.65 - fit["qwen2.5-7b-instruct"].need_gib
+    )
+    x86 = doctor.torch_advice(NvidiaReport(), TorchFacts("2.13.0", None, mps=False), apple=True)
+    assert not x86.ok and "reinstall" in x86.message
+
+
+def test_amd_rocm_gpus_come_from_torch() -> None:
+    from llmhost.hardware import Gpu
+
+    card = Gpu(0, "AMD Radeon RX 7900 XTX", 24560, 300)
+    amd = build_report(
+        NvidiaReport(problem="no nvidia-smi"),
+        TorchFacts("2.13.0+rocm6.4", None, True, "6.4", gpus=(card,)),
+        Path("/tmp/x"),
+    )
+    assert amd.on_gpu and amd.gpu_kind == "AMD (ROCm 6.4)" and amd.advice.ok
+    assert {f.model: f for f in amd.fits}["qwen-7b-chat"].dtype == "bfloat16"  # 24 GiB like a 3090
+    blind = torch_advice(NvidiaReport(), TorchFacts("2.13.0+rocm6.4", None, False, "6.4"))
+    assert not blind.ok and "driver" in blind.message
+
+
+def test_install_hints_keep_their_brackets(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Rich reads `[llamacpp]` as markup: the hint must print as it must be typed
+    import importlib.metadata as md
+
+    from rich.console import Console
+
+    from llmhost.cli import doctor as cli_doctor
+
+    real = md.version
+
+    def without_llama_cpp(dist: str) -> str:
+        if dist == "llama-cpp-python":
+            raise md.PackageNotFoundError(dist)
+        return real(dist)
+
+    monkeypatch.setattr(md, "version", without_llama_cpp)
+    report = build_report(NvidiaReport(problem="none"), TorchFacts("2.13.0", None), Path("/tmp/x"))
+    out = Console(record=True, width=400)
+    monkeypatch.setattr(cli_doctor, "console", out)
+    cli_doctor._print(report)
+    assert "llamacpp: not installed: pip install 'llmhost[llamacpp]'" in out.export_text()
+
+
+def test_doctor_says_when_llama_cpp_cannot_use_the_gpu() -> None:
+    from llmhost.engine.backends.llamacpp import available
+    from llmhost.store.doctor import engines
+
+    if not available():
+        pytest.skip("llama-cpp-python is not installed")
+    assert "CPU build, the GPU unused" in engines(gpu=True)["llamacpp"]  # this machine's build
+    assert engines(gpu=True)["llamacpp"].count("-DGGML_CUDA=on") == 1
+    assert "build" not in engines(gpu=False)["llamacpp"]  # no GPU: nothing to say

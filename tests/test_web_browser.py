@@ -215,7 +215,9 @@ def test_chinese_browser_gets_chinese_ui(web: WebProcess, open_page) -> None:
 def test_sigterm_stops_the_page_and_its_server(web: WebProcess) -> None:
     children = psutil.Process(web.proc.pid).children(recursive=True)
     cmdlines = [" ".join(c.cmdline()) for c in children]
-    assert any("streamlit" in c for c in cmdlines) and any(" serve " in c for c in cmdlines), cmdlines
+    assert any("llmhost.web.page_process run" in c for c in cmdlines) and any(
+        " serve " in c for c in cmdlines
+    ), cmdlines
     web.proc.send_signal(signal.SIGTERM)
     web.proc.wait(30)
     _, alive = psutil.wait_procs(children, timeout=15)

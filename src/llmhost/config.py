@@ -60,6 +60,12 @@ class LoadSettings(BaseSettings):
         "else float32 (float16 on older GPUs).",
     )
     device: str = Field("auto", description="Device: auto, cpu, cuda, cuda:N or mps.")
+    n_gpu_layers: int | None = Field(
+        None,
+        ge=-1,
+        description="llama.cpp: layers on the GPU (-1: all; 0: none). Default: all that fit the free "
+        "GPU memory, none on a CPU build of llama-cpp-python. The transformers engine uses --device.",
+    )
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model (only for models you trust)."
     )

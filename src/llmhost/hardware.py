@@ -10,7 +10,8 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
+
+from llmhost import portable
 
 
 def physical_cores() -> int:
@@ -59,21 +60,27 @@ def parse_cpuinfo(text: str) -> CpuInfo:
 
 @functools.cache
 def cpu_info() -> CpuInfo:
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:  # not Linux
-        text = ""
-    return parse_cpuinfo(text)
+    return parse_cpuinfo(portable.cpuinfo_text())
 
 
 def cpu_flags() -> frozenset[str]:
     return cpu_info().flags
 
 
+#: share of a Mac's unified memory Metal lets the GPU take (its recommendedMaxWorkingSetSize is
+#: about two thirds to three quarters of the RAM)
+METAL_SHARE = 0.65
+
+
+def apple_silicon() -> bool:
+    """A Mac with an M-series chip: one unified memory for the CPU and its GPU (Metal, MPS)."""
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
+
+
 def cpu_supports_bf16(flags: frozenset[str] | None = None) -> bool:
     """True where the CPU has native bf16 math (AVX-512 BF16 or AMX); elsewhere bf16 is emulated
     and slower than float32. Apple silicon also computes bf16 natively."""
-    if platform.system() == "Darwin" and platform.machine() == "arm64":
+    if apple_silicon():
         return True
     flags = cpu_flags() if flags is None else flags
     return bool({"avx512_bf16", "amx_bf16"} & flags)
@@ -84,8 +91,11 @@ def pick_device(requested: str) -> str:
 
     if requested != "auto":
         return requested
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # NVIDIA, and AMD through ROCm builds of torch
         return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():  # Apple silicon's GPU (Metal)
+        return "mps"
     return "cpu"
 
 
@@ -188,15 +198,8 @@ def _nvml_report() -> NvidiaReport:
 
 
 def memory_gib() -> tuple[float, float]:
-    """(total, available) RAM in GiB, from /proc/meminfo (0, 0 where unknown)."""
-    try:
-        info = dict(
-            (k, int(v.split()[0]))
-            for k, v in (line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-        )
-        return info["MemTotal"] / 2**20, info.get("MemAvailable", info["MemFree"]) / 2**20
-    except (OSError, KeyError, ValueError):
-        return 0.0, 0.0
+    """(total, available) RAM in GiB (0, 0 where unknown)."""
+    return portable.memory_gib()
 
 
 # -- memory, as the server's model pool measures it ----------------------------------------
@@ -236,13 +239,10 @@ def used_bytes() -> int:
 
 def give_memory_back() -> None:
     """After unloading: collect the engine's objects and return freed pages to the system."""
-    import contextlib
-    import ctypes
     import gc
 
     gc.collect()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    portable.trim_malloc()

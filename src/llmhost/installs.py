@@ -1,5 +1,6 @@
-"""Where the optional engines are installed. vLLM pins its own torch and transformers, so it
-lives in a virtualenv of its own and llmhost runs it with that virtualenv's Python."""
+"""Where the optional engines are installed, and what their builds can do. vLLM pins its own
+torch and transformers, so it lives in a virtualenv of its own and llmhost runs it with that
+virtualenv's Python; llama-cpp-python is a CPU or a GPU build."""
 
 from __future__ import annotations
 
@@ -15,6 +16,20 @@ VLLM_INSTALL = (
     "uninstall -y torchvision torchaudio torchcodec triton`), and pass --vllm-python "
     "~/vllm-env/bin/python (or set LLMHOST_VLLM_PYTHON)"
 )
+
+#: how to get a GPU build of llama-cpp-python (README, docs/install.md)
+LLAMACPP_GPU_BUILD = (
+    'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python '
+    '(NVIDIA; "-DGGML_METAL=on" on a Mac, "-DGGML_HIP=on" for AMD ROCm)'
+)
+
+
+def llamacpp_offloads() -> bool:
+    """Whether the installed llama-cpp-python is a GPU build (CUDA, Metal, ROCm, Vulkan)."""
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
 
 _PROBE = (
     "import importlib.metadata as m\n"

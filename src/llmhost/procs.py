@@ -11,7 +11,6 @@ import collections
 import contextlib
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from llmhost import portable
 from llmhost.errors import LlmhostError
 
 
@@ -30,28 +30,20 @@ class ChildFailed(LlmhostError):
     pass
 
 
-def die_with_parent() -> None:  # runs in the child between fork and exec
-    # SIGKILL, not SIGTERM: with the launcher gone their output pipe is broken, and a page seen
-    # once kept running after a SIGTERM death signal (its shutdown depends on printing)
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
-
-
 def owned_popen(cmd: list[str], *, group: bool = True, tied: bool = True, **kw: Any) -> subprocess.Popen:
     """A child that does not outlive this process: `tied`, killed when the thread that starts it
-    dies (Linux; a crash of ours included); with `group`, in a process group of its own, which
-    `stop_group` ends whole (workers it started too)."""
-    preexec = die_with_parent if sys.platform == "linux" and tied else None
-    return subprocess.Popen(cmd, start_new_session=group, preexec_fn=preexec, **kw)
+    dies (Linux, a crash of ours included; elsewhere the child watches us, see
+    `portable.child_options`); with `group`, in a process group of its own, which `stop_group`
+    ends whole (workers it started too)."""
+    kw.update(portable.child_options(group, tied, kw.pop("env", None)))
+    return subprocess.Popen(cmd, **kw)
 
 
 def stop_group(proc: subprocess.Popen, timeout: float) -> int:
-    """`terminate`, then SIGKILL to what is left of the child's process group."""
+    """`terminate`, then kill what is left of the child's process group."""
+    kill_rest = portable.group_killer(proc)
     code = terminate(proc, timeout)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    kill_rest()
     return code
 
 

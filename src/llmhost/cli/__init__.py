@@ -395,4 +395,7 @@ def merge(
 
 def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from llmhost.portable import watch_parent
+
+    watch_parent()  # a server `llmhost web` started (macOS, Windows): it ends with the launcher
     app()

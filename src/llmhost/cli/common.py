@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from llmhost.config import LoadSettings
 from llmhost.errors import InvalidRequestError, LlmhostError
@@ -24,12 +25,10 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except InvalidRequestError as err:
-            console.print(f"[red]error:[/red] {err}", markup=True, soft_wrap=True)
-            raise typer.Exit(2) from None
         except LlmhostError as err:
-            console.print(f"[red]error:[/red] {err}", markup=True, soft_wrap=True)
-            raise typer.Exit(1) from None
+            # escaped: an install hint's `llmhost[llamacpp]` is not Rich markup
+            console.print(f"[red]error:[/red] {escape(str(err))}", markup=True, soft_wrap=True)
+            raise typer.Exit(2 if isinstance(err, InvalidRequestError) else 1) from None
         except KeyboardInterrupt:
             console.print("interrupted")
             raise typer.Exit(130) from None

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from llmhost.cli.common import console
@@ -39,10 +40,24 @@ def _print(r: Report) -> None:
         f"{r.disk_free_gib} GiB free for models in {r.store}"
     )
     torch = r.torch
-    build = f"CUDA {torch.cuda}" if torch.cuda else "CPU build"
-    console.print(f"  torch {torch.version or 'not installed'} ({build}); CPU {r.cpu}")
+    build = (
+        f"CUDA {torch.cuda}"
+        if torch.cuda
+        else f"ROCm {torch.hip}"
+        if torch.hip
+        else "MPS"
+        if torch.mps
+        else "CPU build"
+    )
+    console.print(f"  torch {torch.version or 'not installed'} ({build}); CPU {escape(r.cpu)}")
     n = r.nvidia
-    if n.gpus:
+    if torch.gpus and not n.gpus:
+        console.print(f"[bold]GPUs[/bold]  {r.gpu_kind}")
+        for g in torch.gpus:
+            console.print(f"  {g.index}: {g.name}, {g.memory_total_mib / 1024:.1f} GiB")
+    elif r.gpu_kind.startswith("Apple"):
+        console.print(f"[bold]GPUs[/bold]  {r.gpu_kind}: {r.ram_total_gib} GiB shared with the CPU")
+    elif n.gpus:
         console.print(
             f"[bold]GPUs[/bold]  driver {n.driver_version}, "
             f"supports CUDA up to {n.cuda_version} (via {n.via})"
@@ -54,14 +69,21 @@ def _print(r: Report) -> None:
             )
     else:
         console.print(f"[bold]GPUs[/bold]  none: {n.problem or 'no NVIDIA GPU'}")
-    console.print("[bold]Engines[/bold]  " + "; ".join(f"{k}: {v}" for k, v in r.engines.items()))
+    # escaped: Rich would take `llmhost[llamacpp]` in an install hint for markup and drop it
+    console.print("[bold]Engines[/bold]  " + "; ".join(f"{k}: {escape(v)}" for k, v in r.engines.items()))
     if r.repack:
-        console.print(f"  llama.cpp weight repack (--weight-repack): {r.repack}")
+        console.print(f"  llama.cpp weight repack (--weight-repack): {escape(r.repack)}")
     mark = "[green]ok[/green]" if r.advice.ok else "[yellow]fix[/yellow]"
-    console.print(f"[bold]Verdict[/bold] {mark}: {r.advice.message}")
+    console.print(f"[bold]Verdict[/bold] {mark}: {escape(r.advice.message)}")
     if r.advice.command:
-        console.print(f"  run: [bold]{r.advice.command}[/bold]")
-    where = "the largest GPU" if r.on_gpu else "RAM"
+        console.print(f"  run: [bold]{escape(r.advice.command)}[/bold]")
+    where = (
+        "RAM"
+        if not r.on_gpu
+        else "the GPU's share of memory"
+        if r.gpu_kind.startswith("Apple")
+        else "the largest GPU"
+    )
     table = Table(
         "MODEL",
         "FITS AS",

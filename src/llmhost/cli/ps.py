@@ -51,6 +51,7 @@ def show_ps(api_key: str | None, as_json: bool) -> None:
         "MODEL",
         "KIND",
         "ENGINE",
+        "DEVICE",
         "ADAPTERS",
         "MEMORY",
         "RUNNING",
@@ -61,16 +62,17 @@ def show_ps(api_key: str | None, as_json: bool) -> None:
         table.add_column(col)
     for row in rows:
         if "error" in row:
-            table.add_row(row["url"], f"[yellow]{row['error']}[/yellow]", *[""] * 8)
+            table.add_row(row["url"], f"[yellow]{row['error']}[/yellow]", *[""] * 9)
             continue
         if not row["models"]:
-            table.add_row(row["url"], "(nothing loaded)", *[""] * 8)
+            table.add_row(row["url"], "(nothing loaded)", *[""] * 9)
         for m in row["models"]:
             table.add_row(
                 row["url"],
                 m["name"],
                 m.get("task", "chat"),
                 m["engine"],
+                m.get("device", "-"),
                 ", ".join(m["adapters"]) or "-",
                 f"{m['memory_gib']:.2f} GiB",
                 str(m["running"]),

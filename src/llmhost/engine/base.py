@@ -25,6 +25,9 @@ class Engine(ABC):
     kind: str
     #: Tokens the prompt plus the reply may span.
     context_length: int
+    #: Where the model runs, in words (`ps`, /api/ps): cpu, cuda:0, mps, metal, "cuda (20/28
+    #: layers) + cpu" for a llama.cpp model split between them, upstream.
+    placement = "cpu"
 
     @abstractmethod
     def stream(self, request: GenerationRequest) -> Iterator[Chunk]:

@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from llmhost import portable
+
 COMPLETE_MARKER = "llmhost-converted.json"
 TMP_PREFIX = ".tmp-"
 
@@ -43,7 +45,7 @@ def build_once(
             if (target / COMPLETE_MARKER).is_file():
                 return target
             shutil.rmtree(target)
-        os.replace(tmp, target)
+        portable.replace(tmp, target)
     except OSError:
         if (target / COMPLETE_MARKER).is_file():  # another process finished first
             return target
@@ -57,15 +59,5 @@ def _remove_stale_tmp(cache_root: Path) -> None:
     """Remove temporary folders left by builds whose process is gone (killed, crashed)."""
     for tmp in cache_root.glob(f"{TMP_PREFIX}*"):
         pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not portable.pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -157,6 +157,7 @@ class EncoderEngine(Engine):
 
     def __init__(self, model: Any, tokenizer: Any, name: str, device: str, context_length: int) -> None:
         self.model, self.tokenizer, self.name, self.device = model, tokenizer, name, device
+        self.placement = str(device)
         self.context_length = context_length
         self.batcher = Batcher(self._run, name)
 

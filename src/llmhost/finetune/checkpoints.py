@@ -10,6 +10,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from llmhost import portable
+
 NAME = re.compile(r"^checkpoint-(\d{6,})$")
 KEEP = 2  # the newest complete checkpoints kept on disk
 
@@ -42,6 +44,8 @@ def save(
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
+    if _mps(torch):
+        rng["mps"] = torch.mps.get_rng_state()
     save_file(rng, str(tmp / f"rng-{dist.rank}.safetensors"))
     if dist.is_main:
         trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
@@ -55,9 +59,8 @@ def save(
     final = folder / f"checkpoint-{step:06d}"
     if dist.is_main:
         for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, final)
+            portable.fsync_file(f)
+        portable.replace(tmp, final)
         for old in sorted(p for p in folder.iterdir() if NAME.match(p.name))[:-KEEP]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
@@ -85,4 +88,12 @@ def load(path: Path, model: Any, optimizer: Any, scheduler: Any, rank: int = 0) 
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
+    if "mps" in rng and _mps(torch):
+        torch.mps.set_rng_state(rng["mps"])
     return state
+
+
+def _mps(torch: Any) -> bool:
+    """Apple silicon's GPU, whose generator drives dropout there (exact resume needs its state)."""
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()

@@ -144,6 +144,8 @@ def load_model(plan: Plan) -> tuple[Any, list[str]]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from llmhost.hardware import pick_device
+
     s = plan.settings
     cuda = torch.cuda.is_available()
     kwargs: dict[str, Any] = {"use_safetensors": True}
@@ -155,6 +157,8 @@ def load_model(plan: Plan) -> tuple[Any, list[str]]:
         if cuda:
             kwargs["device_map"] = {"": 0}
     model = AutoModelForCausalLM.from_pretrained(str(plan.base_path), **kwargs)
+    if not cuda and not s.qlora and pick_device("auto") == "mps":  # Apple silicon: float32 on its GPU
+        model.to("mps")
     if s.qlora:
         from peft import prepare_model_for_kbit_training
 

@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from llmhost import portable
 from llmhost.config import LoadSettings, PoolSettings, is_loopback, llmhost_home
 from llmhost.errors import InvalidRequestError
 from llmhost.server.pool import ModelPool
@@ -164,7 +165,7 @@ class Registry:
         record = {"pid": os.getpid(), "urls": self.urls, "started": time.time()}
         tmp = self.file.with_suffix(".tmp")
         tmp.write_text(json.dumps(record), encoding="utf-8")
-        os.replace(tmp, self.file)
+        portable.replace(tmp, self.file)
 
     def remove(self) -> None:
         self.file.unlink(missing_ok=True)

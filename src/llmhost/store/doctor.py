@@ -9,7 +9,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from llmhost.hardware import NvidiaReport, memory_gib
+from llmhost.hardware import METAL_SHARE, Gpu, NvidiaReport, apple_silicon, memory_gib
 from llmhost.store.catalog import CatalogEntry, catalog
 from llmhost.store.estimate import estimate, shape_of
 
@@ -24,6 +24,12 @@ class TorchFacts:
     cuda: str | None
     """CUDA version the installed torch was built for; None for a CPU build."""
     cuda_available: bool = False
+    hip: str | None = None
+    """ROCm version of an AMD build of torch (its GPUs answer torch.cuda)."""
+    mps: bool = False
+    """Whether torch reaches Apple silicon's GPU (Metal Performance Shaders)."""
+    gpus: tuple[Gpu, ...] = ()
+    """GPUs torch sees where NVML cannot (AMD, through ROCm)."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,22 @@ def wheel_for_driver(driver_cuda: str) -> tuple[str, str] | None:
     return None
 
 
-def torch_advice(nvidia: NvidiaReport, torch: TorchFacts) -> TorchAdvice:
+def torch_advice(nvidia: NvidiaReport, torch: TorchFacts, apple: bool = False) -> TorchAdvice:
+    if apple:
+        if torch.version is None:
+            return TorchAdvice(False, "torch is not installed", f"pip install torch=={CURRENT_TORCH}")
+        if not torch.mps:
+            return TorchAdvice(
+                False, f"torch {torch.version} does not reach the Apple GPU (MPS): reinstall the arm64 build",
+                f"pip install --force-reinstall torch=={CURRENT_TORCH}",
+            )  # fmt: skip
+        return TorchAdvice(True, f"torch {torch.version} runs on the Apple GPU (MPS); GGUF models on Metal")
+    if torch.hip:
+        if torch.gpus:
+            return TorchAdvice(True, f"torch {torch.version} (ROCm {torch.hip}) runs on the AMD GPU")
+        return TorchAdvice(
+            False, f"torch {torch.version} is a ROCm build but sees no AMD GPU: check the ROCm driver"
+        )
     if not nvidia.gpus:
         if torch.version is None:
             return TorchAdvice(False, "torch is not installed", f"pip install torch=={CURRENT_TORCH}")
@@ -147,6 +168,8 @@ class Report:
     store: str
     advice: TorchAdvice
     context: int
+    gpu_kind: str = "none"
+    """What computes besides the CPU: NVIDIA (CUDA), AMD (ROCm), Apple silicon (Metal), none."""
     fits: list[Fit] = field(default_factory=list)
     recommendation: str | None = None
     on_gpu: bool = False
@@ -164,9 +187,16 @@ def build_report(nvidia: NvidiaReport, torch: TorchFacts, store_dir: Any, contex
     total, available = memory_gib()
     store_dir.mkdir(parents=True, exist_ok=True)
     entries = list(catalog().values())
-    on_gpu = bool(nvidia.gpus)
-    # GPU: the largest card with 5% spare; CPU: 80% of free RAM, leaving room for the OS and the page
-    budget = max(g.memory_total_mib for g in nvidia.gpus) / 1024 * 0.95 if on_gpu else available * 0.8
+    apple = apple_silicon()
+    cards = nvidia.gpus or torch.gpus
+    on_gpu = bool(cards) or apple
+    if cards:  # the largest card with 5% spare
+        budget = max(g.memory_total_mib for g in cards) / 1024 * 0.95
+        kind = "NVIDIA (CUDA)" if nvidia.gpus else f"AMD (ROCm {torch.hip})"
+    elif apple:  # the share of the unified memory Metal gives the GPU
+        budget, kind = total * METAL_SHARE, "Apple silicon (Metal, unified memory)"
+    else:  # 80% of free RAM, leaving room for the OS and the page
+        budget, kind = available * 0.8, "none"
     fit_list = fits(entries, budget, on_gpu, context)
     return Report(
         os=f"{platform.system()} {platform.release()} ({platform.machine()})",
@@ -177,12 +207,13 @@ def build_report(nvidia: NvidiaReport, torch: TorchFacts, store_dir: Any, contex
         ram_available_gib=round(available, 1),
         disk_free_gib=round(shutil.disk_usage(store_dir).free / 2**30, 1),
         store=str(store_dir),
-        advice=torch_advice(nvidia, torch),
+        advice=torch_advice(nvidia, torch, apple),
+        gpu_kind=kind,
         context=context,
         fits=fit_list,
         recommendation=recommend(fit_list, on_gpu),
         on_gpu=on_gpu,
-        engines=engines(),
+        engines=engines(on_gpu),
         cpu=_cpu(),
         repack=_repack(),
     )
@@ -213,8 +244,9 @@ def _repack() -> str | None:
     return f"{state}: {decision.reason}"
 
 
-def engines() -> dict[str, str]:
-    """Which engines can run here (package versions, read without importing them)."""
+def engines(gpu: bool = False) -> dict[str, str]:
+    """Which engines can run here (package versions, read without importing them), and whether
+    llama.cpp's build can use a GPU this machine has."""
     from importlib.metadata import PackageNotFoundError, version
 
     def installed(dist: str) -> str | None:
@@ -234,8 +266,22 @@ def engines() -> dict[str, str]:
         "openai": "missing: pip install openai",
     }
     report = {name: f"{ver} installed" if ver else hints[name] for name, ver in found.items()}
+    if found["llamacpp"] and gpu:
+        report["llamacpp"] += f" ({_llamacpp_build()})"
     report["vllm"] = _vllm()
     return report
+
+
+def _llamacpp_build() -> str:
+    from llmhost.installs import LLAMACPP_GPU_BUILD, llamacpp_offloads
+
+    try:
+        offloads = llamacpp_offloads()
+    except Exception as err:  # a binding that does not load: the engine says why at its first load
+        return f"cannot load: {type(err).__name__}"
+    return (
+        "GPU build: layers go to the GPU" if offloads else f"CPU build, the GPU unused: {LLAMACPP_GPU_BUILD}"
+    )
 
 
 def _vllm() -> str:
@@ -256,4 +302,16 @@ def torch_facts() -> TorchFacts:
         import torch
     except ImportError:
         return TorchFacts(None, None)
-    return TorchFacts(torch.__version__, torch.version.cuda, bool(torch.cuda.is_available()))
+    hip = getattr(torch.version, "hip", None)
+    cuda_ok = bool(torch.cuda.is_available())
+    gpus: tuple[Gpu, ...] = ()
+    if hip and cuda_ok:  # AMD cards, which NVML does not see
+        found = []
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            found.append(Gpu(i, torch.cuda.get_device_name(i), total // 2**20, (total - free) // 2**20))
+        gpus = tuple(found)
+    mps = getattr(torch.backends, "mps", None)
+    return TorchFacts(
+        torch.__version__, torch.version.cuda, cuda_ok, hip, bool(mps and mps.is_available()), gpus
+    )

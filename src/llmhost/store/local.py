@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmhost import portable
 from llmhost.config import llmhost_home
 from llmhost.errors import InvalidRequestError, LlmhostError, ModelNotFoundError
 from llmhost.store.names import check_name, folder_name
@@ -106,21 +107,15 @@ class Store:
     @contextlib.contextmanager
     def lock(self, name: str, wait: bool = False) -> Iterator[None]:
         """One writer per model across processes (pulls, imports, removals)."""
-        import fcntl
-
         locks = self.root / ".locks"
         locks.mkdir(parents=True, exist_ok=True)
-        with open(locks / (folder_name(name) + ".lock"), "a+") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                raise StoreError(
-                    f"another llmhost process is writing {name!r} (a pull or import); wait for it to finish"
-                ) from None
-            try:
+        try:
+            with portable.file_lock(locks / (folder_name(name) + ".lock"), wait):
                 yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        except portable.Busy:
+            raise StoreError(
+                f"another llmhost process is writing {name!r} (a pull or import); wait for it to finish"
+            ) from None
 
     @contextlib.contextmanager
     def write(self, name: str, *, resume: bool = False) -> Iterator[StoreWrite]:
@@ -152,7 +147,7 @@ class Store:
         """Gone from the store at once (one rename into .trash), even when deleting is slow."""
         trash = self.root / ".trash" / f"{folder.name}-{os.getpid()}-{time.time_ns()}"
         trash.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(folder, trash)
+        portable.replace(folder, trash)
         return trash
 
 
@@ -174,10 +169,10 @@ class StoreWrite:
         manifest = self.staging / MANIFEST
         tmp = manifest.with_suffix(".tmp")
         tmp.write_text(json.dumps(model.to_json(), indent=2, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, manifest)
+        portable.replace(tmp, manifest)
         target = self.store.folder(self.name)
         old = self.store._to_trash(target) if target.exists() else None  # an update: swap, then delete
-        os.replace(self.staging, target)
+        portable.replace(self.staging, target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self.stored = _read(target)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmhost import portable
 from llmhost.config import Repack, llmhost_home
 from llmhost.hardware import CpuInfo
 
@@ -84,7 +85,7 @@ class Verdicts:
         tmp = self.path.with_name(f"{FILE}.{os.getpid()}.tmp")
         try:
             tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-            os.replace(tmp, self.path)
+            portable.replace(tmp, self.path)
         except OSError:  # a read-only home: the probe runs again next time, nothing breaks
             with contextlib.suppress(OSError):
                 tmp.unlink()

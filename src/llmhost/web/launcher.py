@@ -1,8 +1,9 @@
 """`llmhost web`: start a private `llmhost serve` (unless --server is given), then the Streamlit
 page as a child process; stop both when either ends or on Ctrl-C / SIGTERM.
 
-Both children get PR_SET_PDEATHSIG (SIGKILL) on Linux, so even a SIGKILLed launcher leaves no
-orphans; conversations are safe in SQLite transactions either way.
+Both children end with the launcher, even a SIGKILLed one: PR_SET_PDEATHSIG (SIGKILL) on Linux,
+elsewhere each watches the launcher's pid (`portable.child_options`, `portable.watch_parent`);
+conversations are safe in SQLite transactions either way.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def _page(web: WebSettings, base_url: str, key: str) -> Iterator[tuple[Child, st
         "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
     }
     cmd = [
-        sys.executable, "-m", "streamlit", "run", str(APP),
+        sys.executable, "-m", "llmhost.web.page_process", "run", str(APP),
         "--server.address", web.host,
         "--server.port", str(port),
         "--server.headless", "true",  # we open the browser ourselves, once the page answers

@@ -47,6 +47,7 @@ class OpenAIEngine(Engine):
         self.api_key = api_key
         self.name = model
         self.context_length = context_length
+        self.placement = "upstream"
         key = api_key or "none"  # the client insists on a key; open upstreams ignore it
         self._sync = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=600)
         self._async = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=600)

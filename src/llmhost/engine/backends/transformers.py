@@ -84,6 +84,7 @@ class TransformersEngine(LocalEngine):
         self.context_length = context_length
         self.template = chat_template_of(tokenizer, name, chat_template)
         self.device = model.device
+        self.placement = str(model.device)
         self.eos_ids = _eos_ids(model, tokenizer)
         self._cache_kw = _cache_kwarg(model)
         self.max_batch = max_batch

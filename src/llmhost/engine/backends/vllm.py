@@ -227,6 +227,7 @@ class VLLMEngine(OpenAIEngine):
             child.stop()
             raise
         engine.child, engine.task = child, task
+        engine.placement = "cpu" if install.cpu else f"cuda (vLLM, TP {settings.tensor_parallel_size})"
         threading.Thread(target=engine._watch, name="vllm-watch", daemon=True).start()
         return engine
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from llmhost import portable
 from llmhost.store.hubs.base import FileProgress, HubError, RemoteFile, is_transport_error
 from llmhost.store.names import check_relative
 
@@ -86,7 +87,7 @@ class HuggingFaceHub:
                     tqdm_class=_tqdm_class(progress, file.path),
                 )
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(part, target)
+        portable.replace(part, target)
         return target
 
     @contextlib.contextmanager

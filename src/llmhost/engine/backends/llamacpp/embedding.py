@@ -17,45 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from llmhost.config import LoadSettings
+from llmhost.engine.backends.llamacpp.offload import GgufFacts, open_offloaded
 from llmhost.engine.chunks import Embedded
 from llmhost.engine.encoder import EncoderEngine, Row, fitted
 from llmhost.engine.request import EmbedRequest
 from llmhost.errors import InvalidRequestError, LlmhostError
-
-#: llama.cpp's pooling types (llama_pooling_type).
-POOLING = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
-#: llama.cpp's encoder-only architectures (BERT and XLM-R convert as "bert").
-ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "neo-bert", "modern-bert", "t5encoder"}
-
-
-def gguf_pooling(gguf: Path) -> tuple[str, int] | None:
-    """The GGUF's pooling type and trained window when it embeds or reranks; None for a chat model."""
-    from gguf import GGUFReader
-
-    from llmhost.engine.backends.gguf import GGUFReadError
-
-    try:
-        reader = GGUFReader(str(gguf))
-    except Exception as err:
-        raise GGUFReadError(f"{type(err).__name__}: {err}".splitlines()[0]) from None
-    fields = reader.fields
-
-    def value(key: str) -> Any:
-        field = fields.get(key)
-        if field is None:
-            return None
-        part = field.parts[field.data[0]]
-        return bytes(part).decode("utf-8") if field.types and field.types[0].name == "STRING" else part[0]
-
-    arch = value("general.architecture")
-    pooling = value(f"{arch}.pooling_type")
-    window = int(value(f"{arch}.context_length") or 512)
-    if any(t.name.startswith("cls.output") for t in reader.tensors):  # a classification head: a reranker
-        return "rank", window
-    if pooling is None:
-        # an encoder says how it pools; one that does not cannot chat either
-        return ("none", window) if arch in ENCODERS else None
-    return POOLING.get(int(pooling), "unknown"), window
 
 
 class LlamaCppEmbeddingEngine(EncoderEngine):
@@ -75,10 +41,8 @@ class LlamaCppEmbeddingEngine(EncoderEngine):
 
     @classmethod
     def load(
-        cls, gguf: Path, settings: LoadSettings, name: str, pooling: str, window: int
+        cls, gguf: Path, settings: LoadSettings, name: str, facts: GgufFacts, pooling: str, window: int
     ) -> LlamaCppEmbeddingEngine:
-        import llmhost.engine.backends.llamacpp.repack as weight_repack
-
         if pooling == "rank":
             raise LlmhostError(
                 f"{gguf.name} is a GGUF reranker: llmhost does not serve GGUF rerankers yet; serve the "
@@ -91,18 +55,20 @@ class LlamaCppEmbeddingEngine(EncoderEngine):
                 "sentence-transformers folder, or serve that folder"
             )
         window = settings.context_length or window
-        decision = weight_repack.decide(settings.weight_repack, gguf)
         # a non-causal model reads each sequence in one ubatch: the batch holds a whole window
-        llm = weight_repack.open_model(
+        llm, device = open_offloaded(
             gguf,
-            bool(decision.use),
+            settings,
+            facts,
             embedding=True,
             n_ctx=window,
             n_batch=window,
             n_ubatch=window,
             n_seq_max=64,
         )
-        return cls(llm, name)
+        engine = cls(llm, name)
+        engine.placement = device
+        return engine
 
     def embed(self, request: EmbedRequest) -> Embedded:
         self._check(request)

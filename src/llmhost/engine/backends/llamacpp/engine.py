@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import llmhost.engine.backends.llamacpp.repack as weight_repack
 from llmhost.config import LoadSettings
 from llmhost.engine.backends.gguf import GGUFReadError, check_readable
+from llmhost.engine.backends.llamacpp.offload import DEFAULT_SLOT_TOKENS, GgufFacts, open_offloaded
 from llmhost.engine.backends.llamacpp.runner import LlamaCppRunner
 from llmhost.engine.backends.llamacpp.slots import PREFILL_BLOCK
 from llmhost.engine.base import Engine
@@ -52,11 +52,6 @@ def kv_bytes_per_token(llm: Any) -> int:
     return llama_cpp.llama_model_n_layer(model) * 2 * llama_cpp.llama_model_n_head_kv(model) * head_dim * 2
 
 
-#: A request's window when neither --context-length nor --kv-cache-gib says otherwise: each of
-#: the --max-concurrency slots keeps a KV stream this long (Ollama's default is 4096 too).
-DEFAULT_SLOT_TOKENS = 4096
-
-
 def slot_tokens(llm: Any, window: int, explicit: bool, kv_gib: float | None, slots: int) -> int:
     """Tokens each slot's KV stream holds (the most one request may span): the model's window up
     to DEFAULT_SLOT_TOKENS (all of it when --context-length asks); with `kv_gib`, what that buys
@@ -88,15 +83,17 @@ def _controls(llm: Any, template: str | None) -> list[str]:
 
 def load(ref: ModelRef, settings: LoadSettings) -> Engine:
     """The GGUF file itself, read by llama.cpp (no conversion); one with a pooling type embeds."""
-    from llmhost.engine.backends.llamacpp.embedding import LlamaCppEmbeddingEngine, gguf_pooling
+    from llmhost.engine.backends.llamacpp.embedding import LlamaCppEmbeddingEngine
+    from llmhost.engine.backends.llamacpp.offload import read_facts
 
     try:
         gguf = ref.gguf_file()
-        if (pooling := gguf_pooling(gguf)) is not None:
-            if not available():
-                raise LlmhostError(f"the llama.cpp engine is not installed: {INSTALL}")
-            return LlamaCppEmbeddingEngine.load(gguf, settings, ref.name, *pooling)
-        return LlamaCppEngine.load(gguf, settings, ref.name)
+        facts = read_facts(gguf)
+        if not available():
+            raise LlmhostError(f"the llama.cpp engine is not installed: {INSTALL}")
+        if (pooling := facts.pooling) is not None:
+            return LlamaCppEmbeddingEngine.load(gguf, settings, ref.name, facts, *pooling)
+        return LlamaCppEngine.load(gguf, settings, ref.name, facts)
     except GGUFReadError as err:
         raise ref.damaged(ref.path, str(err), "GGUF model") from None
 
@@ -143,14 +140,11 @@ class LlamaCppEngine(LocalEngine):
         )
 
     @classmethod
-    def load(cls, gguf: Path, settings: LoadSettings, name: str) -> LlamaCppEngine:
-        if not available():
-            raise LlmhostError(f"the llama.cpp engine is not installed: {INSTALL}")
+    def load(cls, gguf: Path, settings: LoadSettings, name: str, facts: GgufFacts) -> LlamaCppEngine:
         # this object reads the model, its tokenizer and metadata; decoding happens in the
         # runner's own multi-sequence context, so its own context is kept minimal
-        decision = weight_repack.decide(settings.weight_repack, gguf)
         try:
-            llm = weight_repack.open_model(gguf, bool(decision.use))
+            llm, device = open_offloaded(gguf, settings, facts)
         except ValueError as err:  # llama.cpp says only "Failed to load model from file"
             check_readable(gguf)  # a damaged file is GGUFReadError, which the caller words
             raise LlmhostError(
@@ -159,6 +153,7 @@ class LlamaCppEngine(LocalEngine):
             ) from None
         template = settings.read_chat_template() or llm.metadata.get("tokenizer.chat_template")
         engine = cls(llm, name, template, settings)
+        engine.placement = device
         _ = engine.scheduler  # the KV cache now: not enough memory is a load error, not a request's
         return engine
 

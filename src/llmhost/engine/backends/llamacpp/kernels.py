@@ -27,6 +27,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from llmhost import portable
+
 log = logging.getLogger("llmhost.llamacpp")
 
 #: struct ggml_backend_reg { int api_version; struct ggml_backend_reg_i iface; void * context; }
@@ -40,15 +42,8 @@ _lock = threading.Lock()
 
 
 def _maps() -> list[tuple[int, int, str, Path]]:
-    """The process's mappings (Linux): start, end, permissions and file of each."""
-    found = []
-    with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-        for line in maps:
-            fields = line.rstrip("\n").split(maxsplit=5)
-            if len(fields) == 6:
-                start, _, end = fields[0].partition("-")
-                found.append((int(start, 16), int(end, 16), fields[1], Path(fields[5])))
-    return found
+    """The process's mappings (Linux; empty elsewhere, where the reference kernels stay off)."""
+    return portable.mapped_files()
 
 
 def _loaded(folder: Path, stem: str) -> str:

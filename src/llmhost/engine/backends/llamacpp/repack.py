@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from llmhost import portable
 from llmhost.config import Repack
 from llmhost.hardware import cpu_info, physical_cores
-from llmhost.procs import die_with_parent
 from llmhost.store.probes import (
     RepackDecision,
     Verdicts,
@@ -57,7 +57,7 @@ def _probe_model(model: Path) -> Path:
     from llmhost.store.embedded import embedded_gguf
 
     try:
-        return embedded_gguf()[0]
+        return embedded_gguf(fetch=False)[0]  # never a download for a probe
     except LlmhostError:
         return model
 
@@ -79,7 +79,7 @@ def probe(model: Path, timeout: float = PROBE_TIMEOUT_S, child: list[str] | None
             text=True,
             errors="replace",
             timeout=timeout,
-            preexec_fn=die_with_parent if sys.platform == "linux" else None,
+            **portable.child_options(group=False, tied=True, env=None),
         )
     except subprocess.TimeoutExpired:
         return _keep(False, f"the probe did not finish within {timeout:g} s")
@@ -158,6 +158,7 @@ def _child() -> None:
     import tempfile
 
     path = Path(sys.argv[-1])
+    portable.watch_parent()
     try:
         import llama_cpp  # noqa: F401
 
