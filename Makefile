@@ -81,10 +81,10 @@ agent-clis:
 	  || echo "warning: could not install the coding agents' CLIs; their tests will be skipped"
 
 # The installs run side by side: llama-cpp-python's compile keeps the cores busy while
-# vLLM's and Chromium's downloads wait on the network (≈2 minutes less than one after another).
+# vLLM's and Chromium's downloads wait on the network (≈2 minutes less than one after another);
+# lint and the converter follow the test venv while the wheel check (the longest) goes on.
 test:
-	@$(MAKE) -s -j 5 $(TSTAMP) browser vllm-or-skip agent-clis package-check
-	@$(MAKE) -s llama-converter lint
+	@$(MAKE) -s -j 5 lint llama-converter browser vllm-or-skip agent-clis package-check
 	$(BIN)/python -m pytest
 
 # The wheel is the product: build it and the sdist, then follow README.md's pip block for Linux

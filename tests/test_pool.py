@@ -205,7 +205,7 @@ def test_llmhost_ps_shows_what_each_server_has_loaded(pool_home: Path) -> None:
         assert len(mine) == 1
         (row,) = mine[0]["models"]
         assert row["name"] == "tiny0" and row["adapters"] == ["ft-a"] and row["engine"] == "transformers"
-        assert row["device"] == "cpu"  # where it runs: cuda:0, mps, or llama.cpp's split
+        assert row["device"] == "cpu" and row["kv_cache"] == "f16"  # cuda:0, mps, llama.cpp's split; q8_0
         table = llmhost(pool_home, "ps", "--api-key", "k1")
         assert "tiny0" in table.stdout and "ft-a" in table.stdout and server.url in table.stdout
         assert "DEVICE" in table.stdout

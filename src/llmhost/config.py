@@ -18,6 +18,11 @@ from llmhost.errors import LlmhostError
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 #: llama.cpp's weight repack (engine/backends/llamacpp/repack.py, store/probes.py)
 Repack = Literal["auto", "on", "off"]
+#: KV cache element types: 16-bit, or llama.cpp's quantized block formats
+KvCache = Literal["f16", "q8_0", "q4_0"]
+#: bytes per cached key or value element: q8_0 keeps 32 int8 values and an f16 scale per
+#: block of 32, q4_0 32 nibbles and a scale
+KV_ELEMENT_BYTES: dict[str, float] = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 
 def llmhost_home() -> Path:
@@ -89,6 +94,12 @@ class LoadSettings(BaseSettings):
         "concurrent request (default: each slot the model's window up to 4096 tokens); for "
         "transformers, finished requests' KV kept for prefix reuse (default 1, at most a quarter "
         "of the free memory); for vLLM on a CPU (default 1).",
+    )
+    kv_cache: KvCache = Field(
+        "f16",
+        description="KV cache type on llama.cpp: f16, q8_0 (about half the memory: twice the context "
+        "in the same RAM, at a small cost in quality) or q4_0 (about a quarter, a larger cost). The "
+        "transformers engine keeps 16 bits; for vLLM pass --vllm-args '--kv-cache-dtype fp8'.",
     )
     max_queue: int = Field(
         64, ge=0, le=100000, description="Most requests waiting for a batch slot; more are refused."

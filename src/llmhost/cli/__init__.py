@@ -354,12 +354,16 @@ def estimate(
             "--dtype", help="float32, bfloat16, float16, int8, int4, q8_0, q4_k_m, ... (repeatable)."
         ),
     ] = None,
+    kv_cache: Annotated[
+        str | None,
+        typer.Option("--kv-cache", help="The KV cache as llama.cpp's --kv-cache stores it: f16, q8_0, q4_0."),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Memory a model needs: weights + KV cache + overhead, per dtype."""
     from llmhost.cli.doctor import run_estimate
 
-    run_estimate(model, context, dtype or [], as_json)
+    run_estimate(model, context, dtype or [], as_json, kv_cache)
 
 
 @app.command()

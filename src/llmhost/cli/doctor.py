@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from llmhost.cli.common import console
-from llmhost.config import llmhost_home
+from llmhost.config import KV_ELEMENT_BYTES, llmhost_home
 from llmhost.errors import InvalidRequestError
 from llmhost.hardware import nvidia_report, parse_nvidia_smi
 from llmhost.store.catalog import find
@@ -103,7 +103,9 @@ def _print(r: Report) -> None:
         )
 
 
-def run_estimate(model: str, context: int | None, dtypes: list[str], as_json: bool) -> None:
+def run_estimate(
+    model: str, context: int | None, dtypes: list[str], as_json: bool, kv_cache: str | None = None
+) -> None:
     entry = find(model)
     if entry is not None:
         shape = shape_of(entry)
@@ -117,7 +119,11 @@ def run_estimate(model: str, context: int | None, dtypes: list[str], as_json: bo
                 f"no model {model!r}: give a catalog name, a store name or an HF folder"
             )
         shape = shape_from_folder(folder)
-    rows = [estimate(shape, d, context) for d in (dtypes or ["bfloat16", "int8", "q4_k_m"])]
+    if kv_cache is not None and kv_cache not in KV_ELEMENT_BYTES:
+        raise InvalidRequestError(f"--kv-cache {kv_cache!r}: one of {', '.join(KV_ELEMENT_BYTES)}")
+    rows = [
+        estimate(shape, d, context, kv_cache=kv_cache) for d in (dtypes or ["bfloat16", "int8", "q4_k_m"])
+    ]
     if as_json:
         typer.echo(json.dumps([e.to_dict() for e in rows]))
         return
@@ -126,7 +132,7 @@ def run_estimate(model: str, context: int | None, dtypes: list[str], as_json: bo
         f"{model}: {shape.params / 1e9:.2f}B parameters, {shape.layers} layers, {cache}, "
         f"context {rows[0].context}"
     )
-    table = Table("DTYPE", "WEIGHTS", "KV CACHE", "OVERHEAD", "TOTAL (GiB)", box=None)
+    table = Table("DTYPE", "WEIGHTS", f"KV CACHE ({rows[0].kv_cache})", "OVERHEAD", "TOTAL (GiB)", box=None)
     for e in rows:
         table.add_row(
             e.dtype,

@@ -72,7 +72,7 @@ def show_ps(api_key: str | None, as_json: bool) -> None:
                 m["name"],
                 m.get("task", "chat"),
                 m["engine"],
-                m.get("device", "-"),
+                m.get("device", "-") + ("" if m.get("kv_cache", "f16") == "f16" else f", KV {m['kv_cache']}"),
                 ", ".join(m["adapters"]) or "-",
                 f"{m['memory_gib']:.2f} GiB",
                 str(m["running"]),

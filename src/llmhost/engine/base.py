@@ -28,6 +28,8 @@ class Engine(ABC):
     #: Where the model runs, in words (`ps`, /api/ps): cpu, cuda:0, mps, metal, "cuda (20/28
     #: layers) + cpu" for a llama.cpp model split between them, upstream.
     placement = "cpu"
+    #: The KV cache's element type: f16, or llama.cpp's quantized q8_0 / q4_0 (--kv-cache).
+    kv_cache = "f16"
 
     @abstractmethod
     def stream(self, request: GenerationRequest) -> Iterator[Chunk]:
@@ -63,6 +65,10 @@ class Engine(ABC):
         """Serve the LoRA adapter in `path` as model `name` on this loaded model (its requests
         decode alongside the base's); the returned engine answers under that name."""
         raise LlmhostError(f"the {self.kind} engine does not serve LoRA adapters per request")
+
+    def facts(self) -> dict[str, str]:
+        """What `llmhost ps` and /api/ps show of a loaded model besides its name and engine."""
+        return {"task": self.task, "device": self.placement, "kv_cache": self.kv_cache}
 
     #: What the model does: `chat` (replies), `embed` (vectors, /v1/embeddings) or `rerank`
     #: (relevance scores, /v1/rerank).

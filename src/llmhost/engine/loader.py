@@ -22,6 +22,7 @@ def load(typed: str | None = None, settings: LoadSettings | None = None) -> Engi
         from llmhost.engine.backends import openai
 
         check_vllm_flags(settings)
+        check_kv_cache("openai", settings)
         return openai.load(typed, settings)
     return load_ref(resolve_ref(typed), settings)
 
@@ -29,6 +30,7 @@ def load(typed: str | None = None, settings: LoadSettings | None = None) -> Engi
 def load_ref(ref: ModelRef, settings: LoadSettings) -> Engine:
     """Load a resolved reference on the engine `choose_engine` picks."""
     kind = choose_engine(ref, settings)
+    check_kv_cache(kind, settings)
     backend = importlib.import_module(f"llmhost.engine.backends.{kind}")
     engine = backend.load(ref.name if kind == "openai" else ref, settings)  # a name on the upstream
     from llmhost.engine.local import LocalEngine
@@ -49,6 +51,20 @@ def check_vllm_flags(settings: LoadSettings) -> None:
     if vllm_flags and settings.engine != "vllm":
         flag = "--" + vllm_flags[0].replace("_", "-")
         raise InvalidRequestError(f"{flag} is a vLLM setting: add --engine vllm")
+
+
+def check_kv_cache(kind: str, settings: LoadSettings) -> None:
+    """A quantized KV cache is llama.cpp's: the other engines refuse it rather than ignore it."""
+    if settings.kv_cache == "f16" or kind == "llamacpp":
+        return
+    hint = {
+        "vllm": ": pass --vllm-args '--kv-cache-dtype fp8' for vLLM's 8-bit cache",
+        "transformers": ": serve a GGUF of the model on llama.cpp for a quantized cache",
+    }.get(kind, "")
+    raise InvalidRequestError(
+        f"--kv-cache {settings.kv_cache} is llama.cpp's (GGUF models); the {kind} engine keeps a "
+        f"16-bit cache{hint}"
+    )
 
 
 def choose_engine(ref: ModelRef, settings: LoadSettings) -> str:

@@ -424,7 +424,7 @@ class ModelPool:
                 {
                     "name": names[0] if names else (unit.label),
                     "engine": unit.kind,
-                    **{"task": unit.engine.task, "device": unit.engine.placement},
+                    **unit.engine.facts(),
                     "adapters": sorted(unit.adapters),
                     "memory_gib": round(unit.gib, 3),
                     "estimated_gib": round(unit.estimate_gib, 3),

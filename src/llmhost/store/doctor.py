@@ -130,14 +130,20 @@ def dtype_options(entry: CatalogEntry, gpu: bool) -> tuple[str, ...]:
 
 
 def fits(entries: list[CatalogEntry], budget_gib: float, gpu: bool, context: int) -> list[Fit]:
-    """For each model, the best dtype that fits `budget_gib`, or its smallest need if none does."""
+    """For each model, the best dtype that fits `budget_gib`, or its smallest need if none does;
+    last of all a GGUF with llama.cpp's 8-bit KV cache (`--kv-cache q8_0`), which halves the cache."""
     result = []
     for entry in entries:
         shape = shape_of(entry)
         options = [estimate(shape, d, context, gpu) for d in dtype_options(entry, gpu)]
+        if entry.gguf:
+            options.append(estimate(shape, "q4_k_m", context, gpu, kv_cache="q8_0"))
         best = next((o for o in options if o.total_gib <= budget_gib), options[-1])
         need = round(best.total_gib, 2)
-        result.append(Fit(entry.name, best.dtype, need, round(budget_gib - best.total_gib, 2)))
+        label = (
+            best.dtype if best.kv_cache in ("f16", "float32") else f"{best.dtype} --kv-cache {best.kv_cache}"
+        )
+        result.append(Fit(entry.name, label, need, round(budget_gib - best.total_gib, 2)))
     return result
 
 

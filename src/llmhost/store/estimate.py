@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llmhost.config import LoadSettings
+from llmhost.config import KV_ELEMENT_BYTES, LoadSettings
 from llmhost.errors import InvalidRequestError, LlmhostError
 from llmhost.store.catalog import CatalogEntry
 
@@ -51,6 +51,7 @@ class Estimate:
     weights_gib: float
     kv_cache_gib: float
     overhead_gib: float
+    kv_cache: str = "f16"
 
     @property
     def total_gib(self) -> float:
@@ -105,15 +106,20 @@ def _count_params(file: Path) -> int:
     return total
 
 
-def estimate(shape: Shape, dtype: str, context: int | None = None, gpu: bool = True) -> Estimate:
+def estimate(
+    shape: Shape, dtype: str, context: int | None = None, gpu: bool = True, kv_cache: str | None = None
+) -> Estimate:
+    """`kv_cache`: llama.cpp's --kv-cache type (q8_0, q4_0); by default the weights' 16 bits."""
     if dtype not in BYTES_PER_PARAM:
         raise InvalidRequestError(f"unknown dtype {dtype!r}; one of {', '.join(BYTES_PER_PARAM)}")
     ctx = min(context or shape.context, shape.context) if shape.context else (context or 4096)
     weights = shape.params * BYTES_PER_PARAM[dtype]
-    kv_bytes = 4 if dtype == "float32" else 2  # quantized weights still keep a 16-bit cache
+    # quantized weights still keep a 16-bit cache, unless llama.cpp's --kv-cache says otherwise
+    kv_bytes = KV_ELEMENT_BYTES[kv_cache] if kv_cache else 4 if dtype == "float32" else 2
     kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * ctx * kv_bytes
     overhead = 0.10 * weights + (0.5 if gpu else 0.25) * GIB
-    return Estimate(dtype, ctx, weights / GIB, kv / GIB, overhead / GIB)
+    cache = kv_cache or ("float32" if kv_bytes == 4 else "f16")
+    return Estimate(dtype, ctx, weights / GIB, kv / GIB, overhead / GIB, cache)
 
 
 def load_estimate_gib(path: Path, is_gguf: bool, load: LoadSettings) -> float:
@@ -123,7 +129,8 @@ def load_estimate_gib(path: Path, is_gguf: bool, load: LoadSettings) -> float:
     if is_gguf:
         weights = path.stat().st_size / 2**30
         slots = load.max_concurrency * (load.context_length or 4096)
-        return weights * 1.1 + slots * 24 * 1024 / 2**30 + (0.5 if gpu else 0.25)
+        per_token = 24 * 1024 * KV_ELEMENT_BYTES[load.kv_cache] / 2  # ≈ a 1.5B model's f16 keys and values
+        return weights * 1.1 + slots * per_token / 2**30 + (0.5 if gpu else 0.25)
     with contextlib.suppress(LlmhostError, OSError, ValueError, KeyError):
         dtype = load.dtype if load.dtype != "auto" else ("bfloat16" if gpu else "float32")
         return estimate(shape_from_folder(path), dtype, load.context_length or 4096, gpu=gpu).total_gib

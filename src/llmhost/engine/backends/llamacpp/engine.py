@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from llmhost.config import LoadSettings
+from llmhost.config import KV_ELEMENT_BYTES, LoadSettings
 from llmhost.engine.backends.gguf import GGUFReadError, check_readable
 from llmhost.engine.backends.llamacpp.offload import DEFAULT_SLOT_TOKENS, GgufFacts, open_offloaded
 from llmhost.engine.backends.llamacpp.runner import LlamaCppRunner
@@ -43,22 +43,25 @@ class _Decoder:
         return data.decode("utf-8", errors="replace")
 
 
-def kv_bytes_per_token(llm: Any) -> int:
-    """f16 keys and values of every layer, for one token."""
+def kv_bytes_per_token(llm: Any, cache: str = "f16") -> int:
+    """Keys and values of every layer, for one token, in the cache type `cache`."""
     import llama_cpp
 
     model = llm.model
     head_dim = llama_cpp.llama_model_n_embd(model) // max(1, llama_cpp.llama_model_n_head(model))
-    return llama_cpp.llama_model_n_layer(model) * 2 * llama_cpp.llama_model_n_head_kv(model) * head_dim * 2
+    values = llama_cpp.llama_model_n_layer(model) * 2 * llama_cpp.llama_model_n_head_kv(model) * head_dim
+    return int(values * KV_ELEMENT_BYTES[cache])
 
 
-def slot_tokens(llm: Any, window: int, explicit: bool, kv_gib: float | None, slots: int) -> int:
+def slot_tokens(
+    llm: Any, window: int, explicit: bool, kv_gib: float | None, slots: int, cache: str = "f16"
+) -> int:
     """Tokens each slot's KV stream holds (the most one request may span): the model's window up
     to DEFAULT_SLOT_TOKENS (all of it when --context-length asks); with `kv_gib`, what that buys
     divided among the slots, at most the window."""
     if kv_gib is None:
         return window if explicit else min(window, DEFAULT_SLOT_TOKENS)
-    per_slot = min(window, int(kv_gib * 2**30 // kv_bytes_per_token(llm)) // slots)
+    per_slot = min(window, int(kv_gib * 2**30 // kv_bytes_per_token(llm, cache)) // slots)
     if per_slot < 4 * PREFILL_BLOCK:
         raise LlmhostError(
             f"--kv-cache-gib {kv_gib:g} gives each of the {slots} slots (--max-concurrency) only "
@@ -109,17 +112,25 @@ class LlamaCppEngine(LocalEngine):
         self.name = name
         window = settings.context_length or llama_cpp.llama_model_n_ctx_train(llm.model)
         self.max_batch = settings.max_concurrency
+        #: The KV cache's element type (--kv-cache): f16, or a quantized q8_0 / q4_0
+        self.kv_cache = settings.kv_cache
         #: Each slot's KV stream, and so the most one request may span.
         self.context_length = slot_tokens(
-            llm, window, settings.context_length is not None, settings.kv_cache_gib, self.max_batch
+            llm,
+            window,
+            settings.context_length is not None,
+            settings.kv_cache_gib,
+            self.max_batch,
+            self.kv_cache,
         )
         log.info(
-            "llama.cpp: %d slots (--max-concurrency) of %d tokens each (the model's window is %d), a KV "
-            "cache of %.2f GiB (--kv-cache-gib, --context-length)",
+            "llama.cpp: %d slots (--max-concurrency) of %d tokens each (the model's window is %d), a %s KV "
+            "cache of %.2f GiB (--kv-cache, --kv-cache-gib, --context-length)",
             self.max_batch,
             self.context_length,
             window,
-            self.max_batch * self.context_length * kv_bytes_per_token(llm) / 2**30,
+            self.kv_cache,
+            self.max_batch * self.context_length * kv_bytes_per_token(llm, self.kv_cache) / 2**30,
         )
         self.decoder = _Decoder(llm)
         self.max_queue = settings.max_queue
@@ -183,5 +194,11 @@ class LlamaCppEngine(LocalEngine):
     def runner(self) -> LlamaCppRunner:
         cores = physical_cores()
         return LlamaCppRunner(
-            self.llm, self.context_length, self.max_batch, cores, self.exact, self.reference_kernels
+            self.llm,
+            self.context_length,
+            self.max_batch,
+            cores,
+            self.exact,
+            self.reference_kernels,
+            self.kv_cache,
         )

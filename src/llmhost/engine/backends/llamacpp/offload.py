@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmhost.config import LoadSettings
+from llmhost.config import KV_ELEMENT_BYTES, LoadSettings
 from llmhost.engine.backends.llamacpp import repack
 from llmhost.errors import InvalidRequestError
 from llmhost.installs import LLAMACPP_GPU_BUILD, llamacpp_offloads
@@ -29,6 +29,8 @@ ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "neo-bert", 
 #: A request's window when neither --context-length nor --kv-cache-gib says otherwise: each of
 #: the --max-concurrency slots keeps a KV stream this long (Ollama's default is 4096 too).
 DEFAULT_SLOT_TOKENS = 4096
+#: --kv-cache → ggml's type ids (GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0)
+KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
 #: GPU memory kept free beside the layers: the CUDA context, compute buffers, the output layer
 GPU_RESERVE_GIB = 0.75
 
@@ -45,11 +47,13 @@ class GgufFacts:
     kv_bytes_per_token: int  # f16 keys and values of every layer
 
     def kv_bytes(self, settings: LoadSettings) -> int:
-        """The KV cache a chat load allocates (the slots' streams, engine.slot_tokens' rule)."""
+        """The KV cache a chat load allocates (the slots' streams, engine.slot_tokens' rule), in
+        the --kv-cache type."""
         if settings.kv_cache_gib is not None:
             return int(settings.kv_cache_gib * 2**30)
         window = settings.context_length or min(self.window, DEFAULT_SLOT_TOKENS)
-        return settings.max_concurrency * window * self.kv_bytes_per_token
+        per_token = self.kv_bytes_per_token * KV_ELEMENT_BYTES[settings.kv_cache] / 2
+        return int(settings.max_concurrency * window * per_token)
 
     @property
     def pooling(self) -> tuple[str, int] | None:

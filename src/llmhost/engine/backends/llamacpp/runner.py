@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import llmhost.engine.backends.llamacpp.kernels as kernels
+from llmhost.engine.backends.llamacpp.offload import KV_TYPES
 from llmhost.engine.backends.llamacpp.slots import (
     PREFILL_BLOCK,
     Reuse,
@@ -61,21 +62,25 @@ class LlamaCppRunner:
       is the very batch a cold run evaluates), and a reply is evaluated again as prompt blocks
       while the engine is idle (`idle_work`).
 
-    With `exact` off (`--prefix-cache fast`), the default kernels are kept and a reply's decoded
-    cells are reused as they are, as llama-server does, whatever they round to.
-
-    The low-level API is used because the binding's `Llama` class decodes one sequence only; that
-    object is kept for the model, its tokenizer and metadata.
+    With `exact` off (`--prefix-cache fast`) the default kernels stay and a reply's decoded cells
+    are reused as they are, as llama-server does. The low-level API is used because the binding's
+    `Llama` class decodes one sequence only (that object keeps the model, tokenizer, metadata).
     """
 
     device = "cpu"
-    #: torch only samples here, row by row (49k-element vectors): with its intra-op threads,
-    #: their OpenMP workers spin after each op on the cores llama.cpp's threads need (measured:
-    #: 3-8% of single-stream decode speed)
+    #: torch only samples here, row by row: its intra-op threads' OpenMP workers would spin after
+    #: each op on the cores llama.cpp's threads need (3-8% of single-stream decode speed)
     torch_threads = 1
 
     def __init__(
-        self, llm: Any, slot_tokens: int, slots: int, threads: int, exact: bool = True, reference: bool = True
+        self,
+        llm: Any,
+        slot_tokens: int,
+        slots: int,
+        threads: int,
+        exact: bool = True,
+        reference: bool = True,
+        kv_cache: str = "f16",
     ) -> None:
         import llama_cpp
 
@@ -86,7 +91,8 @@ class LlamaCppRunner:
         params.n_ctx = slot_tokens * slots
         params.n_batch = params.n_ubatch = max(PREFILL_BLOCK, slots)
         params.n_seq_max = slots
-        params.kv_unified = False  # a stream per slot: see above
+        params.kv_unified = False  # a stream per slot (above); --kv-cache's type, flash attention for it
+        params.type_k = params.type_v = KV_TYPES[kv_cache]
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.n_threads = params.n_threads_batch = threads
         from llama_cpp._utils import suppress_stdout_stderr
@@ -95,8 +101,8 @@ class LlamaCppRunner:
             self.ctx = llama_cpp.llama_init_from_model(llm.model, params)
         if not self.ctx:
             raise LlmhostError(
-                f"llama.cpp could not create a KV cache of {slots} slots of {slot_tokens} tokens (out of "
-                "memory?): lower --kv-cache-gib, --context-length or --max-concurrency"
+                f"llama.cpp could not make a {kv_cache} KV cache of {slots} × {slot_tokens} tokens (out of "
+                "memory?): lower --kv-cache-gib, --context-length or --max-concurrency; try --kv-cache q8_0"
             )
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
@@ -106,9 +112,8 @@ class LlamaCppRunner:
         self.rows: list[Slot] = []
         self._admitted: Slot | None = None  # prefilling, or prefilled and not yet committed
         self._chunking: Any = None  # the request whose prompt is being prefilled, chunk by chunk
-        #: What cells may be reused; `invariant` and `granular` are measured at the first
-        #: prefill (the engine's warm-up), on the thread that decodes (a decode from another
-        #: thread, this constructor's, left later ones a third slower).
+        #: What cells may be reused; `invariant` and `granular` are measured at the first prefill (the
+        #: warm-up), on the thread that decodes (one from this constructor's left later ones slower).
         self.reuse = Reuse(exact)
         #: LoRA adapters by id. llama.cpp applies adapters to a whole context, not per sequence,
         #: so each decode call evaluates the rows of one adapter (`step` groups them).
@@ -119,7 +124,6 @@ class LlamaCppRunner:
         self.backends = kernels.cpu_backends(self.ctx) if exact and reference else []
 
     # -- views for tests and logs ------------------------------------------------------------
-
     @property
     def running(self) -> list[int]:
         """The running slots' ids, ascending."""

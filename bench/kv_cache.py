@@ -1,0 +1,126 @@
+"""llama.cpp's KV cache types (`--kv-cache f16|q8_0|q4_0`), side by side in one run on this CPU,
+each in a fresh process (so resident memory is its own): a long conversation filling the
+embedded model's whole window (8192 tokens, its trained maximum), its resident memory after the
+load and after the prompt, the prompt's time, and decode tokens/s at that depth; then the
+perplexity of a fixed text (this repository's docs) with each cache, against f16's.
+
+    python bench/kv_cache.py [--tokens 64] [--window 8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TYPES = ("f16", "q8_0", "q4_0")
+
+
+def text(limit_chars: int) -> str:
+    """A fixed English text: the repository's docs, in name order."""
+    parts = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "docs").glob("*.md"))]
+    return "\n\n".join(parts)[:limit_chars]
+
+
+def child(cache: str, window: int, tokens: int) -> dict[str, float]:
+    import psutil
+
+    from llmhost.config import LoadSettings
+    from llmhost.engine import load
+    from llmhost.engine.params import GenerationParams
+    from llmhost.engine.request import GenerationRequest
+
+    me = psutil.Process()
+    engine = load(
+        None, LoadSettings(engine="llamacpp", context_length=window, max_concurrency=1, kv_cache=cache)
+    )
+    loaded = me.memory_info().rss
+    doc = engine.llm.tokenize(text(200_000).encode(), add_bos=False, special=False)
+    room = window - tokens - 64  # the template's markers and the question
+    question = engine.llm.detokenize(doc[:room]).decode("utf-8", "replace")
+    messages = [{"role": "user", "content": question + "\n\nSummarise the text above in one paragraph."}]
+    started = time.perf_counter()
+    r = engine.generate(GenerationRequest(messages, GenerationParams(temperature=0, max_new_tokens=tokens)))
+    wall = time.perf_counter() - started
+    after = me.memory_info().rss
+    engine.close()
+    return {
+        "prompt_tokens": r.prompt_tokens,
+        "rss_loaded_mib": loaded / 2**20,
+        "rss_after_mib": after / 2**20,
+        "prefill_s": r.ttft_s or 0.0,
+        "decode_tps": r.decode_tps or 0.0,
+        "wall_s": wall,
+        "nll": nll(cache),
+    }
+
+
+def nll(cache: str, n_ctx: int = 2048) -> float:
+    """Mean negative log-likelihood of the fixed text's first `n_ctx` tokens, every position
+    predicted through the cache of type `cache` (llama.cpp's own Llama, logits for all)."""
+    import llama_cpp
+    import numpy as np
+
+    from llmhost.engine.backends.llamacpp.offload import KV_TYPES
+    from llmhost.store.embedded import embedded_gguf
+
+    kind = KV_TYPES[cache]
+    llm = llama_cpp.Llama(
+        model_path=str(embedded_gguf()[0]), n_ctx=n_ctx, n_batch=512, n_ubatch=512, logits_all=True,
+        flash_attn=True, type_k=kind, type_v=kind, verbose=False,
+    )  # fmt: skip
+    ids = llm.tokenize(text(50_000).encode(), add_bos=True, special=False)[:n_ctx]
+    llm.eval(ids)
+    logits = np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64)
+    top = logits.max(axis=1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(ids) - 1), ids[1:]].mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--window", type=int, default=8192)
+    parser.add_argument("--child", choices=TYPES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.window, args.tokens)))
+        return
+    rows = {}
+    for cache in TYPES:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            cache,
+            "--tokens",
+            str(args.tokens),
+            "--window",
+            str(args.window),
+        ]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        rows[cache] = json.loads(out.stdout.strip().splitlines()[-1])
+    base = rows["f16"]
+    print(f"embedded model, one conversation of {base['prompt_tokens']} prompt tokens, {args.tokens} decoded")
+    heads = ("RSS loaded", "RSS after", "growth", "prefill s", "decode t/s", "vs f16", "ppl", "ppl vs f16")
+    print(f"{'cache':6} " + " ".join(f"{h:>11}" for h in heads))
+    for cache, r in rows.items():
+        growth = r["rss_after_mib"] - r["rss_loaded_mib"]
+        ppl, base_ppl = math.exp(r["nll"]), math.exp(base["nll"])
+        cells = (
+            f"{r['rss_loaded_mib']:.0f} MiB", f"{r['rss_after_mib']:.0f} MiB", f"{growth:.0f} MiB",
+            f"{r['prefill_s']:.2f}", f"{r['decode_tps']:.1f}", f"{r['decode_tps'] / base['decode_tps']:.2f}x",
+            f"{ppl:.3f}", f"{100 * (ppl / base_ppl - 1):+.2f}%",
+        )  # fmt: skip
+        print(f"{cache:6} " + " ".join(f"{c:>11}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()
