@@ -164,17 +164,20 @@ def get(url: str, body: dict | None = None, key: str | None = None) -> dict:
         return json.loads(r.read() or b"{}")
 
 
-def served(env: dict[str, str], cwd: Path) -> None:
-    proc = subprocess.Popen(
-        ["llmhost", "serve", "--port", "0"],
-        cwd=cwd,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+def start(cmd: list[str], ready: str, env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen, str]:
+    """A long-running command of the installed llmhost, and the URL its `ready` line names."""
+    out = subprocess.PIPE
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, text=True, stdout=out, stderr=subprocess.STDOUT)
     try:
-        url = wait_line(proc, r"llmhost: serving on (http://\S+)", 300)
+        return proc, wait_line(proc, ready, 300)
+    except BaseException:
+        proc.kill()
+        raise
+
+
+def served(env: dict[str, str], cwd: Path) -> None:
+    proc, url = start(["llmhost", "serve", "--port", "0"], r"llmhost: serving on (http://\S+)", env, cwd)
+    try:
         get(url + "/health")
         hi = [{"role": "user", "content": "Hi"}]
         r = get(
@@ -192,16 +195,9 @@ def web(env: dict[str, str], cwd: Path) -> None:
     """`llmhost web`, the README's last step: the page answers; killed, it leaves no child."""
     import contextlib
 
-    proc = subprocess.Popen(
-        ["llmhost", "web", "--port", "0", "--no-open-browser"],
-        cwd=cwd,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    cmd = ["llmhost", "web", "--port", "0", "--no-open-browser"]
+    proc, url = start(cmd, r"open (http://\S+) in your browser", env, cwd)
     try:
-        url = wait_line(proc, r"open (http://\S+) in your browser", 300)
         with urllib.request.urlopen(url + "/_stcore/health", timeout=30) as r:
             if r.status != 200:
                 fail(f"the page's health answered {r.status}")

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import llmhost.engine.backends.llamacpp.repack as repack
 from llmhost.config import KV_ELEMENT_BYTES, LoadSettings
-from llmhost.engine.backends.llamacpp import repack
 from llmhost.errors import InvalidRequestError
 from llmhost.installs import LLAMACPP_GPU_BUILD, llamacpp_offloads
 
