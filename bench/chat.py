@@ -64,15 +64,19 @@ KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 2  # SmolLM2-135M: 30 layers, 3 KV heads 
 
 
 class LlamaServer:
-    def __init__(self, gguf: Path, threads: int, repack: bool) -> None:
+    def __init__(
+        self, gguf: Path, threads: int, repack: bool, slots: int = 8, extra: list[str] | None = None
+    ) -> None:
         import socket
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cmd = [str(LLAMA_SERVER), "-m", str(gguf), "-t", str(threads), "-np", "8", "-c", str(CTX)]
+        ctx = CTX * slots // 8  # 2048 tokens a slot
+        cmd = [str(LLAMA_SERVER), "-m", str(gguf), "-t", str(threads), "-np", str(slots), "-c", str(ctx)]
         cmd += ["-fa", "on", "--jinja", "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
         cmd += [] if repack else ["--no-repack"]  # as llmhost decided for this CPU (AMX may fault)
+        cmd += extra or []
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120

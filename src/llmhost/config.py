@@ -101,6 +101,22 @@ class LoadSettings(BaseSettings):
         "in the same RAM, at a small cost in quality) or q4_0 (about a quarter, a larger cost). The "
         "transformers engine keeps 16 bits; for vLLM pass --vllm-args '--kv-cache-dtype fp8'.",
     )
+    speculative: Literal["auto", "ngram", "draft", "off"] = Field(
+        "auto",
+        description="Speculation (llama.cpp and transformers engines): guess the next tokens and check "
+        "several per pass. auto: prompt lookup (guesses from the text so far, where a reply repeats "
+        "its prompt: an edited file, a quoted passage) where the engine checks them exactly "
+        "(llama.cpp's reference kernels: a greedy reply is the same tokens) and while the cost "
+        "measured at load says it pays; ngram: prompt lookup wherever a guess is found; draft: the "
+        "--draft-model's guesses (llama.cpp; the default with --draft-model); off. A request may say "
+        "`speculative` itself.",
+    )
+    draft_model: str | None = Field(
+        None,
+        description="llama.cpp: a small GGUF model with the same tokenizer that proposes tokens for "
+        "--speculative draft (Qwen2.5-0.5B-Instruct for Qwen2.5-7B-Instruct): a store name or a .gguf "
+        "path. Refused when its vocabulary differs.",
+    )
     max_queue: int = Field(
         64, ge=0, le=100000, description="Most requests waiting for a batch slot; more are refused."
     )
@@ -158,6 +174,11 @@ class LoadSettings(BaseSettings):
             except ValueError as err:  # e.g. an unclosed quote
                 raise ValueError(f"cannot split it like a shell would ({err}): check its quotes") from None
         return value
+
+    @property
+    def speculation(self) -> str:
+        """The engine's default speculation: `draft` where a draft model is given and auto asked."""
+        return "draft" if self.draft_model and self.speculative == "auto" else self.speculative
 
     @property
     def exact_prefix(self) -> bool:

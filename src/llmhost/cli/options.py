@@ -96,16 +96,24 @@ def model_options(
             for p in sig.parameters.values()
             if p.name not in models
         ]
-        extra = [p for cls in models.values() for p in _options_for(cls, exclude)]
+        # a field two models share (--speculative: the engine's default and this run's) is one
+        # flag, given to both
+        extra: dict[str, inspect.Parameter] = {}
+        for cls in models.values():
+            for p in _options_for(cls, exclude):
+                extra.setdefault(p.name, p)
 
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> Any:
+            given = dict(kwargs)
             for arg, cls in models.items():
-                fields = {name: kwargs.pop(name, None) for name in cls.model_fields}
+                fields = {name: given.get(name) for name in cls.model_fields}
+                for name in fields:
+                    kwargs.pop(name, None)
                 kwargs[arg] = build(cls, fields)
             return fn(**kwargs)
 
-        new_params = own + extra
+        new_params = own + list(extra.values())
         wrapper.__signature__ = sig.replace(parameters=new_params)  # type: ignore[attr-defined]
         wrapper.__annotations__ = {p.name: p.annotation for p in new_params}
         return wrapper

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from llmhost.engine.chunks import Chunk, Embedded, Result, Scored, collect
 from llmhost.engine.request import EmbedRequest, GenerationRequest, RerankRequest
+from llmhost.engine.speculation import Mode
 from llmhost.errors import InvalidRequestError, LlmhostError, NotSupportedError
 
 #: How an error names what a model of each task is.
@@ -30,6 +31,8 @@ class Engine(ABC):
     placement = "cpu"
     #: The KV cache's element type: f16, or llama.cpp's quantized q8_0 / q4_0 (--kv-cache).
     kv_cache = "f16"
+    #: Prompt-lookup speculation by default (--speculative; llama.cpp's): auto, ngram or off.
+    speculative: Mode = "off"
 
     @abstractmethod
     def stream(self, request: GenerationRequest) -> Iterator[Chunk]:
@@ -68,7 +71,12 @@ class Engine(ABC):
 
     def facts(self) -> dict[str, str]:
         """What `llmhost ps` and /api/ps show of a loaded model besides its name and engine."""
-        return {"task": self.task, "device": self.placement, "kv_cache": self.kv_cache}
+        return {
+            "task": self.task,
+            "device": self.placement,
+            "kv_cache": self.kv_cache,
+            "speculative": self.speculative,
+        }
 
     #: What the model does: `chat` (replies), `embed` (vectors, /v1/embeddings) or `rerank`
     #: (relevance scores, /v1/rerank).

@@ -58,6 +58,10 @@ class Chunk:
     """Prompt tokens whose KV cache an earlier request left (prefix reuse), not evaluated again."""
     stop_sequence: str | None = None
     """The stop string that ended the reply (last chunk only; None for EOS or any other end)."""
+    draft_tokens: int = 0
+    """Tokens speculation proposed for this reply (last chunk only)."""
+    accepted_tokens: int = 0
+    """Of those, the tokens sampled as proposed: each saved a decode step (last chunk only)."""
 
 
 @dataclass(slots=True)
@@ -77,6 +81,8 @@ class Result:
     tool_calls: list[ToolCall] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     stop_sequence: str | None = None
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -90,6 +96,7 @@ class Result:
                 "total_tokens": self.prompt_tokens + self.completion_tokens,
             },
             "timings": {"ttft_s": self.ttft_s, "decode_tokens_per_s": self.decode_tps},
+            "speculation": {"proposed": self.draft_tokens, "accepted": self.accepted_tokens},
             "dropped_turns": self.dropped_turns,
         }
 
@@ -151,4 +158,6 @@ def collect(chunks: object) -> Result:
         tool_calls=calls,
         logprobs=logprobs,
         stop_sequence=last.stop_sequence,
+        draft_tokens=last.draft_tokens,
+        accepted_tokens=last.accepted_tokens,
     )

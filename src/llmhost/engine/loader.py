@@ -22,7 +22,7 @@ def load(typed: str | None = None, settings: LoadSettings | None = None) -> Engi
         from llmhost.engine.backends import openai
 
         check_vllm_flags(settings)
-        check_kv_cache("openai", settings)
+        check_engine_settings("openai", settings)
         return openai.load(typed, settings)
     return load_ref(resolve_ref(typed), settings)
 
@@ -30,7 +30,7 @@ def load(typed: str | None = None, settings: LoadSettings | None = None) -> Engi
 def load_ref(ref: ModelRef, settings: LoadSettings) -> Engine:
     """Load a resolved reference on the engine `choose_engine` picks."""
     kind = choose_engine(ref, settings)
-    check_kv_cache(kind, settings)
+    check_engine_settings(kind, settings)
     backend = importlib.import_module(f"llmhost.engine.backends.{kind}")
     engine = backend.load(ref.name if kind == "openai" else ref, settings)  # a name on the upstream
     from llmhost.engine.local import LocalEngine
@@ -53,8 +53,24 @@ def check_vllm_flags(settings: LoadSettings) -> None:
         raise InvalidRequestError(f"{flag} is a vLLM setting: add --engine vllm")
 
 
-def check_kv_cache(kind: str, settings: LoadSettings) -> None:
-    """A quantized KV cache is llama.cpp's: the other engines refuse it rather than ignore it."""
+def check_engine_settings(kind: str, settings: LoadSettings) -> None:
+    """A quantized KV cache is llama.cpp's, forced speculation the local engines': the others
+    refuse them rather than ignore them."""
+    if settings.speculative == "ngram" and kind not in ("llamacpp", "transformers"):
+        hint = {"vllm": ": pass vLLM's own --speculative-config through --vllm-args"}.get(kind, "")
+        raise InvalidRequestError(
+            f"--speculative ngram is the llama.cpp and transformers engines'; the {kind} engine's "
+            f"server decides its own decoding{hint}"
+        )
+    if settings.speculative == "draft" and not settings.draft_model:
+        raise InvalidRequestError(
+            "--speculative draft needs --draft-model NAME (a small model of the same tokenizer)"
+        )
+    if settings.draft_model and kind != "llamacpp":
+        raise InvalidRequestError(
+            f"--draft-model is the llama.cpp engine's (GGUF models); the {kind} engine has no draft "
+            "model: use --speculative ngram (prompt lookup) there"
+        )
     if settings.kv_cache == "f16" or kind == "llamacpp":
         return
     hint = {

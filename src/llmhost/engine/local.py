@@ -22,12 +22,13 @@ from llmhost.engine.grammar import Grammars
 from llmhost.engine.params import GenerationParams
 from llmhost.engine.reply import THINK_OPEN, ReplyParser
 from llmhost.engine.request import GenerationRequest
-from llmhost.engine.scheduler import BatchRunner, Scheduler
+from llmhost.engine.running import BatchRunner
+from llmhost.engine.scheduler import Scheduler
 from llmhost.engine.sequence import SequenceState
 from llmhost.engine.template import ChatTemplate
 from llmhost.engine.text import Decoder
 from llmhost.engine.tools import template_messages
-from llmhost.errors import ContextOverflowError
+from llmhost.errors import ContextOverflowError, InvalidRequestError
 
 log = logging.getLogger("llmhost")
 
@@ -136,11 +137,20 @@ class LocalEngine(Engine):
 
     @functools.cached_property
     def scheduler(self) -> Scheduler:
-        return Scheduler(self.runner(), self.max_queue)
+        return Scheduler(self.runner(), self.max_queue, self.speculative)
+
+    #: Whether a draft model was loaded beside the model (`--draft-model`: llama.cpp's).
+    has_draft_model = False
 
     def _sequence(self, request: GenerationRequest) -> tuple[list[int], SequenceState]:
         started = time.perf_counter()
         params = request.params
+        if params.speculative == "draft" and not self.has_draft_model:
+            raise InvalidRequestError(
+                f'"speculative": "draft" asks for a draft model, and {self.name} was loaded without one '
+                "(--draft-model): use auto or ngram",
+                param="speculative",
+            )
         prompt_ids, dropped = self.prepare(request)
         if params.fit_max_tokens:
             room = self.context_length - len(prompt_ids)

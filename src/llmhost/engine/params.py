@@ -79,6 +79,12 @@ class GenerationParams(BaseModel):
     template_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra variables for the chat template (enable_thinking, ...)."
     )
+    speculative: Literal["auto", "ngram", "draft", "off"] | None = Field(
+        None,
+        description="Speculation for this reply: auto (prompt lookup where the engine checks "
+        "proposals exactly), ngram (prompt lookup always), draft (the --draft-model), off; None: "
+        "the server's --speculative.",
+    )
     logprobs: int | None = Field(
         None,
         ge=0,

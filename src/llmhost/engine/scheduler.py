@@ -18,12 +18,13 @@ import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 from llmhost.engine.chunks import Chunk
-from llmhost.engine.sampling import sample_next, token_logprobs
+from llmhost.engine.running import BatchRunner, Request
 from llmhost.engine.sequence import SequenceState
+from llmhost.engine.speculation import TO_DRAFT, Drafter, Lookup, Mode, plan
 from llmhost.errors import LlmhostError
 
 log = logging.getLogger(__name__)
@@ -51,62 +52,12 @@ class QueueFullError(LlmhostError):
     kind = "server_busy"
 
 
-@dataclass(eq=False)
-class Request:
-    prompt_ids: list[int]
-    seq: SequenceState
-    deliver: Callable[[object], None]
-    cancel: threading.Event = field(default_factory=threading.Event)
-    generator: Any = None
-    seen: list[int] = field(default_factory=list)
-    last_token: int = -1
-    #: The LoRA adapter this request decodes with (its id in the runner); None: the base model.
-    adapter: str | None = None
-
-    def pick(self, logits: Any, seen: Any) -> None:
-        """Sample the next token from this request's row of logits and hand its chunk over."""
-        seq = self.seq
-        params = seq.params
-        token = sample_next(logits, params, self.generator, seen, seq.processors, seq.generated)
-        scored = None if params.logprobs is None else token_logprobs(logits, token, params.logprobs)
-        self.last_token = token
-        if params.repetition_penalty != 1.0:
-            self.seen.append(token)
-        self.deliver(seq.add(token, scored))
-
-
-class BatchRunner(Protocol):
-    """Model-specific half of batching: the engine supplies it. A runner may also prefill in
-    chunks: `prefill_chunk(req)` evaluates the next chunk of the prompt and returns None until
-    the last, whose logits it returns as `prefill` does; `abort_prefill()` gives up the one in
-    progress (its request was cancelled). `torch_threads`, if a runner has it, is the number of
-    intra-op threads torch uses on the inference thread. A runner may have work for idle times:
-    `idle_work(interrupt)` does one piece of it and returns whether more remains; it is called
-    only while nothing runs or waits, and stops early once `interrupt()` is true."""
-
-    max_batch: int
-    device: Any
-
-    def prefill(self, req: Request) -> Any:
-        """Run the prompt alone; return the last-position logits (shape [vocab]) and keep its cache."""
-
-    def commit_prefill(self) -> None:
-        """Merge the request just prefilled into the running batch."""
-
-    def step(self, reqs: list[Request]) -> Any:
-        """One decoding step for every running request; logits of shape [len(reqs), vocab]."""
-
-    def drop(self, keep: list[int]) -> None:
-        """Keep only these rows of the running batch."""
-
-    def has_room(self, req: Request) -> bool:
-        """Whether `req` can join the running batch now (a fixed-size KV cache may be full)."""
-
-
 class Scheduler:
-    def __init__(self, runner: BatchRunner, max_queue: int = 64) -> None:
+    def __init__(self, runner: BatchRunner, max_queue: int = 64, speculative: Mode = "auto") -> None:
         self.runner = runner
         self.max_queue = max_queue
+        #: The default speculation (`--speculative`), used where the runner can check proposals.
+        self.speculative: Mode = speculative if hasattr(runner, "verify") else "off"
         self._pending: deque[Request] = deque()
         self._active: list[Request] = []
         self._cv = threading.Condition()
@@ -331,6 +282,7 @@ class Scheduler:
             req.deliver(err)
             return self._admitted()
         if not req.seq.finished:
+            req.drafter = self._drafter(req)
             self._active.append(req)
             self.runner.commit_prefill()
         return self._admitted()
@@ -347,15 +299,59 @@ class Scheduler:
         if not self._active:
             return
         self.peak_batch = max(self.peak_batch, len(self._active))
-        logits = self.runner.step(self._active)
+        drafts = self._drafts()
+        if drafts is None:
+            logits = self.runner.step(self._active)
+        else:
+            logits = self.runner.verify(self._active, drafts)  # type: ignore[attr-defined]
+        runner: Any = self.runner
         for row, req in enumerate(self._active):
+            rejected = None
             try:
-                req.pick(logits[row], self._seen(req))
+                if drafts is None:
+                    req.pick(logits[row], self._seen(req))
+                else:
+                    rejected = req.pick_verified(logits[row], drafts[row], lambda r=req: self._seen(r))
+                    runner.rollback(row, rejected)
             except Exception as err:  # this request's own failure (its grammar, say): only it ends
                 log.exception("sampling failed")
+                if drafts is not None and rejected is None:  # its cells end at its last token again
+                    runner.rollback(row, len(drafts[row]))
                 req.seq.finished = True
                 req.deliver(err)
         self._prune()
+
+    def _drafter(self, req: Request) -> Drafter | None:
+        """A request's speculation, as it asks (else `speculative`): `auto` where the runner
+        checks proposals exactly (greedy replies are then the same tokens), `ngram` always."""
+        mode = req.seq.params.speculative or self.speculative
+        runner: Any = self.runner
+        if getattr(runner, "batch_cost", None) is None:  # a hint about speed: this runner decodes
+            return None  # token by token (it cannot check proposals, or did not measure them)
+        # auto: exact checks only, and on the plain model (an adapter's own matmuls were not measured)
+        if mode == "off" or (mode == "auto" and not (runner.verifies_exactly and req.adapter is None)):
+            return None
+        by_model = mode == "draft" and getattr(runner, "draft", None) is not None
+        lookup = Lookup([] if by_model else [*req.prompt_ids, *req.seq.generated])
+        return Drafter(lookup, forced=mode != "auto", drafted_by_model=by_model)
+
+    def _drafts(self) -> list[list[int]] | None:
+        """This step's proposals, one per row (`speculation.plan`); None when none is made."""
+        drafters = [req.drafter for req in self._active]
+        if not any(drafters):
+            return None
+        for req, drafter in zip(self._active, drafters, strict=True):
+            if drafter is not None:
+                drafter.left = req.seq.params.max_new_tokens - len(req.seq.generated)
+        runner: Any = self.runner
+        model = getattr(runner, "draft", None)
+        drafts = plan(drafters, runner.batch_cost, runner.max_positions, model and model.cost)
+        wanted = [row for row, d in enumerate(drafts) if d and d[0] == TO_DRAFT]
+        if wanted:  # the draft model's turn: as many tokens as the plan gave each row
+            made = runner.draft_for([(r, self._active[r], len(drafts[r])) for r in wanted])
+            for row, tokens in zip(wanted, made, strict=True):
+                drafts[row] = tokens
+        return drafts if any(drafts) else None
 
     def _prune(self) -> None:
         keep = [i for i, r in enumerate(self._active) if not r.seq.finished]

@@ -49,6 +49,8 @@ class SequenceState:
         self._logprobs: tuple[TokenLogprob, ...] = ()
         #: Prompt tokens the runner found in its cache (set by a runner that reuses prefixes).
         self.cached_tokens = 0
+        #: Tokens speculation proposed, and those of them sampled (kept), for the final chunk.
+        self.drafted = self.accepted = 0
 
     def add(self, token_id: int, scored: Scored | None = None) -> Chunk:
         """Record one generated token; the returned chunk is final when the sequence ends."""
@@ -109,6 +111,8 @@ class SequenceState:
             dropped_turns=self._dropped,
             cached_tokens=self.cached_tokens,
             stop_sequence=self._stops.matched,
+            draft_tokens=self.drafted,
+            accepted_tokens=self.accepted,
         )
 
     def _token_logprob(self, token: int, scored: Scored) -> TokenLogprob:

@@ -34,6 +34,18 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self._proposed = self._accepted = 0  # the rate's terms (prometheus counters hide theirs)
+        self.draft_tokens = Counter(
+            "llmhost_speculative_draft_tokens", "Tokens prompt-lookup speculation proposed.", registry=r
+        )
+        self.accepted_tokens = Counter(
+            "llmhost_speculative_accepted_tokens",
+            "Proposed tokens sampled as proposed: each one a decode step saved.",
+            registry=r,
+        )
+        Gauge(
+            "llmhost_speculative_acceptance_rate", "Accepted over proposed tokens since start.", registry=r
+        ).set_function(self._acceptance)
         Gauge("llmhost_queue_length", "Requests waiting for a batch slot.", registry=r).set_function(queued)
         Gauge("llmhost_running_requests", "Requests being decoded.", registry=r).set_function(running)
 
@@ -41,10 +53,17 @@ class Metrics:
         self.prompt_tokens.inc(last.prompt_tokens)
         self.completion_tokens.inc(last.completion_tokens)
         self.cached_tokens.inc(last.cached_tokens)
+        self.draft_tokens.inc(last.draft_tokens)
+        self.accepted_tokens.inc(last.accepted_tokens)
+        self._proposed += last.draft_tokens
+        self._accepted += last.accepted_tokens
         if last.ttft_s is not None:
             self.ttft.observe(last.ttft_s)
         if last.decode_tps:
             self.tpot.observe(1.0 / last.decode_tps)
+
+    def _acceptance(self) -> float:
+        return self._accepted / self._proposed if self._proposed else 0.0
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -91,3 +91,42 @@ def read_config(path: Path) -> dict[str, Any]:
         return json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise LlmhostError(f"{path} is not a model folder: config.json unreadable ({err})") from None
+
+
+# -- what the runner reads of a loaded model ------------------------------------------------------
+
+
+def batchable(model: Any) -> bool:
+    """Row merging needs plain full-attention cache layers (no sliding windows, no SSM state)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=model.config)
+    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def context_length_of(config: Any) -> int:
+    for attr in ("max_position_embeddings", "n_positions", "seq_length", "max_seq_len"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    text = getattr(config, "text_config", None)
+    return context_length_of(text) if text is not None else 2048
+
+
+def cache_kwarg(model: Any) -> str:
+    """transformers 5.24 renamed forward's `past_key_values` to `cache`; accept both."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(v for v in value if isinstance(v, int))
+    return frozenset(ids)

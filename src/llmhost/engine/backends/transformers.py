@@ -8,8 +8,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import llmhost.engine.backends.hf_verify as hf_verify
 from llmhost.config import LoadSettings
-from llmhost.engine.backends.hf_folder import load_errors, read_config, successor_hint
+from llmhost.engine.backends.hf_folder import (
+    batchable,
+    cache_kwarg,
+    context_length_of,
+    eos_ids,
+    load_errors,
+    read_config,
+    successor_hint,
+)
 from llmhost.engine.base import Engine
 from llmhost.engine.embedding import EmbeddingEngine, read_spec
 from llmhost.engine.local import LocalEngine
@@ -85,8 +94,8 @@ class TransformersEngine(LocalEngine):
         self.template = chat_template_of(tokenizer, name, chat_template)
         self.device = model.device
         self.placement = str(model.device)
-        self.eos_ids = _eos_ids(model, tokenizer)
-        self._cache_kw = _cache_kwarg(model)
+        self.eos_ids = eos_ids(model, tokenizer)
+        self._cache_kw = cache_kwarg(model)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefix_gib = prefix_gib
@@ -135,9 +144,9 @@ class TransformersEngine(LocalEngine):
         if not device.startswith("cuda"):
             model.to(device)
         model.eval()
-        ctx = settings.context_length or _context_length(model.config)
+        ctx = settings.context_length or context_length_of(model.config)
         kept = settings.kv_cache_gib if settings.kv_cache_gib is not None else _default_kept_gib(device)
-        return cls(
+        engine = cls(
             model,
             tokenizer,
             name,
@@ -148,6 +157,8 @@ class TransformersEngine(LocalEngine):
             kept,
             settings.exact_prefix,
         )
+        engine.speculative = settings.speculative
+        return engine
 
     # -- prompt preparation ---------------------------------------------------------------
 
@@ -202,7 +213,7 @@ class TransformersRunner:
         self.model = model
         self.device = model.device
         self._kw = cache_kw
-        plain = _batchable(model)
+        plain = batchable(model)
         self.max_batch = max_batch if plain else 1
         gpu = self.device.type != "cpu"
         #: torch's own default: another engine's thread may have set a different count
@@ -224,13 +235,20 @@ class TransformersRunner:
         self._redoing: tuple[list[int], str | None, Any] | None = None
         #: LoRA adapters applied per row (lora.py), made on the first adapter added.
         self._lora: Any = None
+        #: Speculation (speculation.py): a pass's cost and whether a verify pass computes a position
+        #: as a decode step does, both measured at the first prefill; padding after each row's
+        #: proposal in the last verify pass (dropped by `rollback`).
+        self.batch_cost: Any = None
+        self.verifies_exactly = False
+        self.max_positions = self.chunk
+        self._dead: list[int] = []
 
-    def _forward(self, ids: Any, cache: Any, adapters: list[str | None], **extra: Any) -> Any:
+    def _forward(self, ids: Any, cache: Any, adapters: list[str | None], keep: int = 1, **extra: Any) -> Any:
         kwargs = {self._kw: cache, **extra}
         if self._lora is None:
-            return self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
+            return self.model(input_ids=ids, use_cache=True, logits_to_keep=keep, **kwargs)
         with self._lora.rows(adapters):
-            return self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
+            return self.model(input_ids=ids, use_cache=True, logits_to_keep=keep, **kwargs)
 
     def add_adapter(self, adapter_id: str, path: Path) -> None:
         """Load a LoRA adapter next to the others (called on the inference thread)."""
@@ -262,6 +280,8 @@ class TransformersRunner:
         from llmhost.engine.backends.prefix import Entry
 
         ids = req.prompt_ids
+        if self.batch_cost is None and self.max_batch > 1:  # the first prompt: what speculation needs
+            self.batch_cost, self.verifies_exactly = hf_verify.measure_passes(self)
         if self._chunking is None or self._chunking[0] is not req:  # a new prompt
             entry, shared = self.prefix.find(ids, req.adapter) if self.prefix else (None, 0)
             req.seq.cached_tokens = shared
@@ -316,9 +336,16 @@ class TransformersRunner:
             mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
         self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(ones, width)])
 
+    def verify(self, reqs: list[Any], drafts: list[list[int]]) -> list[Any]:
+        return hf_verify.verify(self, reqs, drafts)
+
+    def rollback(self, row: int, n: int) -> None:
+        hf_verify.rollback(self, row, n)
+
     def step(self, reqs: list[Any]) -> Any:
         import torch
 
+        hf_verify.trim(self)
         ids = torch.tensor([[r.last_token] for r in reqs], device=self.device)
         positions = torch.tensor([[len(tokens)] for tokens, _, _ in self._rows], device=self.device)
         column = torch.ones((len(reqs), 1), dtype=torch.long, device=self.device)
@@ -459,39 +486,3 @@ def _pad_left(t: Any, width: int) -> Any:
         return t
     pad = (0, 0, missing, 0) if t.dim() == 4 else (missing, 0)
     return F.pad(t, pad)
-
-
-def _batchable(model: Any) -> bool:
-    """Row merging needs plain full-attention cache layers (no sliding windows, no SSM state)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    cache = DynamicCache(config=model.config)
-    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
-
-
-def _context_length(config: Any) -> int:
-    for attr in ("max_position_embeddings", "n_positions", "seq_length", "max_seq_len"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    text = getattr(config, "text_config", None)
-    return _context_length(text) if text is not None else 2048
-
-
-def _cache_kwarg(model: Any) -> str:
-    """transformers 5.24 renamed forward's `past_key_values` to `cache`; accept both."""
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-    ids: set[int] = set()
-    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list | tuple):
-            ids.update(v for v in value if isinstance(v, int))
-    return frozenset(ids)

@@ -66,6 +66,9 @@ class Sampling(Strict):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="Extension (HF style).")
+    speculative: Literal["auto", "ngram", "draft", "off"] | None = Field(
+        None, description="Extension: prompt-lookup speculation for this request (else --speculative)."
+    )
     n: int = Field(1, ge=1, le=1)
     user: str | None = Field(None, max_length=256)
     stream: bool = False
@@ -107,7 +110,7 @@ def sampling_values(req: Sampling, max_tokens: int | None) -> dict[str, Any]:
     values: dict[str, Any] = {"json_schema": req.response_format.target() if req.response_format else None}
     if max_tokens is not None:
         values["max_new_tokens"] = max_tokens
-    for name in ("temperature", "top_p", "top_k", "seed"):
+    for name in ("temperature", "top_p", "top_k", "seed", "speculative"):
         if getattr(req, name) is not None:
             values[name] = getattr(req, name)
     if req.stop is not None:

@@ -18,7 +18,7 @@ from llmhost.engine.base import Engine
 from llmhost.engine.local import LocalEngine
 from llmhost.engine.ref import ModelRef
 from llmhost.engine.template import ChatTemplate, control_tokens
-from llmhost.errors import LlmhostError
+from llmhost.errors import InvalidRequestError, LlmhostError
 from llmhost.hardware import physical_cores
 
 log = logging.getLogger("llmhost.llamacpp")
@@ -114,6 +114,10 @@ class LlamaCppEngine(LocalEngine):
         self.max_batch = settings.max_concurrency
         #: The KV cache's element type (--kv-cache): f16, or a quantized q8_0 / q4_0
         self.kv_cache = settings.kv_cache
+        self.speculative = settings.speculation
+        #: The draft model's llama.cpp object (`--draft-model`), its vocabulary checked; None without one.
+        self.draft_llm: Any = None
+        self.draft_name = ""
         #: Each slot's KV stream, and so the most one request may span.
         self.context_length = slot_tokens(
             llm,
@@ -165,6 +169,8 @@ class LlamaCppEngine(LocalEngine):
         template = settings.read_chat_template() or llm.metadata.get("tokenizer.chat_template")
         engine = cls(llm, name, template, settings)
         engine.placement = device
+        if settings.draft_model:
+            engine.draft_llm, engine.draft_name = _open_draft(settings, llm, name)
         _ = engine.scheduler  # the KV cache now: not enough memory is a load error, not a request's
         return engine
 
@@ -192,7 +198,10 @@ class LlamaCppEngine(LocalEngine):
             return llguidance.llamacpp.lltokenizer_from_vocab(vocab, eos_token=sorted(self.eos_ids))
 
     def runner(self) -> LlamaCppRunner:
+        from llmhost.engine.backends.llamacpp.draft import DraftModel
+
         cores = physical_cores()
+        draft = self.draft_llm and DraftModel(self.draft_llm, self.max_batch, self.context_length, cores)
         return LlamaCppRunner(
             self.llm,
             self.context_length,
@@ -201,4 +210,39 @@ class LlamaCppEngine(LocalEngine):
             self.exact,
             self.reference_kernels,
             self.kv_cache,
+            draft,
         )
+
+    @property
+    def has_draft_model(self) -> bool:  # type: ignore[override]
+        return self.draft_llm is not None
+
+    def facts(self) -> dict[str, str]:
+        facts = super().facts()
+        if self.draft_llm is not None:
+            facts["draft_model"] = self.draft_name
+        return facts
+
+
+def _open_draft(settings: LoadSettings, target: Any, target_name: str) -> tuple[Any, str]:
+    """The --draft-model's llama.cpp object, refused unless its vocabulary is the target's."""
+    from llmhost.engine.backends.llamacpp.draft import check_vocabulary
+    from llmhost.engine.backends.llamacpp.offload import read_facts
+    from llmhost.engine.ref import resolve_ref
+
+    assert settings.draft_model is not None
+    ref = resolve_ref(settings.draft_model)
+    if not ref.is_gguf:
+        raise InvalidRequestError(
+            f"--draft-model {settings.draft_model} is not a GGUF model (llama.cpp reads GGUF)"
+        )
+    gguf = ref.gguf_file()
+    facts = read_facts(gguf)
+    if facts.pooling is not None:
+        raise InvalidRequestError(
+            f"--draft-model {settings.draft_model} is an embedding model, not a chat model"
+        )
+    llm, _ = open_offloaded(gguf, settings, facts)
+    check_vocabulary(target, llm, target_name, ref.name)
+    log.info("llama.cpp: draft model %s for --speculative draft", ref.name)
+    return llm, ref.name

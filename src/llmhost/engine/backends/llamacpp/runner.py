@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import llmhost.engine.backends.llamacpp.kernels as kernels
+import llmhost.engine.backends.llamacpp.measure as measure
 from llmhost.engine.backends.llamacpp.offload import KV_TYPES
 from llmhost.engine.backends.llamacpp.slots import (
     PREFILL_BLOCK,
@@ -22,6 +23,7 @@ from llmhost.engine.backends.llamacpp.slots import (
     spare_for,
     whole_blocks,
 )
+from llmhost.engine.speculation import BatchCost
 from llmhost.errors import LlmhostError
 
 log = logging.getLogger("llmhost.llamacpp")
@@ -81,6 +83,7 @@ class LlamaCppRunner:
         exact: bool = True,
         reference: bool = True,
         kv_cache: str = "f16",
+        draft: Any = None,
     ) -> None:
         import llama_cpp
 
@@ -122,6 +125,11 @@ class LlamaCppRunner:
         #: The context's CPU backends, whose reference kernels `exact` tries (`reference` off:
         #: the block scheme K-quants get).
         self.backends = kernels.cpu_backends(self.ctx) if exact and reference else []
+        #: What a pass over n positions costs here (speculation's rule), measured at the first prefill.
+        self.batch_cost: BatchCost | None = None
+        self.max_positions = params.n_batch
+        #: The draft model (`--speculative draft`, draft.py), a KV stream per slot; None without one.
+        self.draft = draft
 
     # -- views for tests and logs ------------------------------------------------------------
     @property
@@ -133,79 +141,6 @@ class LlamaCppRunner:
     def redo(self) -> dict[int, list[int]]:
         """Free slots whose reply is to be made again while idle: what each is to hold."""
         return {s.id: s.redo for s in self.slots if s.redo is not None}
-
-    def _measure(self) -> None:
-        """Which exactness scheme this model gets here (see the class notes); logged."""
-        self.reuse.invariant = False
-        if self.backends:
-            kernels.set_reference(self.backends, True)
-            self.reuse.invariant = self._decoded_equal_prefilled()
-            if not self.reuse.invariant:
-                kernels.set_reference(self.backends, False)
-        self.reuse.granular = self.reuse.invariant or self._rows_independent()
-        log.info(
-            "llama.cpp, exact prefix cache: %s",
-            "reference kernels, every cell reused as it is (a reply's too)"
-            if self.reuse.invariant
-            else "a reply's cells are made reusable while idle; "
-            + ("partial blocks reused" if self.reuse.granular else "whole blocks reused"),
-        )
-
-    def _decoded_equal_prefilled(self) -> bool:
-        """Whether a prompt's last logits come out the same evaluated as a partial block then a
-        whole one, and as a whole block then decode steps, alone and beside another slot's row
-        (a stream copy): every cell took a different batch each way, so a reply's decoded cells
-        are then the cells a cold run of the next turn makes, in whatever block it puts them.
-        Costs a prefill of 96 tokens, another of 64 and 32 decode steps, once."""
-        import llama_cpp
-
-        half = PREFILL_BLOCK // 2
-        n = PREFILL_BLOCK + half
-        ids = self._probe(n)
-        slots = [0, 1] if self.max_batch > 1 else [0]
-        for s in slots:
-            llama_cpp.llama_memory_seq_rm(self.memory, s, -1, -1)
-        for start, end in ((0, half), (half, n)):
-            self._decode([(ids[p], p, 0, p == n - 1) for p in range(start, end)])
-        prefilled = self._logits(n - 1 - half)
-        llama_cpp.llama_memory_seq_rm(self.memory, 0, -1, -1)
-        self._decode([(t, i, 0, False) for i, t in enumerate(ids[:PREFILL_BLOCK])])
-        for s in slots[1:]:
-            llama_cpp.llama_memory_seq_cp(self.memory, 0, s, -1, -1)
-        for pos in range(PREFILL_BLOCK, n):
-            self._decode([(ids[pos], pos, s, pos == n - 1) for s in slots])
-        decoded = [self._logits(i) for i in range(len(slots))]
-        for s in slots:
-            llama_cpp.llama_memory_seq_rm(self.memory, s, -1, -1)
-        return all(bool((d == prefilled).all()) for d in decoded)
-
-    def _probe(self, n: int) -> list[int]:
-        """`n` ordinary tokens to measure with (which ones does not matter)."""
-        return [(i * 7919) % (self.n_vocab - 256) + 128 for i in range(n)]
-
-    def _rows_independent(self) -> bool:
-        """Whether llama.cpp computes a position alike in any batch below PREFILL_BLOCK rows for
-        this model, here: measured, not assumed. Then the cells of a prompt's last, partial
-        block are what a cold run of another prompt computes for the same tokens in its own
-        partial block, and a prompt that shares part of it reuses that part (a new question
-        after the same system prompt). True for Q4_0, Q4_1 and Q8_0 on llama.cpp's CPU kernels;
-        false for K-quants, whose repacked kernels vary with the row count, and for a build
-        whose tiled attention starts below 64 rows. Costs two prefills of 63 tokens, once."""
-        import llama_cpp
-
-        n = PREFILL_BLOCK - 1
-        ids = self._probe(n)
-        last = []
-        for sizes in ([n], [1, n // 2 - 1, n - n // 2]):
-            llama_cpp.llama_memory_seq_rm(self.memory, 0, -1, -1)
-            start = 0
-            for size in sizes:
-                part = ids[start : start + size]
-                self._decode([(t, start + i, 0, start + i == n - 1) for i, t in enumerate(part)])
-                start += size
-            last.append(self._logits(sizes[-1] - 1))
-        llama_cpp.llama_memory_seq_rm(self.memory, 0, -1, -1)
-        return bool((last[0] == last[1]).all())
 
     def has_room(self, req: Any) -> bool:
         return sum(not s.free for s in self.slots) < self.max_batch
@@ -298,8 +233,10 @@ class LlamaCppRunner:
 
         ids = req.prompt_ids
         self._retire_admitted()
-        if self.reuse.exact and self.reuse.granular is None:  # the first prompt: every slot is empty
-            self._measure()
+        if self.batch_cost is None:  # the first prompt: every slot is empty
+            if self.reuse.exact:
+                measure.exactness(self)
+            self.batch_cost = measure.batch_cost(self)
         source, shared = choose(self.slots, ids, req.adapter, self.reuse)
         slot, stale = place(self.slots, source, shared, ids, self.reuse)
         if slot is not source and not stale:
@@ -383,6 +320,19 @@ class LlamaCppRunner:
     def step(self, reqs: list[Any]) -> Any:
         import torch
 
+        return torch.stack([rows[0] for rows in self.verify(reqs, [[] for _ in reqs])])
+
+    @property
+    def verifies_exactly(self) -> bool:
+        """Whether a position computes alike in a verify batch and in a decode step (the
+        reference kernels, measured): greedy replies are the same tokens with speculation."""
+        return bool(self.reuse.exact and self.reuse.invariant)
+
+    def verify(self, reqs: list[Any], drafts: list[list[int]]) -> list[Any]:
+        """One pass over each row's last token and its proposal (`drafts`, empty: a plain decode
+        step); per row, the logits of each of those positions ([1 + len(draft), vocab])."""
+        import torch
+
         groups: dict[str | None, list[int]] = {}
         for row, req in enumerate(reqs):
             groups.setdefault(req.adapter, []).append(row)
@@ -392,15 +342,34 @@ class LlamaCppRunner:
             # in slot order: llama.cpp splits a batch whose sequence ids do not ascend into
             # several micro-batches (rows in reverse order: one each, 2x the time for 8 rows)
             rows = sorted(groups[adapter], key=lambda r: self.rows[r].id)
-            slots = [self.rows[r] for r in rows]
+            batch, spans = [], []
+            for row in rows:
+                slot, tokens = self.rows[row], [reqs[row].last_token, *drafts[row]]
+                spans.append((row, len(batch), len(tokens)))
+                batch += [(t, len(slot.tokens) + i, slot.id, True) for i, t in enumerate(tokens)]
+                slot.tokens.extend(tokens)
             self._apply(adapter)
-            self._decode(
-                [(reqs[r].last_token, len(s.tokens), s.id, True) for r, s in zip(rows, slots, strict=True)]
-            )
-            for i, (row, slot) in enumerate(zip(rows, slots, strict=True)):
-                slot.tokens.append(reqs[row].last_token)
-                logits[row] = self._logits(i)
-        return torch.stack(logits)
+            self._decode(batch)
+            for row, start, n in spans:
+                logits[row] = torch.stack([self._logits(start + i) for i in range(n)])
+        return logits
+
+    def draft_for(self, rows: list[tuple[int, Any, int]]) -> list[list[int]]:
+        """The draft model's proposals: for each (row, its request, k), k tokens."""
+        assert self.draft is not None
+        return self.draft.propose(
+            [(self.rows[r].id, [*self.rows[r].tokens, req.last_token], k) for r, req, k in rows]
+        )
+
+    def rollback(self, row: int, n: int) -> None:
+        """Drop a row's last `n` cells (proposed tokens that were not sampled)."""
+        import llama_cpp
+
+        if n:
+            slot = self.rows[row]
+            cut = len(slot.tokens) - n
+            llama_cpp.llama_memory_seq_rm(self.memory, slot.id, cut, -1)
+            slot.tokens = slot.tokens[:cut]
 
     def _apply(self, adapter: str | None) -> None:
         """Make `adapter` (None: the plain model) the context's one LoRA adapter."""
@@ -494,6 +463,8 @@ class LlamaCppRunner:
     def close(self) -> None:
         import llama_cpp
 
+        if self.draft is not None:
+            self.draft.close()
         if self.ctx:
             llama_cpp.llama_batch_free(self.batch)
             llama_cpp.llama_free(self.ctx)
