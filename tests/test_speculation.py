@@ -103,8 +103,10 @@ def test_acceptance_counts_trials_up_to_the_first_rejection_and_back_off_grows()
         assert plan([d], linear, 64) == [[3]]  # the probe: one token whatever the rule says
         d.settle(1, 0)
     assert waits[0] < waits[1] < waits[2]  # failing probes wait longer each time
-    d.settle(1, 1)
-    assert d.pause == waits[0]  # a success starts over
+    while d.waiting:
+        plan([d], linear, 64)
+    d.settle(1, 1)  # a probe wholly accepted: the reply turned to copying
+    assert d.pause == waits[0] and d.acceptance > 0.8  # it starts over, its failures forgotten
 
 
 def test_expected_tokens_is_the_geometric_sum() -> None:

@@ -96,7 +96,10 @@ class Drafter:
     trials: float = PRIOR_TRIALS  # decayed accepted tokens plus rejections
     waiting: int = 0  # steps left before proposing again
     pause: int = BACK_OFF_STEPS  # the next back-off's length: doubles while proposals keep failing
-    probing: bool = False  # after a back-off: one token is proposed whatever the rule says
+    #: After a back-off: the next proposal is made whatever the rule says, as long as it would be
+    #: at the prior's acceptance (a reply that turns to copying shows it in one step, where a
+    #: one-token probe would need many)
+    probing: bool = False
     #: Where proposals come from: the lookup, or the engine's draft model (`--speculative draft`)
     drafted_by_model: bool = False
     #: Tokens the reply may still add after the next one (a proposal never goes past them: the
@@ -113,12 +116,14 @@ class Drafter:
             self.waiting -= 1
             self.probing = not self.waiting
             return []
-        most = min(1 if self.probing else DRAFT_MAX, self.left)
+        most = min(DRAFT_MAX, self.left)
         return [TO_DRAFT] * most if self.drafted_by_model else self.lookup.propose(most)
 
     def settle(self, proposed: int, accepted: int) -> None:
         """After a step: the first `accepted` of the `proposed` tokens were sampled."""
         if proposed:
+            if self.probing and accepted == proposed:  # the reply turned to copying: start afresh
+                self.hits, self.trials = PRIOR_TRIALS * FIRST_ACCEPTANCE, PRIOR_TRIALS
             self.probing = False
             self.hits = self.hits * ACCEPTANCE_DECAY + accepted
             self.trials = self.trials * ACCEPTANCE_DECAY + accepted + (accepted < proposed)
@@ -127,7 +132,7 @@ class Drafter:
 
     def back_off(self) -> None:
         """Speculation does not pay at this acceptance: stop for a while (longer each time in a
-        row), then propose one token to see whether it pays again."""
+        row), then propose once more to see whether it pays again (`probing`)."""
         self.waiting, self.pause = self.pause, min(2 * self.pause, MAX_BACK_OFF_STEPS)
 
 
@@ -160,10 +165,10 @@ def plan(
     to gain over the time of a batch of their positions, against a plain step's rows over a plain
     step's time. With one row that is speculation while it pays; with many rows, whose plain step
     already reads the weights for all of them, only while the extra positions cost little. A row
-    whose own best k is 0 backs off (`Drafter.back_off`). A forced row (`ngram`) and a probing one
-    propose at least their own best k of 1 or more. `room`: most positions in one pass. A draft
-    model's rows (their proposals are TO_DRAFT placeholders the runner fills in) add k passes of
-    the draft model over them (`draft_cost`) to the time."""
+    whose own best k is 0 backs off (`Drafter.back_off`). A forced row (`ngram`) proposes at least
+    its own best k of 1 or more, a probing one its best k at the prior's acceptance. `room`: most
+    positions in one pass. A draft model's rows (their proposals are TO_DRAFT placeholders the
+    runner fills in) add k passes of the draft model over them (`draft_cost`) to the time."""
     rows = len(drafters)
     guesses = [d.candidates() if d is not None else [] for d in drafters]
     floor = [0] * rows  # the least each row proposes (forced and probing rows: their own best)
@@ -172,7 +177,8 @@ def plan(
             continue
         insist = d.forced or d.probing
         drafting = draft_cost if d.drafted_by_model else None
-        own = best_alone(d.acceptance, cost, len(guesses[i]), at_least_one=insist, draft_cost=drafting)
+        acceptance = max(d.acceptance, FIRST_ACCEPTANCE) if d.probing else d.acceptance
+        own = best_alone(acceptance, cost, len(guesses[i]), at_least_one=insist, draft_cost=drafting)
         if not own:  # it could not gain alone at its acceptance: it stops proposing for a while
             d.back_off()
             guesses[i] = []
