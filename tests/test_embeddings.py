@@ -171,13 +171,6 @@ def test_a_gguf_embedding_model_on_llama_cpp(minilm, tmp_path) -> None:
         assert "is an embedding model" in err.value.body["message"]
     finally:
         server.stop()
-    # a cross-encoder's GGUF (its classification head converted) is refused with what serves it
-    from cli import llmhost
-    from rag_models import build_cross_encoder
-
-    reranker = convert_to_gguf(build_cross_encoder(tmp_path / "ce", minilm), tmp_path / "ce.gguf")
-    done = llmhost("embed", str(reranker), "hello", "--engine", "llamacpp")
-    assert done.returncode == 1 and "does not serve GGUF rerankers yet" in done.stderr, done.stderr
 
 
 def test_llamaindex_openai_like_embedding(served, minilm, reference) -> None:

@@ -12,6 +12,9 @@ weights and decode in the same batches. The life of a request:
 3. An adapter is added to its loaded base on the inference thread, between two steps.
 4. The lease ends with the request; a sweeper unloads units idle longer than `--keep-alive`.
 
+The models named at start load side by side (vLLM children start together); loads in this process
+take turns, so the memory each adds is its own.
+
 Memory: the larger of an estimate before loading (weights at the load dtype, the KV cache, runtime
 overhead) and what loading took (the growth of resident and CUDA memory) counts in the budget.
 """
@@ -22,83 +25,21 @@ import contextlib
 import logging
 import threading
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from llmhost.config import LoadSettings, PoolSettings
 from llmhost.engine.base import Engine
 from llmhost.engine.ref import ModelRef, resolve_ref
-from llmhost.errors import InvalidRequestError, LlmhostError, ModelNotFoundError
+from llmhost.errors import InvalidRequestError, ModelNotFoundError
 from llmhost.hardware import free_gib, give_memory_back, used_bytes
+from llmhost.server.units import ModelTooLargeError, NoRoomError, Served, Unit
 from llmhost.store.estimate import load_estimate_gib
 
 log = logging.getLogger("llmhost")
 
 #: How long a request waits for busy models to finish so that its own can load.
 ROOM_WAIT_S = 120.0
-
-
-class ModelTooLargeError(InvalidRequestError):
-    """The model cannot be loaded even with every other model unloaded."""
-
-    code = "model_too_large"
-
-
-class NoRoomError(LlmhostError):
-    """Every loaded model is busy and together they leave no room: retry shortly."""
-
-    status = 503
-    kind = "server_busy"
-
-
-@dataclass(eq=False)
-class Unit:
-    """One loaded (or loadable) engine: a base model on one engine kind, with its adapters."""
-
-    key: str
-    ref: ModelRef | None
-    kind: str
-    engine: Engine | None = None
-    estimate_gib: float = 0.0
-    measured_gib: float | None = None
-    pinned: bool = False
-    leases: int = 0
-    #: Requests waiting for this unit to load: it is not unloaded under them.
-    reserved: int = 0
-    last_used: float = field(default_factory=time.monotonic)
-    loading: Future[Engine] | None = None
-    #: Served name → the adapter's engine view on this unit.
-    adapters: dict[str, Engine] = field(default_factory=dict)
-    #: Whether a served name is an adapter on this unit (vLLM then starts with LoRA enabled).
-    for_adapters: bool = False
-    #: Set when the unit is unloaded: its loading thread lives until then (see `_load`).
-    unloaded: threading.Event = field(default_factory=threading.Event)
-    #: The thread that loaded it (and lives while it is loaded).
-    thread: threading.Thread | None = None
-    #: One adapter added at a time (two first requests for it must not add it twice).
-    adding: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def label(self) -> str:
-        return self.ref.name if self.ref is not None else self.key
-
-    @property
-    def gib(self) -> float:
-        return max(self.estimate_gib, self.measured_gib or 0.0)
-
-    @property
-    def busy(self) -> bool:
-        return self.leases > 0 or self.reserved > 0 or self.loading is not None
-
-
-@dataclass(frozen=True)
-class Served:
-    """A name the server answers to: its unit and, for a fine-tuned model, its adapter."""
-
-    name: str
-    unit: str
-    adapter: ModelRef | None = None
 
 
 class Lease:
@@ -126,6 +67,7 @@ class ModelPool:
         self._served: dict[str, Served] = {}
         self._named: list[str] = []  # names given at start, in order (listed first)
         self._aliased: dict[str, str] = {}  # alias → served name, as first answered (logged once)
+        self._loading_here = threading.Lock()
         self._budget = self.settings.memory_gib
         self._closed = False
         self._sweeper = threading.Thread(target=self._sweep_loop, name="llmhost-keep-alive", daemon=True)
@@ -149,15 +91,23 @@ class ModelPool:
         self._served[engine.name] = Served(engine.name, unit.key)
         self._named.append(engine.name)
 
-    def add_named(self, typed: str | None) -> str:
-        """Serve a model named at start: loaded now and kept loaded."""
-        served = self._resolve(typed)
-        if served.name in self._named:
-            raise InvalidRequestError(f"two models share the name {served.name}; serve each name once")
-        self._named.append(served.name)
-        lease = self.acquire(served.name, pin=True)
-        lease.release()
-        return served.name
+    def add_named(self, *typed: str | None) -> list[str]:
+        """Serve models named at start: loaded now, side by side (vLLM children start together),
+        and kept loaded; the first failure is raised once every load has ended."""
+        names = [self._resolve(t).name for t in typed]
+        for name in names:
+            if name in self._named:
+                raise InvalidRequestError(f"two models share the name {name}; serve each name once")
+            self._named.append(name)
+        with ThreadPoolExecutor(max(1, len(names)), thread_name_prefix="llmhost-start") as start:
+            loads = [start.submit(self.acquire, name, True) for name in names]
+        failed = [err for err in (load.exception() for load in loads) if err is not None]
+        for load in loads:
+            if load.exception() is None:
+                load.result().release()
+        if failed:
+            raise failed[0]
+        return names
 
     @property
     def names(self) -> list[str]:
@@ -326,9 +276,11 @@ class ModelPool:
                 from llmhost.engine.backends.vllm import with_lora
 
                 settings = with_lora(settings, unit.ref)
-            before, started = used_bytes(), time.perf_counter()
-            engine = load_ref(unit.ref, settings)
-            took = max(0, used_bytes() - before) / 2**30
+            # loads in this process take turns, so the memory each adds is its own
+            with contextlib.nullcontext() if unit.kind in ("vllm", "openai") else self._loading_here:
+                before, started = used_bytes(), time.perf_counter()
+                engine = load_ref(unit.ref, settings)
+                took = max(0, used_bytes() - before) / 2**30
             log.info(
                 "loaded %s in %.1f s: estimated %.2f GiB, took %.2f GiB",
                 unit.ref.name,

@@ -55,9 +55,10 @@ def open_pool(
                 with loading(name):
                     pool.add_engine(load_engine(name, load))
         else:
-            for name in models or ([] if settings.all else [None]):
-                with loading(name):
-                    pool.add_named(name)
+            names = models or ([] if settings.all else [None])
+            if names:
+                with loading(names[0] if len(names) == 1 else ", ".join(str(n) for n in names)):
+                    pool.add_named(*names)
     except BaseException:
         pool.close()
         raise

@@ -85,9 +85,11 @@ def _controls(llm: Any, template: str | None) -> list[str]:
 
 
 def load(ref: ModelRef, settings: LoadSettings) -> Engine:
-    """The GGUF file itself, read by llama.cpp (no conversion); one with a pooling type embeds."""
+    """The GGUF file itself, read by llama.cpp (no conversion); one with a pooling type embeds,
+    one with rank pooling reranks."""
     from llmhost.engine.backends.llamacpp.embedding import LlamaCppEmbeddingEngine
     from llmhost.engine.backends.llamacpp.offload import read_facts
+    from llmhost.engine.backends.llamacpp.rerank import LlamaCppRerankEngine
 
     try:
         gguf = ref.gguf_file()
@@ -95,6 +97,8 @@ def load(ref: ModelRef, settings: LoadSettings) -> Engine:
         if not available():
             raise LlmhostError(f"the llama.cpp engine is not installed: {INSTALL}")
         if (pooling := facts.pooling) is not None:
+            if pooling[0] == "rank":
+                return LlamaCppRerankEngine.load(gguf, settings, ref.name, facts, pooling[1])
             return LlamaCppEmbeddingEngine.load(gguf, settings, ref.name, facts, *pooling)
         return LlamaCppEngine.load(gguf, settings, ref.name, facts)
     except GGUFReadError as err:
@@ -240,7 +244,7 @@ def _open_draft(settings: LoadSettings, target: Any, target_name: str) -> tuple[
     facts = read_facts(gguf)
     if facts.pooling is not None:
         raise InvalidRequestError(
-            f"--draft-model {settings.draft_model} is an embedding model, not a chat model"
+            f"--draft-model {settings.draft_model} is an embedding model or a reranker, not a chat model"
         )
     llm, _ = open_offloaded(gguf, settings, facts)
     check_vocabulary(target, llm, target_name, ref.name)

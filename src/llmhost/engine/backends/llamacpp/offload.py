@@ -44,6 +44,7 @@ class GgufFacts:
     window: int
     layers: int
     classifier: bool  # a `cls.output` head: a reranker
+    classifier_dense: bool  # a `cls` layer before it (XLM-R's head; a BERT's pooler is not kept)
     kv_bytes_per_token: int  # f16 keys and values of every layer
 
     def kv_bytes(self, settings: LoadSettings) -> int:
@@ -95,6 +96,7 @@ def read_facts(gguf: Path) -> GgufFacts:
         window=num("context_length", 512),
         layers=layers,
         classifier=any(n.startswith("cls.output") for n in names),
+        classifier_dense=any(n.startswith("cls.weight") for n in names),
         kv_bytes_per_token=layers * 2 * kv_heads * head_dim * 2,
     )
 
