@@ -221,6 +221,35 @@ def test_unknown_and_wrong_flags_say_what_to_do(pool_home: Path) -> None:
     assert "30s, 5m, 1h" in r.stderr
 
 
+def test_models_named_at_start_load_together_and_a_failure_stops_serve(
+    pool_home: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """`serve A B` loads both before it serves (side by side); a named model that cannot load
+    ends the start with its reason, once the others' loads have ended, and leaves none leased."""
+    import shutil
+
+    from llmhost.config import LoadSettings
+    from llmhost.errors import LlmhostError
+    from llmhost.server.pool import ModelPool
+
+    broken = tmp_path / "broken"
+    shutil.copytree(Store(pool_home / "models").get("tiny1").folder, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    monkeypatch.setenv("LLMHOST_HOME", str(pool_home))
+    pool = ModelPool(LoadSettings(engine="transformers", dtype="float32"))
+    try:
+        assert pool.add_named("tiny0", "tiny2") == ["tiny0", "tiny2"]
+        with pytest.raises(LlmhostError, match="broken"):
+            pool.add_named("tiny1", str(broken))
+        loaded = {u.label: u for u in pool.loaded()}
+        assert set(loaded) == {"tiny0", "tiny1", "tiny2"}
+        assert all(u.leases == 0 and u.pinned for u in loaded.values())
+    finally:
+        pool.close()
+    done = llmhost(pool_home, "serve", "tiny0", str(broken), "--engine", "transformers", "--port", "0")
+    assert done.returncode == 1 and "broken" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_the_page_offers_every_model_and_loads_the_one_picked(pool_home: Path, monkeypatch) -> None:
     from streamlit.testing.v1 import AppTest
 

@@ -35,7 +35,7 @@ class Request:
         self.last_token = token
         if params.repetition_penalty != 1.0:
             self.seen.append(token)
-        if self.drafter is not None:
+        if self.drafter is not None and self.drafter.lookup is not None:
             self.drafter.lookup.extend((token,))
         self.deliver(seq.add(token, scored))
 

@@ -332,8 +332,8 @@ class Scheduler:
         if mode == "off" or (mode == "auto" and not (runner.verifies_exactly and req.adapter is None)):
             return None
         by_model = mode == "draft" and getattr(runner, "draft", None) is not None
-        lookup = Lookup([] if by_model else [*req.prompt_ids, *req.seq.generated])
-        return Drafter(lookup, forced=mode != "auto", drafted_by_model=by_model)
+        lookup = None if by_model else Lookup([*req.prompt_ids, *req.seq.generated])
+        return Drafter(lookup, forced=mode != "auto")
 
     def _drafts(self) -> list[list[int]] | None:
         """This step's proposals, one per row (`speculation.plan`); None when none is made."""

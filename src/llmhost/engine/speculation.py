@@ -88,7 +88,9 @@ class Drafter:
     copy the prompt tend to be all right or wrong at once, which accepted / proposed would
     underrate."""
 
-    lookup: Lookup
+    #: The sequence's n-gram index; None where the engine's draft model proposes (`--speculative
+    #: draft`)
+    lookup: Lookup | None
     #: `ngram` asked for: it proposes wherever the lookup finds a match, as far as its acceptance
     #: makes worthwhile if a pass cost nothing more per position (the batch rule is not asked)
     forced: bool = False
@@ -100,8 +102,6 @@ class Drafter:
     #: at the prior's acceptance (a reply that turns to copying shows it in one step, where a
     #: one-token probe would need many)
     probing: bool = False
-    #: Where proposals come from: the lookup, or the engine's draft model (`--speculative draft`)
-    drafted_by_model: bool = False
     #: Tokens the reply may still add after the next one (a proposal never goes past them: the
     #: cells for them are all the request was given)
     left: int = DRAFT_MAX
@@ -110,6 +110,10 @@ class Drafter:
     def acceptance(self) -> float:
         return self.hits / self.trials
 
+    @property
+    def drafted_by_model(self) -> bool:
+        return self.lookup is None
+
     def candidates(self) -> list[int]:
         """What the sequence could propose this step (DRAFT_MAX at most; none while backing off)."""
         if self.waiting:
@@ -117,7 +121,7 @@ class Drafter:
             self.probing = not self.waiting
             return []
         most = min(DRAFT_MAX, self.left)
-        return [TO_DRAFT] * most if self.drafted_by_model else self.lookup.propose(most)
+        return [TO_DRAFT] * most if self.lookup is None else self.lookup.propose(most)
 
     def settle(self, proposed: int, accepted: int) -> None:
         """After a step: the first `accepted` of the `proposed` tokens were sampled."""

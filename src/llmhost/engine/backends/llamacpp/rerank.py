@@ -51,6 +51,7 @@ class LlamaCppRerankEngine(LlamaCppEncoder):
         if self.yes_no:
             self._ends = (self._special(YES_NO_PREFIX), self._special(YES_NO_SUFFIX))
         elif outputs != 1:
+            llm.close()
             raise LlmhostError(
                 f"{name}: a classifier with {outputs} labels is not a reranker (a reranker gives one score)"
             )
