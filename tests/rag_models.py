@@ -44,7 +44,7 @@ def build_cross_encoder(out: Path, minilm: Path, seed: int = 0) -> Path:
     return out
 
 
-def build_xlmr_cross_encoder(out: Path, seed: int = 0) -> Path:
+def build_xlmr_cross_encoder(out: Path, seed: int = 0, labels: int = 1, named: bool = False) -> Path:
     """A 2-layer random XLM-R cross-encoder laid out as bge-reranker-v2-m3 is (a dense layer and
     an output on <s>, fairseq's token ids around a SentencePiece unigram model), its vocabulary a
     unigram model trained here on a few lines, English and Chinese."""
@@ -79,8 +79,10 @@ def build_xlmr_cross_encoder(out: Path, seed: int = 0) -> Path:
     config = XLMRobertaConfig(
         vocab_size=len(vocab), hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=256, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
-        bos_token_id=0, eos_token_id=2, num_labels=1,
+        bos_token_id=0, eos_token_id=2, num_labels=labels,
     )  # fmt: skip
+    if named:  # an NLI classifier's labels, which llama.cpp's converter writes into the GGUF
+        config.id2label = dict(enumerate(["contradiction", "entailment", "neutral"][:labels]))
     torch.manual_seed(seed)
     cross_encoder = XLMRobertaForSequenceClassification(config)
     with torch.no_grad():  # a clear-cut spread of scores, not all near 0.5

@@ -148,7 +148,8 @@ def test_gguf_rerankers_on_llama_cpp(rag, tmp_path) -> None:
     """bge-reranker-v2-m3's and Qwen3-Reranker's layouts converted by llama.cpp's converter (which
     knows the second by its folder's name) and served by the llama.cpp engine score as their
     transformers references do, control tokens in a document read as text; a BERT cross-encoder,
-    whose pooler the converter drops, is refused."""
+    whose pooler the converter drops, is refused, and so is a classifier with two labels (in one
+    line either way, also where llama.cpp itself cannot load it)."""
     from engines import require
     from rag_models import build_xlmr_cross_encoder, convert_to_gguf
 
@@ -180,6 +181,13 @@ def test_gguf_rerankers_on_llama_cpp(rag, tmp_path) -> None:
     done = llmhost("embed", str(bert), "hello", "--engine", "llamacpp")
     assert done.returncode == 1 and "leaves out the pooler" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+    for named, words in ((True, "with 2 labels is not a reranker"), (False, "llama.cpp could not load")):
+        # a classifier, not a reranker; without label names llama.cpp itself cannot load it
+        two = build_xlmr_cross_encoder(tmp_path / f"two-labels-{named}", labels=2, named=named)
+        gguf = convert_to_gguf(two, tmp_path / f"two-labels-{named}.gguf")
+        done = llmhost("embed", str(gguf), "hi", "--engine", "llamacpp")
+        assert done.returncode == 1 and words in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
 
 
 def test_the_calls_dify_ragflow_and_xinference_make(rag) -> None:

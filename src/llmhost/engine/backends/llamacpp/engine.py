@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from llmhost.config import KV_ELEMENT_BYTES, LoadSettings
-from llmhost.engine.backends.gguf import GGUFReadError, check_readable
+from llmhost.engine.backends.gguf import GGUFReadError
 from llmhost.engine.backends.llamacpp.offload import DEFAULT_SLOT_TOKENS, GgufFacts, open_offloaded
 from llmhost.engine.backends.llamacpp.runner import LlamaCppRunner
 from llmhost.engine.backends.llamacpp.slots import PREFILL_BLOCK
@@ -162,14 +162,7 @@ class LlamaCppEngine(LocalEngine):
     def load(cls, gguf: Path, settings: LoadSettings, name: str, facts: GgufFacts) -> LlamaCppEngine:
         # this object reads the model, its tokenizer and metadata; decoding happens in the
         # runner's own multi-sequence context, so its own context is kept minimal
-        try:
-            llm, device = open_offloaded(gguf, settings, facts)
-        except ValueError as err:  # llama.cpp says only "Failed to load model from file"
-            check_readable(gguf)  # a damaged file is GGUFReadError, which the caller words
-            raise LlmhostError(
-                f"llama.cpp could not load {gguf} ({err}); the file reads fine, so its architecture may be "
-                "newer than this llama.cpp: upgrade llama-cpp-python, or try --engine transformers"
-            ) from None
+        llm, device = open_offloaded(gguf, settings, facts)
         template = settings.read_chat_template() or llm.metadata.get("tokenizer.chat_template")
         engine = cls(llm, name, template, settings)
         engine.placement = device

@@ -17,7 +17,7 @@ from typing import Any
 
 import llmhost.engine.backends.llamacpp.repack as repack
 from llmhost.config import KV_ELEMENT_BYTES, LoadSettings
-from llmhost.errors import InvalidRequestError
+from llmhost.errors import InvalidRequestError, LlmhostError
 from llmhost.installs import LLAMACPP_GPU_BUILD, llamacpp_offloads
 
 log = logging.getLogger("llmhost.llamacpp")
@@ -231,8 +231,23 @@ def open_offloaded(gguf: Path, settings: LoadSettings, facts: GgufFacts, **optio
     log.info("llama.cpp: %s (%s)", where.device, where.reason)
     try:
         return repack.open_model(gguf, bool(decision.use), n_gpu_layers=where.layers, **options), where.device
-    except ValueError:
+    except ValueError as err:
         if where.layers == 0 or settings.n_gpu_layers is not None:
-            raise
+            raise unloadable(gguf, err) from None
     log.warning("llama.cpp could not load %s with %s: it runs on the CPU instead", gguf.name, where.device)
-    return repack.open_model(gguf, bool(decision.use), n_gpu_layers=0, **options), "cpu"
+    try:
+        return repack.open_model(gguf, bool(decision.use), n_gpu_layers=0, **options), "cpu"
+    except ValueError as err:
+        raise unloadable(gguf, err) from None
+
+
+def unloadable(gguf: Path, err: ValueError) -> LlmhostError:
+    """What to say when llama.cpp refuses a file (it says only "Failed to load model from file"):
+    a damaged file raises GGUFReadError here, which the caller words; otherwise the reason."""
+    from llmhost.engine.backends.gguf import check_readable
+
+    check_readable(gguf)
+    return LlmhostError(
+        f"llama.cpp could not load {gguf} ({err}); the file reads fine, so its architecture may be "
+        "newer than this llama.cpp: upgrade llama-cpp-python, or try --engine transformers"
+    )
