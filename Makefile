@@ -69,15 +69,18 @@ browser:
 	  || echo "warning: could not install chromium; the browser test will be skipped"
 
 # The coding agents the tests run headless against the server (npm; ≈15 s): Claude Code speaks
-# Anthropic Messages, Codex CLI OpenAI Responses. Where npm is missing their tests are skipped
+# Anthropic Messages, Codex CLI OpenAI Responses. With them, the `tiktoken` npm package, whose
+# cl100k_base table (byte-identical to OpenAI's, checked by its hash) lets LangChain's
+# OpenAIEmbeddings run with its defaults offline. Where npm is missing those tests are skipped
 # (CI sets LLMHOST_REQUIRE_AGENTS=1, which makes that a failure instead).
 AGENT_CLIS := .agent-clis
-$(AGENT_CLIS)/.installed:
-	npm install -s --no-audit --no-fund --prefix $(AGENT_CLIS) @anthropic-ai/claude-code@2.1.197 @openai/codex@0.171.0
+NPM_PACKAGES := @anthropic-ai/claude-code@2.1.197 @openai/codex@0.171.0 tiktoken@1.0.22
+$(AGENT_CLIS)/.installed-3:
+	npm install -s --no-audit --no-fund --prefix $(AGENT_CLIS) $(NPM_PACKAGES)
 	touch $@
 
 agent-clis:
-	@command -v npm >/dev/null && $(MAKE) -s $(AGENT_CLIS)/.installed \
+	@command -v npm >/dev/null && $(MAKE) -s $(AGENT_CLIS)/.installed-3 \
 	  || echo "warning: could not install the coding agents' CLIs; their tests will be skipped"
 
 # The installs run side by side: llama-cpp-python's compile keeps the cores busy while

