@@ -41,6 +41,13 @@ def test_doctor_offers_the_8_bit_cache_when_only_it_fits() -> None:
     assert fit.dtype == "q4_k_m --kv-cache q8_0" and fit.room_gib >= 0
     [roomy] = fits([entry], f16 + 1, gpu=True, context=32768)
     assert "--kv-cache" not in roomy.dtype
+    # 16-bit weights keep them with the 8-bit cache (the transformers engine's too) before 8-bit weights
+    small = catalog()["qwen2.5-1.5b-instruct"]
+    full = estimate(shape_of(small), "bfloat16", 32768, gpu=True).total_gib
+    halved = estimate(shape_of(small), "bfloat16", 32768, gpu=True, kv_cache="q8_0").total_gib
+    [fit] = fits([small], (full + halved) / 2, gpu=True, context=32768)
+    assert fit.dtype == "bfloat16 --kv-cache q8_0" and fit.room_gib >= 0
+    assert fits([small], full + 0.1, gpu=True, context=32768)[0].dtype == "bfloat16"
 
 
 def test_the_engines_that_keep_16_bits_refuse_it(tiny_dir) -> None:
