@@ -1,10 +1,12 @@
-"""llama.cpp's KV cache types (`--kv-cache f16|q8_0|q4_0`), side by side in one run on this CPU,
-each in a fresh process (so resident memory is its own): a long conversation filling the
-embedded model's whole window (8192 tokens, its trained maximum), its resident memory after the
-load and after the prompt, the prompt's time, and decode tokens/s at that depth; then the
-perplexity of a fixed text (this repository's docs) with each cache, against f16's.
+"""KV cache types (`--kv-cache`), side by side in one run on this CPU, each in a fresh process (so
+resident memory is its own): a long conversation filling the embedded model's whole window (8192
+tokens, its trained maximum), its resident memory after the load and after the prompt, the
+prompt's time, and decode tokens/s at that depth; then the perplexity of a fixed text (this
+repository's docs) with each cache, against the 16-bit one's. llama.cpp's types (f16, q8_0,
+q4_0) by default; `--engine transformers` compares its cache in the model's dtype (float32 here)
+with its q8_0 (engine/backends/hf_kvcache.py).
 
-    python bench/kv_cache.py [--tokens 64] [--window 8192]
+    python bench/kv_cache.py [--engine llamacpp|transformers] [--tokens 64] [--window 8192]
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TYPES = ("f16", "q8_0", "q4_0")
+TYPES = {"llamacpp": ("f16", "q8_0", "q4_0"), "transformers": ("f16", "q8_0")}
 
 
 def text(limit_chars: int) -> str:
@@ -27,7 +29,7 @@ def text(limit_chars: int) -> str:
     return "\n\n".join(parts)[:limit_chars]
 
 
-def child(cache: str, window: int, tokens: int) -> dict[str, float]:
+def child(engine_kind: str, cache: str, window: int, tokens: int) -> dict[str, float]:
     import psutil
 
     from llmhost.config import LoadSettings
@@ -36,13 +38,14 @@ def child(cache: str, window: int, tokens: int) -> dict[str, float]:
     from llmhost.engine.request import GenerationRequest
 
     me = psutil.Process()
-    engine = load(
-        None, LoadSettings(engine="llamacpp", context_length=window, max_concurrency=1, kv_cache=cache)
-    )
+    settings = LoadSettings(engine=engine_kind, context_length=window, max_concurrency=1, kv_cache=cache)
+    if engine_kind == "transformers":  # the GGUF's weights, dequantized: float32, as the tests run it
+        settings = settings.model_copy(update={"dtype": "float32"})
+    engine = load(None, settings)
     loaded = me.memory_info().rss
-    doc = engine.llm.tokenize(text(200_000).encode(), add_bos=False, special=False)
+    doc = engine.encode_plain(text(200_000))
     room = window - tokens - 64  # the template's markers and the question
-    question = engine.llm.detokenize(doc[:room]).decode("utf-8", "replace")
+    question = engine.decoder.decode(doc[:room])
     messages = [{"role": "user", "content": question + "\n\nSummarise the text above in one paragraph."}]
     started = time.perf_counter()
     r = engine.generate(GenerationRequest(messages, GenerationParams(temperature=0, max_new_tokens=tokens)))
@@ -56,8 +59,29 @@ def child(cache: str, window: int, tokens: int) -> dict[str, float]:
         "prefill_s": r.ttft_s or 0.0,
         "decode_tps": r.decode_tps or 0.0,
         "wall_s": wall,
-        "nll": nll(cache),
+        "nll": nll(cache) if engine_kind == "llamacpp" else hf_nll(cache),
     }
+
+
+def hf_nll(cache: str, n_ctx: int = 2048, block: int = 64) -> float:
+    """The same on transformers: the text read in blocks of 64 tokens, each attending to the
+    cache of the type `cache` (the model's dtype for f16)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmhost.engine import resolve_ref
+    from llmhost.engine.backends.hf_folder import cache_kwarg
+    from llmhost.engine.backends.hf_kvcache import new_cache
+
+    folder = str(resolve_ref(None).hf_folder())
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor([AutoTokenizer.from_pretrained(folder)(text(50_000))["input_ids"][: n_ctx + 1]])
+    kv, total = {cache_kwarg(model): new_cache(model, cache)}, 0.0
+    with torch.no_grad():
+        for start in range(0, n_ctx, block):
+            logits = model(input_ids=ids[:, start : start + block], **kv).logits[0].log_softmax(-1)
+            total -= logits.gather(-1, ids[0, start + 1 : start + block + 1, None]).sum().item()
+    return total / n_ctx
 
 
 def nll(cache: str, n_ctx: int = 2048) -> float:
@@ -86,29 +110,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--engine", choices=list(TYPES), default="llamacpp")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--window", type=int, default=8192)
-    parser.add_argument("--child", choices=TYPES, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=TYPES["llamacpp"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.window, args.tokens)))
+        print(json.dumps(child(args.engine, args.child, args.window, args.tokens)))
         return
     rows = {}
-    for cache in TYPES:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--child",
-            cache,
-            "--tokens",
-            str(args.tokens),
-            "--window",
-            str(args.window),
-        ]
+    for cache in TYPES[args.engine]:
+        cmd = [sys.executable, __file__, "--engine", args.engine, "--child", cache]
+        cmd += ["--tokens", str(args.tokens), "--window", str(args.window)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows[cache] = json.loads(out.stdout.strip().splitlines()[-1])
     base = rows["f16"]
-    print(f"embedded model, one conversation of {base['prompt_tokens']} prompt tokens, {args.tokens} decoded")
+    print(
+        f"embedded model on {args.engine}, one conversation of {base['prompt_tokens']} prompt tokens, "
+        f"{args.tokens} decoded"
+    )
     heads = ("RSS loaded", "RSS after", "growth", "prefill s", "decode t/s", "vs f16", "ppl", "ppl vs f16")
     print(f"{'cache':6} " + " ".join(f"{h:>11}" for h in heads))
     for cache, r in rows.items():

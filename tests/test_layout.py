@@ -207,8 +207,9 @@ def test_backends_are_named_after_their_engine() -> None:
     assert set(ENGINES) == values
     folder = PACKAGE / "engine" / "backends"
     # besides the engines: the converters (GGUF, Qwen-1), the script vLLM's Python runs and the
-    # transformers engine's per-row LoRA, prefix cache, folder reading and speculation's checks
-    others = {"__init__", "gguf", "qwen1", "vllm_child", "lora", "prefix", "hf_folder", "hf_verify"}
+    # transformers engine's per-row LoRA, prefix cache, folder reading, speculation's checks, q8_0 cache
+    others = {"__init__", "gguf", "qwen1", "vllm_child", "lora", "prefix"}
+    others |= {"hf_folder", "hf_verify", "hf_kvcache"}
     found = {p.stem for p in folder.glob("*.py")} | {
         p.name for p in folder.iterdir() if (p / "__init__.py").exists()
     }

@@ -57,7 +57,7 @@ def test_a_conversations_turns_reuse_the_last_reply_and_equal_cold_runs(hf) -> N
         assert cold.cached_tokens == 0
         cached.append((warm.cached_tokens, warm.prompt_tokens))
         conversation.append({"role": "assistant", "content": warm.text})
-    assert all(c % 64 == 0 and c < p for c, p in cached)
+    assert all(c % 64 == 0 and c < p for c, p in cached), cached
     assert all(p - c < 64 + 40 for c, p in cached[1:]), cached  # the reply was reused, not re-prefilled
     # the same prompt again (a retry): nothing to evaluate before the first token
     retry = hf.generate(GenerationRequest(conversation[:-1], params))

@@ -463,3 +463,10 @@ def test_a_draft_model_of_another_vocabulary_is_refused_with_what_to_pick(tmp_pa
     assert "token" in r.stderr and "hellq" in r.stderr and "same family" in r.stderr
     r = llmhost("generate", "--speculative", "draft", "Hi", home=tmp_path)
     assert r.returncode == 2 and "needs --draft-model" in r.stderr
+    # a damaged draft (a download cut short) is named as the file to mend, not the target
+    cut = tmp_path / "cut-short.gguf"
+    cut.write_bytes(gguf.read_bytes()[: gguf.stat().st_size // 2])
+    r = llmhost("generate", "--engine", "llamacpp", "--draft-model", str(cut), "Hi", home=tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert f"{cut} could not be read as a GGUF draft model (--draft-model)" in r.stderr.replace("\n", " ")
+    assert str(gguf) not in r.stderr

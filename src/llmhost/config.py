@@ -99,7 +99,8 @@ class LoadSettings(BaseSettings):
         "f16",
         description="KV cache type on llama.cpp: f16, q8_0 (about half the memory: twice the context "
         "in the same RAM, at a small cost in quality) or q4_0 (about a quarter, a larger cost). The "
-        "transformers engine keeps 16 bits; for vLLM pass --vllm-args '--kv-cache-dtype fp8'.",
+        "transformers engine takes f16 (the model's dtype) or q8_0 (llama.cpp's blocks, in torch); for "
+        "vLLM pass --vllm-args '--kv-cache-dtype fp8'.",
     )
     speculative: Literal["auto", "ngram", "draft", "off"] = Field(
         "auto",

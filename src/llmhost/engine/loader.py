@@ -71,15 +71,21 @@ def check_engine_settings(kind: str, settings: LoadSettings) -> None:
             f"--draft-model is the llama.cpp engine's (GGUF models); the {kind} engine has no draft "
             "model: use --speculative ngram (prompt lookup) there"
         )
-    if settings.kv_cache == "f16" or kind == "llamacpp":
+    if (
+        settings.kv_cache == "f16"
+        or kind == "llamacpp"
+        or (kind, settings.kv_cache) == ("transformers", "q8_0")
+    ):
         return
-    hint = {
-        "vllm": ": pass --vllm-args '--kv-cache-dtype fp8' for vLLM's 8-bit cache",
-        "transformers": ": serve a GGUF of the model on llama.cpp for a quantized cache",
-    }.get(kind, "")
+    if kind == "transformers":
+        raise InvalidRequestError(
+            f"--kv-cache {settings.kv_cache} is llama.cpp's (GGUF models); the transformers engine "
+            "keeps f16 or q8_0: serve a GGUF of the model on llama.cpp for q4_0"
+        )
+    hint = {"vllm": ": pass --vllm-args '--kv-cache-dtype fp8' for vLLM's 8-bit cache"}.get(kind, "")
     raise InvalidRequestError(
-        f"--kv-cache {settings.kv_cache} is llama.cpp's (GGUF models); the {kind} engine keeps a "
-        f"16-bit cache{hint}"
+        f"--kv-cache {settings.kv_cache} is for the llama.cpp and transformers engines; the {kind} "
+        f"engine keeps a 16-bit cache{hint}"
     )
 
 

@@ -62,13 +62,12 @@ def measure_passes(runner: Any) -> tuple[Any, bool]:
     import time
 
     import torch
-    from transformers import DynamicCache
 
     from llmhost.engine.speculation import BatchCost
 
     vocab = runner.model.get_input_embeddings().weight.shape[0]
     probe = [(i * 7919) % max(vocab - 256, 1) + min(128, vocab // 2) for i in range(runner.block + 16)]
-    cache = DynamicCache(config=runner.model.config)
+    cache = runner.new_cache()  # the runner's type: q8_0 costs more per pass
     ids = torch.tensor([probe], device=runner.device)
     runner._forward(ids[:, : runner.block], cache, [None])
     rest = ids[:, runner.block : runner.block + 8]

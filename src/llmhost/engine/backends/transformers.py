@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import llmhost.engine.backends.hf_kvcache as hf_kvcache  # the backend's own: imports transformers
 import llmhost.engine.backends.hf_verify as hf_verify
 from llmhost.config import LoadSettings
 from llmhost.engine.backends.hf_folder import (
@@ -86,6 +87,7 @@ class TransformersEngine(LocalEngine):
         max_queue: int = 64,
         prefix_gib: float = DEFAULT_PREFIX_GIB,
         exact: bool = True,
+        kv_cache: str = "f16",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -100,6 +102,7 @@ class TransformersEngine(LocalEngine):
         self.max_queue = max_queue
         self.prefix_gib = prefix_gib
         self.exact = exact
+        self.kv_cache = kv_cache
 
     @classmethod
     def load(
@@ -156,7 +159,9 @@ class TransformersEngine(LocalEngine):
             settings.max_queue,
             kept,
             settings.exact_prefix,
+            settings.kv_cache,
         )
+        hf_kvcache.check(model, settings.kv_cache, batchable(model))
         engine.speculative = settings.speculative
         return engine
 
@@ -185,7 +190,7 @@ class TransformersEngine(LocalEngine):
 
     def runner(self) -> TransformersRunner:
         kept = int(self.prefix_gib * 2**30)
-        return TransformersRunner(self.model, self._cache_kw, self.max_batch, kept, self.exact)
+        return TransformersRunner(self.model, self._cache_kw, self.max_batch, kept, self.exact, self.kv_cache)
 
 
 class TransformersRunner:
@@ -205,7 +210,13 @@ class TransformersRunner:
     """
 
     def __init__(
-        self, model: Any, cache_kw: str, max_batch: int, prefix_bytes: int = 0, exact: bool = True
+        self,
+        model: Any,
+        cache_kw: str,
+        max_batch: int,
+        prefix_bytes: int = 0,
+        exact: bool = True,
+        kv_cache: str = "f16",
     ) -> None:
         from llmhost.engine.backends.prefix import PrefixCache
         from llmhost.hardware import torch_threads
@@ -213,6 +224,7 @@ class TransformersRunner:
         self.model = model
         self.device = model.device
         self._kw = cache_kw
+        self.kv_cache = kv_cache  # f16 or q8_0 (hf_kvcache.py)
         plain = batchable(model)
         self.max_batch = max_batch if plain else 1
         gpu = self.device.type != "cpu"
@@ -308,15 +320,14 @@ class TransformersRunner:
     def abort_prefill(self) -> None:
         self._chunking = None
 
-    def _cache_from(self, entry: Any, shared: int) -> Any:
-        """A cache holding the first `shared` positions of `entry` (views: a cache's update makes
-        new tensors, so the entry's are never written)."""
-        from transformers import DynamicCache
+    def new_cache(self) -> Any:
+        return hf_kvcache.new_cache(self.model, self.kv_cache)
 
-        cache = DynamicCache(config=self.model.config)
+    def _cache_from(self, entry: Any, shared: int) -> Any:
+        """A cache holding the first `shared` positions of `entry`."""
+        cache = self.new_cache()
         if entry is not None and shared:
-            for i, (keys, values) in enumerate(entry.layers):
-                cache.update(keys[:, :, :shared], values[:, :, :shared], i)
+            hf_kvcache.restore(cache, entry.layers, shared)
         return cache
 
     def commit_prefill(self) -> None:

@@ -234,12 +234,15 @@ def _open_draft(settings: LoadSettings, target: Any, target_name: str) -> tuple[
             f"--draft-model {settings.draft_model} is not a GGUF model (llama.cpp reads GGUF)"
         )
     gguf = ref.gguf_file()
-    facts = read_facts(gguf)
-    if facts.pooling is not None:
-        raise InvalidRequestError(
-            f"--draft-model {settings.draft_model} is an embedding model or a reranker, not a chat model"
-        )
-    llm, _ = open_offloaded(gguf, settings, facts)
+    try:  # a damaged draft is the draft's to mend, not the target's (load words the target's)
+        facts = read_facts(gguf)
+        if facts.pooling is not None:
+            raise InvalidRequestError(
+                f"--draft-model {settings.draft_model} is an embedding model or a reranker, not a chat model"
+            )
+        llm, _ = open_offloaded(gguf, settings, facts)
+    except GGUFReadError as err:
+        raise ref.damaged(gguf, str(err), "GGUF draft model (--draft-model)") from None
     check_vocabulary(target, llm, target_name, ref.name)
     log.info("llama.cpp: draft model %s for --speculative draft", ref.name)
     return llm, ref.name
