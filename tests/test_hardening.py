@@ -255,6 +255,25 @@ def test_a_truncated_gguf_file_is_one_line_and_leaves_no_partial_conversion(dama
     assert not converted.exists() or list(converted.iterdir()) == []
 
 
+def test_a_gguf_of_an_architecture_llama_cpp_does_not_know_says_so_in_one_line(tmp_path) -> None:
+    """A whole, readable GGUF that this llama.cpp refuses: its own reason from its log (which
+    llama-cpp-python sends to /dev/null), and what to do, not a guess."""
+    from engines import require
+    from llmhost.store.embedded import embedded_gguf
+
+    require("llamacpp")
+    data = bytearray(embedded_gguf()[0].read_bytes())
+    at = data.find(b"llama", data.find(b"general.architecture"))  # the value, same length: still valid
+    data[at : at + 5] = b"llamx"
+    newer = tmp_path / "newer.gguf"
+    newer.write_bytes(bytes(data))
+    line = one_line_error(
+        llmhost("generate", str(newer), "hi", "--engine", "llamacpp", home=tmp_path / "home")
+    )
+    assert f"llama.cpp could not load {newer}: unknown model architecture: 'llamx'" in line
+    assert "upgrade llama-cpp-python" in line and "damaged" not in line
+
+
 def test_a_damaged_store_model_says_how_to_get_it_back(tmp_path, damaged) -> None:
     home = tmp_path / "home"
     r = llmhost("import", str(damaged["gguf"]), "--name", "broken", home=home)

@@ -17,6 +17,7 @@ from typing import Any
 
 import llmhost.engine.backends.llamacpp.repack as repack
 from llmhost.config import KV_ELEMENT_BYTES, LoadSettings
+from llmhost.engine.backends.llamacpp.logs import ERRORS
 from llmhost.errors import InvalidRequestError, LlmhostError
 from llmhost.installs import LLAMACPP_GPU_BUILD, llamacpp_offloads
 
@@ -229,6 +230,8 @@ def open_offloaded(gguf: Path, settings: LoadSettings, facts: GgufFacts, **optio
     decision = repack.decide(settings.weight_repack, gguf)
     where = plan(settings, facts, gguf)
     log.info("llama.cpp: %s (%s)", where.device, where.reason)
+    ERRORS.install()
+    ERRORS.lines.clear()
     try:
         return repack.open_model(gguf, bool(decision.use), n_gpu_layers=where.layers, **options), where.device
     except ValueError as err:
@@ -242,12 +245,22 @@ def open_offloaded(gguf: Path, settings: LoadSettings, facts: GgufFacts, **optio
 
 
 def unloadable(gguf: Path, err: ValueError) -> LlmhostError:
-    """What to say when llama.cpp refuses a file (it says only "Failed to load model from file"):
-    a damaged file raises GGUFReadError here, which the caller words; otherwise the reason."""
+    """What to say when llama.cpp refuses a file (llama-cpp-python says only "Failed to load
+    model from file"): a damaged file raises GGUFReadError here, which the caller words; otherwise
+    llama.cpp's own reason from its log, and what to do about it."""
     from llmhost.engine.backends.gguf import check_readable
 
     check_readable(gguf)
-    return LlmhostError(
-        f"llama.cpp could not load {gguf} ({err}); the file reads fine, so its architecture may be "
-        "newer than this llama.cpp: upgrade llama-cpp-python, or try --engine transformers"
-    )
+    reason = ERRORS.reason()
+    if reason is None:
+        return LlmhostError(
+            f"llama.cpp could not load {gguf} ({err}); the file reads fine, so its architecture may be "
+            "newer than this llama.cpp: upgrade llama-cpp-python, or try --engine transformers"
+        )
+    if "unknown model architecture" in reason:
+        fix = "this llama.cpp is older than the model: upgrade llama-cpp-python, or try --engine transformers"
+    elif "alloc" in reason or "memory" in reason:
+        fix = "not enough memory: lower --context-length or --n-gpu-layers, or pick a smaller quantization"
+    else:
+        fix = "the file reads fine: upgrade llama-cpp-python, or try --engine transformers"
+    return LlmhostError(f"llama.cpp could not load {gguf}: {reason}; {fix}")
