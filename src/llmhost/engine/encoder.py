@@ -2,18 +2,23 @@
 forward pass per batch, no generation. `Batcher` puts the rows of concurrent requests into the
 same batches, so 32 clients each sending one text cost about one forward pass, not 32.
 
-How a batch forms: a worker thread takes every row waiting when it is free, up to a token
-budget, so a lone request starts at once (no collection delay on an idle server) and the rows
-that arrive while a batch runs make the next one. A fixed collection window (3 and 8 ms were
-tried) formed no larger batches at 32 clients on 2 cores and cost a lone request its length.
-Rows are sorted by length and padded in buckets of `BUCKET` rows of similar length, so padding
-stays short.
+How a batch forms: a worker thread takes the rows waiting when it is free, up to a token budget,
+so a lone request starts at once (no collection delay on an idle server). Under load it first
+waits, briefly, until half the requests in flight wait: clients answered together come back
+together, spread over their HTTP round trips, and a batch taken at the first arrival runs a
+few rows at a time (on 2 cores at 32 clients a third of the batches held 1 to 3 rows, and one
+short text costs 4x per row what 16 do). Half, not all: one half runs while the other half's
+answers go out and its next requests come in, so the event loop's work overlaps the forward
+pass instead of leaving the model idle. Where half would be a small batch (under
+`SPLIT_TOKENS`), it waits for all of them. Rows are sorted by length and padded in buckets of
+`BUCKET` rows of similar length, so padding stays short.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
@@ -33,6 +38,10 @@ Row = dict[str, list[int]]
 BUCKET = 32
 #: Tokens (before padding) one batch may hold; a request larger than this spans batches.
 BATCH_TOKENS = 16384
+#: The longest a free worker waits under load for the requests in flight to come back.
+MAX_WAIT = 0.05
+#: Fewer tokens than this in a batch run well below a forward pass's full speed on a CPU.
+SPLIT_TOKENS = 256
 
 
 @dataclass(eq=False)
@@ -69,6 +78,11 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self.batches = 0  # batches run and the rows in them (the tests read them to see batching)
         self.rows = 0
+        # under load, what the next batch waits for: the requests in flight as the last two
+        # batches ended (running or waiting), the tokens per request, the last batch's seconds
+        self._load = (0, 0)
+        self._tokens_per_job = 0.0
+        self._took = 0.0
 
     def submit(self, prepare: Callable[[], list[Row]]) -> Future[list[Any]]:
         job = _Job(prepare)
@@ -92,21 +106,28 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self._wake:
+                idle = time.monotonic()
                 while not self._jobs and not self._closed:
                     self._wake.wait()
+                if time.monotonic() - idle > MAX_WAIT:
+                    self._load = (0, 0)  # idle a while: the last batches' clients are not coming back
                 if self._closed:
                     for job in self._jobs:
                         job.fail(LlmhostError(f"{self.name} was unloaded before the request ran"))
                     return
+            self._gather()
             taken = self._take()
             if not taken:
                 continue
+            started = time.monotonic()
             try:
                 outputs = self.run([job.rows[i] for job, i in taken])  # type: ignore[index]
             except Exception as err:  # the batch's requests fail; the worker goes on
                 for job in {job for job, _ in taken}:
                     job.fail(err)
                 continue
+            finally:
+                self._note(taken, time.monotonic() - started)
             self.batches += 1
             self.rows += len(taken)
             for (job, i), out in zip(taken, outputs, strict=True):
@@ -114,6 +135,29 @@ class Batcher:
                 job.left -= 1
                 if job.left == 0 and not job.future.done():
                     job.future.set_result(job.outputs)
+
+    def _note(self, taken: list[tuple[_Job, int]], seconds: float) -> None:
+        jobs = {id(job) for job, _ in taken}
+        with self._wake:
+            in_flight = len(jobs | {id(job) for job in self._jobs})
+        self._load = (self._load[1], in_flight)
+        self._tokens_per_job = sum(len(job.rows[i]["input_ids"]) for job, i in taken) / len(jobs)  # type: ignore[index]
+        self._took = seconds
+
+    def _gather(self) -> None:
+        """Under load, wait until half the requests in flight wait (all of them where half
+        makes too small a batch): up to half the last batch's time (a slower model affords a
+        longer wait), at most MAX_WAIT. On an idle server this returns at once."""
+        load = max(self._load)
+        half = (load + 1) // 2
+        want = half if half * self._tokens_per_job >= SPLIT_TOKENS else load
+        deadline = time.monotonic() + min(MAX_WAIT, self._took / 2)
+        with self._wake:
+            while len(self._jobs) < want and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._wake.wait(left)
 
     def _take(self) -> list[tuple[_Job, int]]:
         """The next batch: rows of the waiting requests in arrival order, up to the budget (a

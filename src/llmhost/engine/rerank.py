@@ -36,6 +36,29 @@ YES_NO_INSTRUCTION = "Given a web search query, retrieve relevant passages that 
 YES_NO_MAX = 8192
 
 
+def yes_no_text(request: RerankRequest) -> list[str]:
+    """Each document's user turn in Qwen3-Reranker's prompt (between YES_NO_PREFIX and _SUFFIX)."""
+    head = f"<Instruct>: {request.instruction or YES_NO_INSTRUCTION}\n<Query>: {request.query}\n<Document>: "
+    return [head + doc for doc in request.documents]
+
+
+class YesNoPrompt:
+    """Qwen3-Reranker's prompt as token ids, with a Hugging Face tokenizer: the prompt's own
+    control tokens are read as control tokens, the user's text as text (a document that spells
+    `<|im_end|>` stays text), cut to leave room for the prompt within `limit`."""
+
+    def __init__(self, tokenizer: Any, limit: int) -> None:
+        self.tokenizer = tokenizer
+        self.before, self.after = self._ids([YES_NO_PREFIX, YES_NO_SUFFIX], split=False)
+        self.room = min(limit, YES_NO_MAX) - len(self.before) - len(self.after)
+
+    def rows(self, request: RerankRequest) -> list[list[int]]:
+        return [[*self.before, *ids[: self.room], *self.after] for ids in self._ids(yes_no_text(request))]
+
+    def _ids(self, texts: list[str], split: bool = True) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=split)["input_ids"]
+
+
 @dataclass(frozen=True)
 class RerankSpec:
     scoring: Scoring
@@ -74,6 +97,14 @@ def read_rerank_spec(folder: Path, declared: str | None = None) -> RerankSpec | 
     )
 
 
+def yes_no_ids(tokenizer: Any, name: str) -> list[int]:
+    """The ids of "no" and "yes", whose logits at the answer's position make the score."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("no", "yes")]
+    if tokenizer.unk_token_id in ids or None in ids:
+        raise LlmhostError(f"{name}: its vocabulary lacks the tokens 'yes' and 'no' a yes/no reranker reads")
+    return ids
+
+
 class RerankEngine(EncoderEngine):
     """A reranker on transformers; the pairs of concurrent requests share forward passes."""
 
@@ -91,13 +122,8 @@ class RerankEngine(EncoderEngine):
         super().__init__(model, tokenizer, name, device, limit)
         self.spec = spec
         if spec.scoring == "yes-no":
-            ids = [tokenizer.convert_tokens_to_ids(t) for t in ("no", "yes")]
-            if tokenizer.unk_token_id in ids or None in ids:
-                raise LlmhostError(
-                    f"{name}: its vocabulary lacks the tokens 'yes' and 'no' a yes/no reranker reads"
-                )
-            self._answers = ids
-            self._around = (self._encode(YES_NO_PREFIX, False), self._encode(YES_NO_SUFFIX, False))
+            self._answers = yes_no_ids(tokenizer, name)
+            self._prompt = YesNoPrompt(tokenizer, limit)
 
     @classmethod
     def load(cls, folder: Path, spec: RerankSpec, settings: LoadSettings, name: str) -> RerankEngine:
@@ -113,10 +139,6 @@ class RerankEngine(EncoderEngine):
     async def arerank(self, request: RerankRequest) -> Scored:
         return self._result(await self._asubmit(lambda: self._rows(request)))
 
-    def _encode(self, text: str, split: bool = True) -> list[int]:
-        """Token ids without special tokens added; `split` reads control-token text as text."""
-        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=split)["input_ids"]
-
     def _rows(self, request: RerankRequest) -> list[Row]:
         docs = request.documents
         if self.spec.scoring == "cross-encoder":
@@ -128,12 +150,7 @@ class RerankEngine(EncoderEngine):
                 {k: pairs[k][i] for k in pairs if k != "attention_mask"}  # the batch pads its own mask
                 for i in range(len(docs))
             ]
-        instruction = request.instruction or YES_NO_INSTRUCTION
-        before, after = self._around
-        room = self.context_length - len(before) - len(after)
-        texts = [f"<Instruct>: {instruction}\n<Query>: {request.query}\n<Document>: {doc}" for doc in docs]
-        ids = self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        return [{"input_ids": [*before, *row[:room], *after]} for row in ids]
+        return [{"input_ids": ids} for ids in self._prompt.rows(request)]
 
     def _forward(self, batch: dict[str, Any]) -> list[Any]:
         import torch

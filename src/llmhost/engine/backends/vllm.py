@@ -11,6 +11,7 @@ when llmhost stops or dies, the child's whole process tree goes with it (see vll
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -19,11 +20,14 @@ import secrets
 import shlex
 import threading
 from pathlib import Path
+from typing import Any
 
 from llmhost.config import LoadSettings, llmhost_home
 from llmhost.engine.backends.openai import OpenAIEngine, UpstreamError, upstream_errors
+from llmhost.engine.chunks import Scored
 from llmhost.engine.ref import ModelRef
-from llmhost.engine.request import GenerationRequest
+from llmhost.engine.request import GenerationRequest, RerankRequest
+from llmhost.engine.rerank import YesNoPrompt
 from llmhost.errors import InvalidRequestError
 from llmhost.installs import VLLM_INSTALL, VllmInstall, find_vllm
 from llmhost.procs import Child, free_port, wait_http
@@ -58,32 +62,52 @@ def check_parallel(folder: Path, name: str, tp: int) -> None:
         )
 
 
-def folder_task(folder: Path, name: str, declared: str | None) -> str:
-    """chat, embed or rerank, from the folder's files as the local engines read them; vLLM runs
-    the last two with its pooling runner."""
+#: How vLLM reads Qwen3-Reranker's causal-LM files as a one-label classifier: the rows of "no"
+#: and "yes" in its output layer become one (yes minus no), whose sigmoid is p(yes) of the two.
+YES_NO_OVERRIDES = {
+    "architectures": ["Qwen3ForSequenceClassification"],
+    "classifier_from_token": ["no", "yes"],
+    "is_original_qwen3_reranker": True,
+}
+
+
+def folder_task(folder: Path, name: str, declared: str | None) -> tuple[str, dict[str, Any] | None]:
+    """chat, embed or rerank, from the folder's files as the local engines read them (vLLM runs
+    the last two with its pooling runner), and the config overrides vLLM needs to read them."""
     from llmhost.engine.embedding import read_spec
     from llmhost.engine.rerank import read_rerank_spec
 
     if read_spec(folder) is not None:
-        return "embed"
+        return "embed", None
     spec = read_rerank_spec(folder, declared)
     if spec is None:
-        return "chat"
+        return "chat", None
     if spec.scoring == "yes-no":
-        raise InvalidRequestError(
-            f"{name} is a yes/no reranker (Qwen3-Reranker's files): vLLM scores it only in its converted "
-            "sequence-classification form; serve it with --engine transformers"
-        )
-    return "rerank"
+        architectures = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures")
+        if architectures != ["Qwen3ForCausalLM"]:
+            raise InvalidRequestError(
+                f"{name} is a yes/no reranker on {architectures}: vLLM reads Qwen3-Reranker's (Qwen3) files "
+                "as a reranker; serve it with --engine transformers"
+            )
+        return "rerank", YES_NO_OVERRIDES
+    return "rerank", None
 
 
 def server_args(
-    folder: Path, name: str, port: int, settings: LoadSettings, install: VllmInstall, task: str = "chat"
+    folder: Path,
+    name: str,
+    port: int,
+    settings: LoadSettings,
+    install: VllmInstall,
+    task: str = "chat",
+    overrides: dict[str, Any] | None = None,
 ) -> list[str]:
     """vLLM's server flags for llmhost's settings; --vllm-args come last, so they win."""
     args = ["--model", str(folder), "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port)]
     if task != "chat":
         args += ["--runner", "pooling"]
+    if overrides:
+        args += ["--hf-overrides", json.dumps(overrides)]
     args += ["--tensor-parallel-size", str(settings.tensor_parallel_size)]
     args += ["--pipeline-parallel-size", str(settings.pipeline_parallel_size)]
     # llmhost sends every sampling parameter itself: the model's generation_config must not
@@ -154,7 +178,7 @@ def load(ref: ModelRef, settings: LoadSettings) -> VLLMEngine:
             f"or `llmhost merge {ref.name} NAME` makes a standalone model"
         )
     folder = ref.hf_folder()
-    return VLLMEngine.start(folder, ref.name, settings, folder_task(folder, ref.name, ref.declared_task))
+    return VLLMEngine.start(folder, ref.name, settings, *folder_task(folder, ref.name, ref.declared_task))
 
 
 class VLLMEngine(OpenAIEngine):
@@ -165,6 +189,10 @@ class VLLMEngine(OpenAIEngine):
 
     child: Child
     _closing = False
+    #: Qwen3-Reranker: llmhost writes its prompt (as the transformers engine does, user text as
+    #: text) and vLLM scores the token ids on /classify; vLLM's own /rerank would parse control
+    #: tokens in a document and needs the prompt from the client.
+    yes_no: YesNoPrompt | None = None
 
     def add_adapter(self, name: str, path: Path) -> OpenAIEngine:
         """vLLM's runtime LoRA loading (the child runs with --enable-lora): requests for `name`
@@ -195,10 +223,9 @@ class VLLMEngine(OpenAIEngine):
             payload["add_generation_prompt"] = True
             if kwargs := body.get("extra_body", {}).get("chat_template_kwargs"):
                 payload["chat_template_kwargs"] = kwargs
-        root = self.base_url.removesuffix("/").removesuffix("/v1")
         with upstream_errors(self.base_url, self.unreachable):
             r = httpx.post(
-                f"{root}/tokenize",
+                f"{self._root}/tokenize",
                 json=payload,
                 headers={"Authorization": f"Bearer {self.api_key}"},
                 timeout=60,
@@ -207,15 +234,49 @@ class VLLMEngine(OpenAIEngine):
             raise UpstreamError(f"vLLM could not count the tokens: {r.text[:300]}", 502)
         return int(r.json()["count"])
 
+    def rerank(self, request: RerankRequest) -> Scored:
+        if self.yes_no is None:
+            return super().rerank(request)
+        return self._classified(self._post(self._sync, self._root + "/classify", self._rows(request)))
+
+    async def arerank(self, request: RerankRequest) -> Scored:
+        if self.yes_no is None:
+            return await super().arerank(request)
+        body = await asyncio.to_thread(self._rows, request)  # tokenizing long documents
+        return self._classified(await self._post(self._async, self._root + "/classify", body))
+
+    def _rows(self, request: RerankRequest) -> dict[str, Any]:
+        assert self.yes_no is not None
+        return {"model": self.name, "input": self.yes_no.rows(request), "use_activation": True}
+
+    def _classified(self, got: Any) -> Scored:
+        try:
+            data = sorted(got["data"], key=lambda d: d["index"])
+            return Scored([float(d["probs"][0]) for d in data], int(got["usage"]["prompt_tokens"]))
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as err:
+            raise self._odd("rerank", err) from None
+
+    @property
+    def _root(self) -> str:
+        """vLLM's own routes (/classify, /tokenize) are beside /v1, not under it."""
+        return self.base_url.removesuffix("/").removesuffix("/v1")
+
     @classmethod
-    def start(cls, folder: Path, name: str, settings: LoadSettings, task: str = "chat") -> VLLMEngine:
+    def start(
+        cls,
+        folder: Path,
+        name: str,
+        settings: LoadSettings,
+        task: str = "chat",
+        overrides: dict[str, Any] | None = None,
+    ) -> VLLMEngine:
         check_parallel(folder, name, settings.tensor_parallel_size)
         install = locate(settings)
         port, key = free_port(), secrets.token_urlsafe(24)
         # -I: the script's folder must not go on sys.path: its neighbours are named vllm.py,
         # openai.py and transformers.py, which would shadow the real packages in vLLM's Python
         cmd = [str(install.python), "-I", "-u", str(CHILD), str(os.getpid())]
-        cmd += server_args(folder, name, port, settings, install, task)
+        cmd += server_args(folder, name, port, settings, install, task, overrides)
         logfile = llmhost_home() / "logs" / f"vllm-{name.replace('/', '_')}-{port}.log"
         child = Child("vLLM server", cmd, child_env(key, install, settings), logfile, group=True)
         log.info("starting vLLM %s for %s (log: %s)", install.version, name, logfile)
@@ -227,6 +288,12 @@ class VLLMEngine(OpenAIEngine):
             child.stop()
             raise
         engine.child, engine.task = child, task
+        if overrides is YES_NO_OVERRIDES:
+            try:
+                engine.yes_no = _yes_no_prompt(folder, name, settings, engine.context_length)
+            except BaseException:
+                child.stop()
+                raise
         engine.placement = "cpu" if install.cpu else f"cuda (vLLM, TP {settings.tensor_parallel_size})"
         threading.Thread(target=engine._watch, name="vllm-watch", daemon=True).start()
         return engine
@@ -264,6 +331,16 @@ class VLLMEngine(OpenAIEngine):
         self._closing = True
         super().close()
         self.child.stop(timeout=20)
+
+
+def _yes_no_prompt(folder: Path, name: str, settings: LoadSettings, context: int) -> YesNoPrompt:
+    from transformers import AutoTokenizer
+
+    from llmhost.engine.rerank import yes_no_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=settings.trust_remote_code)
+    yes_no_ids(tokenizer, name)  # vLLM's conversion reads the same two tokens
+    return YesNoPrompt(tokenizer, context)
 
 
 def _max_model_len(base_url: str, key: str, name: str) -> int:

@@ -27,7 +27,7 @@ from llmhost.engine.backends.llamacpp.offload import GgufFacts
 from llmhost.engine.chunks import Scored
 from llmhost.engine.encoder import Row
 from llmhost.engine.request import RerankRequest
-from llmhost.engine.rerank import YES_NO_INSTRUCTION, YES_NO_MAX, YES_NO_PREFIX, YES_NO_SUFFIX
+from llmhost.engine.rerank import YES_NO_MAX, YES_NO_PREFIX, YES_NO_SUFFIX, yes_no_text
 from llmhost.errors import LlmhostError
 
 #: llama.cpp's architectures whose rank head is Qwen3-Reranker's yes/no softmax.
@@ -93,12 +93,7 @@ class LlamaCppRerankEngine(LlamaCppEncoder):
         if self.yes_no:
             head, tail = self._ends
             room = self.context_length - len(head) - len(tail)
-            instruction = request.instruction or YES_NO_INSTRUCTION
-            texts = (
-                f"<Instruct>: {instruction}\n<Query>: {request.query}\n<Document>: {doc}"
-                for doc in request.documents
-            )
-            return [{"input_ids": [*head, *self._tokens(t)[:room], *tail]} for t in texts]
+            return [{"input_ids": [*head, *self._tokens(t)[:room], *tail]} for t in yes_no_text(request)]
         before, after = self._around
         room = self.context_length - len(before) - 2 * len(after) - len(self._middle)
         query = self._tokens(request.query)
