@@ -136,6 +136,21 @@ def test_transformers_q8_0_holds_llama_cpp_blocks() -> None:
     assert more.shape == (2, 3, 6, 64) and torch.equal(more[:, :, :5], keys) and layer.get_seq_length() == 6
 
 
+def test_transformers_q8_0_refuses_sliding_window_models_before_their_weights(tmp_path) -> None:
+    """A model with sliding-window layers (Gemma 2's config) is refused from its config, before
+    its weights load: the folder's weights here are not weights at all."""
+    from transformers import Gemma2Config
+
+    from llmhost.config import LoadSettings
+    from llmhost.engine import load
+    from llmhost.errors import LlmhostError
+
+    Gemma2Config(num_hidden_layers=2, architectures=["Gemma2ForCausalLM"]).save_pretrained(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"not weights")
+    with pytest.raises(LlmhostError, match=r"q8_0 .* gemma2 has sliding-window or recurrent layers"):
+        load(str(tmp_path), LoadSettings(engine="transformers", kv_cache="q8_0"))
+
+
 def test_transformers_q8_0_costs_little_perplexity_for_a_quarter_of_the_memory(embedded_dir) -> None:
     """The embedded model (float32) reads 512 tokens of this repository's README in blocks of 64,
     each attending to the cache: perplexity within 1% of the full-precision cache's (the issue's

@@ -128,3 +128,35 @@ def test_a_streamed_reply_ends_with_usage_then_done():
     assert frames[-1] == "data: [DONE]\n\n"
     assert '"choices": []' in frames[-2] and '"total_tokens"' in frames[-2]
     assert all(f.startswith("data: ") for f in frames)
+
+
+def test_cl100k_that_cannot_be_fetched_is_a_quick_400_not_a_hang(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tiktoken downloads cl100k_base with no timeout: behind a firewall that drops packets the
+    request is answered after `wait` seconds, the next ones at once, and a later try succeeds."""
+    import threading
+    import time
+
+    import tiktoken
+
+    from llmhost.server.protocols.openai_embeddings import Cl100k
+
+    released, calls = threading.Event(), []
+
+    def dropped(name: str):
+        calls.append(name)
+        released.wait(30)
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", dropped)
+    loader = Cl100k(wait=0.2, retry=60)
+    start = time.perf_counter()
+    with pytest.raises(InvalidRequestError, match=r"no answer from its download in 0.2 s\): send text"):
+        loader.get()
+    with pytest.raises(InvalidRequestError, match="no answer"):
+        loader.get()  # remembered: no second download, no second wait
+    assert time.perf_counter() - start < 10 and calls == ["cl100k_base"]
+    released.set()
+    assert isinstance(loader._loading.exception(timeout=30), ConnectionError)  # the first try ends
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: f"the {name} encoding")
+    loader.retry = 0  # the remembered failure has expired: a new try, which is kept
+    assert loader.get() == loader.get() == "the cl100k_base encoding"

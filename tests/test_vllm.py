@@ -193,6 +193,17 @@ def test_qwen3_reranker_files_are_read_by_vllm_as_a_classifier(tmp_path) -> None
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(InvalidRequestError, match="serve it with --engine transformers"):
         folder_task(tmp_path, "m", "rerank")
+    # a vocabulary without "yes" and "no": refused before a vLLM child starts
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from llmhost.engine.backends.vllm import VLLMEngine
+    from llmhost.errors import LlmhostError
+
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1}, unk_token="[UNK]"))
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(str(tmp_path))
+    with pytest.raises(LlmhostError, match="m: its vocabulary lacks the tokens 'yes' and 'no'"):
+        VLLMEngine.start(tmp_path, "m", LoadSettings(engine="vllm"), "rerank", YES_NO_OVERRIDES)
 
 
 @pytest.mark.skipif(not os.path.exists("/bin/false"), reason="needs /bin/false")

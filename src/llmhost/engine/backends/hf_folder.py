@@ -98,10 +98,15 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def batchable(model: Any) -> bool:
     """Row merging needs plain full-attention cache layers (no sliding windows, no SSM state)."""
+    return plain_cache(model.config)
+
+
+def plain_cache(config: Any) -> bool:
+    """Whether every cache layer of a model with this config is a plain full-attention one."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=config)
     return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 

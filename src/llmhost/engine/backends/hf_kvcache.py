@@ -12,10 +12,12 @@ quanto's 2 and 4 bits, HQQ's optional package)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from transformers.cache_utils import DynamicLayer
 
+from llmhost.engine.backends.hf_folder import plain_cache
 from llmhost.errors import LlmhostError
 
 #: Values per scale (llama.cpp's QK8_0); a head dimension that is no multiple of it gets one
@@ -97,11 +99,17 @@ def restore(cache: Any, layers: list[tuple[Any, Any]], n: int) -> None:
             cache.update(keys[:, :, :n], values[:, :, :n], i)
 
 
-def check(model: Any, kv_cache: str, plain: bool) -> None:
-    """q8_0 rides on the runner's plain full-attention cache rows."""
-    if kv_cache == "q8_0" and not plain:
+def check(folder: Path, kv_cache: str, remote: bool) -> None:
+    """q8_0 rides on the runner's plain full-attention cache rows; the model's config says
+    whether it has them, so a refusal comes before its weights load."""
+    if kv_cache != "q8_0":
+        return
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=remote)
+    if not plain_cache(config):
         raise LlmhostError(
             "--kv-cache q8_0 on the transformers engine needs a model whose layers all attend to "
-            f"the whole sequence; {type(model).__name__} has sliding-window or recurrent layers: "
+            f"the whole sequence; {config.model_type} has sliding-window or recurrent layers: "
             "use --kv-cache f16, or a GGUF of it on llama.cpp"
         )

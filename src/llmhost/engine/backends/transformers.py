@@ -137,6 +137,7 @@ class TransformersEngine(LocalEngine):
         if device.startswith("cuda"):
             kwargs["device_map"] = "auto" if device == "cuda" else device
         with load_errors(path, ref, remote):
+            hf_kvcache.check(path, settings.kv_cache, remote)  # before the weights: a refusal loads none
             tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=remote)
             model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
         if adapter is not None:  # merged once: inference then runs at the base model's speed
@@ -161,7 +162,6 @@ class TransformersEngine(LocalEngine):
             settings.exact_prefix,
             settings.kv_cache,
         )
-        hf_kvcache.check(model, settings.kv_cache, batchable(model))
         engine.speculative = settings.speculative
         return engine
 

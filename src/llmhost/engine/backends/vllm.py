@@ -271,6 +271,8 @@ class VLLMEngine(OpenAIEngine):
         overrides: dict[str, Any] | None = None,
     ) -> VLLMEngine:
         check_parallel(folder, name, settings.tensor_parallel_size)
+        # Qwen3-Reranker's prompt is llmhost's: its tokenizer first, so a refusal starts no vLLM
+        tokenizer = _yes_no_tokenizer(folder, name, settings) if overrides is YES_NO_OVERRIDES else None
         install = locate(settings)
         port, key = free_port(), secrets.token_urlsafe(24)
         # -I: the script's folder must not go on sys.path: its neighbours are named vllm.py,
@@ -288,12 +290,8 @@ class VLLMEngine(OpenAIEngine):
             child.stop()
             raise
         engine.child, engine.task = child, task
-        if overrides is YES_NO_OVERRIDES:
-            try:
-                engine.yes_no = _yes_no_prompt(folder, name, settings, engine.context_length)
-            except BaseException:
-                child.stop()
-                raise
+        if tokenizer is not None:
+            engine.yes_no = YesNoPrompt(tokenizer, engine.context_length)
         engine.placement = "cpu" if install.cpu else f"cuda (vLLM, TP {settings.tensor_parallel_size})"
         threading.Thread(target=engine._watch, name="vllm-watch", daemon=True).start()
         return engine
@@ -333,14 +331,16 @@ class VLLMEngine(OpenAIEngine):
         self.child.stop(timeout=20)
 
 
-def _yes_no_prompt(folder: Path, name: str, settings: LoadSettings, context: int) -> YesNoPrompt:
+def _yes_no_tokenizer(folder: Path, name: str, settings: LoadSettings) -> Any:
     from transformers import AutoTokenizer
 
+    from llmhost.engine.backends.hf_folder import load_errors
     from llmhost.engine.rerank import yes_no_ids
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=settings.trust_remote_code)
+    with load_errors(folder, None, settings.trust_remote_code):
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=settings.trust_remote_code)
     yes_no_ids(tokenizer, name)  # vLLM's conversion reads the same two tokens
-    return YesNoPrompt(tokenizer, context)
+    return tokenizer
 
 
 def _max_model_len(base_url: str, key: str, name: str) -> int:

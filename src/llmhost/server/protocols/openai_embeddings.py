@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import base64
 import struct
+import threading
+import time
+from concurrent.futures import Future, TimeoutError
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -96,21 +99,63 @@ def read_cl100k(inputs: list[list[int]]) -> list[str]:
                 f'(0-{CL100K_ORDINARY - 1}): send text, or "token_ids": "model" for the model\'s own ids',
                 "input",
             )
-    return [_cl100k().decode(ids) for ids in inputs]
+    encoding = CL100K.get()
+    return [encoding.decode(ids) for ids in inputs]
 
 
-def _cl100k() -> Any:
-    import tiktoken  # which keeps each encoding it loads
+class Cl100k:
+    """OpenAI's cl100k_base from tiktoken, which downloads it once into its cache, with no
+    timeout: behind a firewall that drops packets a request would wait minutes, and the next one
+    again. The load runs on a thread of its own and is waited for `wait` seconds; a failure is
+    remembered for `retry` seconds, so the requests after it are answered at once."""
 
-    try:
-        return tiktoken.get_encoding("cl100k_base")
-    except Exception as err:  # tiktoken downloads it once into its cache: offline, it cannot
-        raise InvalidRequestError(
+    def __init__(self, wait: float = 15.0, retry: float = 300.0) -> None:
+        self.wait, self.retry = wait, retry
+        self._lock = threading.Lock()
+        self._loading: Future[Any] | None = None
+        self._failed: tuple[float, str] | None = None  # when, and why
+
+    def get(self) -> Any:
+        with self._lock:
+            loading = self._loading
+            if loading is not None and loading.done() and loading.exception() is None:
+                return loading.result()  # loaded, perhaps after a request gave up waiting
+            if self._failed is not None and time.monotonic() - self._failed[0] < self.retry:
+                raise self._refusal(self._failed[1])
+            if loading is None or loading.done():  # never tried, or failed: try again
+                loading = self._loading = Future()
+                threading.Thread(target=self._load, args=(loading,), daemon=True).start()
+        try:
+            return loading.result(timeout=self.wait)
+        except TimeoutError:
+            reason = f"no answer from its download in {self.wait:g} s"
+        except Exception as err:
+            reason = type(err).__name__
+        with self._lock:
+            self._failed = (time.monotonic(), reason)
+        raise self._refusal(reason)
+
+    @staticmethod
+    def _load(loading: Future[Any]) -> None:
+        try:
+            import tiktoken  # which keeps each encoding it loads
+
+            loading.set_result(tiktoken.get_encoding("cl100k_base"))
+        except Exception as err:  # offline, it cannot download it
+            loading.set_exception(err)
+
+    @staticmethod
+    def _refusal(reason: str) -> InvalidRequestError:
+        return InvalidRequestError(
             f"the input is token ids, read as OpenAI's cl100k, and tiktoken could not load cl100k_base "
-            f"({type(err).__name__}): send text (LangChain: OpenAIEmbeddings(check_embedding_ctx_length"
-            "=False)), or put cl100k_base in tiktoken's cache (TIKTOKEN_CACHE_DIR) where the server runs",
+            f"({reason}): send text (LangChain: OpenAIEmbeddings(check_embedding_ctx_length=False)), or "
+            "put cl100k_base in tiktoken's cache (TIKTOKEN_CACHE_DIR) where the server runs",
             "input",
-        ) from None
+        )
+
+
+#: One per process, as tiktoken's own cache of loaded encodings is.
+CL100K = Cl100k()
 
 
 def render(embedded: Embedded, model: str, encoding: str) -> dict[str, Any]:
