@@ -4,7 +4,7 @@ sending its share of JSON POSTs one after another, in a process of its own on as
 On a 2-core machine the clients share the CPU with the server they measure: httpx on threads
 spends about 1 ms of CPU per request (the `openai` SDK more), as much as the server's own HTTP
 work, and one process's GIL spaces 32 clients' requests out by that much. This one spends about
-a tenth of it, so the numbers are the server's. Run as a child:
+a tenth of it (on uvloop where installed), so the numbers are the server's. Run as a child:
 
     python bench/loadgen.py URL PATH CLIENTS < bodies.json   (a JSON list of request bodies)
 
@@ -77,4 +77,8 @@ def run(
 if __name__ == "__main__":
     url, path, clients, key = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     bodies = [json.dumps(b).encode() for b in json.load(sys.stdin)]
-    print(json.dumps(asyncio.run(_run(url, path, clients, bodies, key))))
+    try:  # uvloop where installed (llmhost's dependencies hold it; not on Windows): less CPU
+        from uvloop import run as arun
+    except ImportError:
+        from asyncio import run as arun
+    print(json.dumps(arun(_run(url, path, clients, bodies, key))))

@@ -368,6 +368,9 @@ class TestEmbeddedServer:
         assert rest and rest[-1] == "data: [DONE]", server.log
         assert json.loads(rest[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
         assert server.proc.wait(30) == 0
+        # the access log (batched) has every request, the refused one too, written by the exit
+        refused = '"POST /v1/chat/completions HTTP/1.1" 503'
+        assert wait_for(lambda: refused in server.log, 5), server.log
 
 
 def test_the_message_shapes_real_clients_send(tiny_server, model_name):
