@@ -4,7 +4,7 @@ sending its share of JSON POSTs one after another, in a process of its own on as
 On a 2-core machine the clients share the CPU with the server they measure: httpx on threads
 spends about 1 ms of CPU per request (the `openai` SDK more), as much as the server's own HTTP
 work, and one process's GIL spaces 32 clients' requests out by that much. This one spends about
-a tenth of it (on uvloop where installed), so the numbers are the server's. Run as a child:
+a third of it (less on uvloop, where installed), so the numbers are the server's. Run as a child:
 
     python bench/loadgen.py URL PATH CLIENTS < bodies.json   (a JSON list of request bodies)
 

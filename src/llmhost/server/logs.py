@@ -11,9 +11,9 @@ from typing import Any, TextIO
 
 class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A StreamHandler whose lines go out from a thread of its own, all those waiting in one
-    write, at most `every` seconds after they were logged (and at exit). A write per line (a
-    system call, and a wake-up of whatever reads the log: a terminal, journald, a pipe) cost
-    the event loop more than the line itself at a few hundred requests a second."""
+    write, at most `every` seconds after they were logged (and at exit). A write per line is a
+    system call on the event loop and a wake-up of whatever reads the log (a terminal, journald,
+    a pipe) for every request; batched, a few a second."""
 
     def __init__(self, stream: TextIO | None = None, every: float = 0.1) -> None:
         super().__init__(stream)
